@@ -1,0 +1,3 @@
+"""unleash-poller: Unleash event log → ordered, retried webhook deliveries."""
+
+__version__ = "0.1.0"
