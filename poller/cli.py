@@ -1,0 +1,211 @@
+"""Command line: arguments → config → app. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from poller import __version__, log
+from poller.app import EX_IOERR, App, replay_dead_letters
+from poller.config import EX_CONFIG, Config, ConfigError, load_config
+from poller.render import RenderError
+from poller.state import State, StateError, StateLockedError
+
+EX_USAGE = 64
+EX_DATAERR = 65
+DEFAULT_CONFIG = Path("/etc/unleash-poller/config.toml")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unleash-poller",
+        description="Deliver an Unleash server's events to webhooks, in order, at least once.")
+    parser.add_argument("--version", action="version", version=f"unleash-poller {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
+                         help=f"TOML config file (default {DEFAULT_CONFIG})")
+        return sub
+
+    run = command("run", "poll Unleash and deliver until stopped (SIGTERM/SIGINT drain)")
+    run.add_argument("--once", action="store_true",
+                     help="poll until caught up, deliver everything due (retries included), "
+                     "save and exit")
+    command("check", "validate the config; print one line per problem")
+    render = command("render", "print the body a webhook would receive for an event")
+    render.add_argument("--webhook", required=True, help="webhook name")
+    render.add_argument("--event", required=True, type=Path,
+                        help="event JSON file, as the Unleash admin API returns it")
+    status = command("status", "cursor, pending and dead letters per webhook (no daemon needed)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    dead = command("dead-letters", "list or replay deliveries that failed for good")
+    dead.add_argument("action", choices=("list", "replay"))
+    dead.add_argument("--webhook", help="only this webhook")
+    return parser
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+def _cmd_run(config: Config, once: bool) -> int:
+    log.configure(config.log_level)
+    state = State.open(config.state.path)
+    try:
+        return asyncio.run(App(config, state).run(once=once))
+    except sqlite3.OperationalError as exc:
+        # Disk full, read-only file system, permissions changed under us: stop where we
+        # are. Nothing is lost: the cursor never moved past what was written.
+        log.get().critical("state.write_failed", error=str(exc), path=str(config.state.path))
+        print(f"unleash-poller: {config.state.path}: state file cannot be written: {exc}",
+              file=sys.stderr)
+        return EX_IOERR
+    finally:
+        state.close()
+
+
+def _cmd_check(config: Config) -> int:
+    hooks = ", ".join(f"{h.name} ({h.renderer.describe})" for h in config.webhooks)
+    print(f"{config.source_path}: OK — {len(config.webhooks)} webhook(s): {hooks}")
+    return 0
+
+
+def _cmd_render(config: Config, webhook: str, event_path: Path) -> int:
+    try:
+        hook = config.webhook(webhook)
+    except KeyError as exc:
+        print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
+        return EX_USAGE
+    try:
+        event = json.loads(event_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        print(f"unleash-poller: {event_path}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EX_DATAERR
+    except ValueError as exc:
+        print(f"unleash-poller: {event_path}: not valid JSON: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if not isinstance(event, dict):
+        print(f"unleash-poller: {event_path}: must hold one event (a JSON object)",
+              file=sys.stderr)
+        return EX_DATAERR
+    try:
+        body = hook.renderer.render(event)
+    except RenderError as exc:
+        print(f"unleash-poller: webhook {webhook!r}: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    sys.stdout.buffer.write(body)
+    sys.stdout.buffer.flush()
+    return 0
+
+
+def _cmd_status(config: Config, as_json: bool) -> int:
+    state = State.open(config.state.path, create=False, lock=False)
+    try:
+        pending, dead = state.pending_counts(), state.dead_letter_counts()
+        oldest = state.oldest_pending()
+        gaps = state.gaps()
+        now = time.time()
+        hooks = sorted({h.name for h in config.webhooks} | set(pending) | set(dead))
+        cursor = state.high_water()
+        per_hook: dict[str, dict[str, object]] = {name: {
+                "pending": pending.get(name, 0),
+                "dead_letters": dead.get(name, 0),
+                "oldest_pending_age_s": round(now - oldest[name], 1) if name in oldest else None,
+                "configured": any(h.name == name for h in config.webhooks),
+            } for name in hooks}
+    finally:
+        state.close()
+    if as_json:
+        print(json.dumps({"cursor": cursor, "gaps": [g.id for g in gaps], "webhooks": per_hook},
+                         indent=2))
+        return 0
+    print(f"cursor: {cursor}   gaps: {len(gaps)}"
+          + (f" (ids {', '.join(str(g.id) for g in gaps[:10])})" if gaps else ""))
+    for name, row in per_hook.items():
+        age = row["oldest_pending_age_s"]
+        note = "" if row["configured"] else "   (not in config)"
+        print(f"  {name}: pending {row['pending']}, dead letters {row['dead_letters']}"
+              + (f", oldest pending {age}s" if age is not None else "") + note)
+    return 0
+
+
+def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
+    if webhook is not None:
+        try:
+            config.webhook(webhook)
+        except KeyError as exc:
+            print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
+            return EX_USAGE
+    if action == "list":
+        state = State.open(config.state.path, create=False, lock=False)
+        try:
+            after = -1
+            while letters := state.dead_letters(webhook, after=after):
+                for d in letters:
+                    failed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.failed_at))
+                    event = json.loads(d.body)
+                    print(f"{d.webhook}\t{d.event_id}\t{event.get('type')}\t{failed}\t"
+                          f"attempts={d.attempts}\t{d.reason}")
+                after = letters[-1].event_id
+        finally:
+            state.close()
+        return 0
+    return _replay(config, webhook)
+
+
+def _replay(config: Config, webhook: str | None) -> int:
+    try:
+        state = State.open(config.state.path, create=False, lock=True)
+    except StateLockedError:
+        # The daemon is running: hand the letters back to it, so it keeps id order.
+        state = State.open(config.state.path, create=False, lock=False)
+        try:
+            moved = state.requeue_dead_letters(webhook)
+        finally:
+            state.close()
+        print(f"daemon is running: {moved} dead letter(s) moved back to its outbox")
+        return 0
+    log.configure(config.log_level)
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % 100 == 0:
+            print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    try:
+        ok, failed = asyncio.run(replay_dead_letters(config, state, webhook, progress))
+    finally:
+        state.close()
+    print(f"\nreplay: {ok} delivered, {failed} still failing", file=sys.stderr)
+    return 0 if failed == 0 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    commands = {
+        "run": lambda: _cmd_run(config, args.once),
+        "check": lambda: _cmd_check(config),
+        "render": lambda: _cmd_render(config, args.webhook, args.event),
+        "status": lambda: _cmd_status(config, args.json),
+        "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
+    }
+    try:
+        return commands[args.command]()
+    except StateError as exc:
+        print(f"unleash-poller: {exc}", file=sys.stderr)
+        return EX_IOERR
+    except KeyboardInterrupt:
+        return 130

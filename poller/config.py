@@ -1,0 +1,447 @@
+"""TOML configuration → frozen, fully validated dataclasses.
+
+Every problem is collected (not just the first) and named by its place, e.g.
+``webhooks[1].url: must be an http(s) URL``, so an operator fixes a file in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, TypeVar
+from urllib.parse import urlsplit
+
+from poller.render import BadTemplateError, Renderer, build_renderer
+
+EX_CONFIG = 78
+TOKEN_ENV = "UNLEASH_POLLER_TOKEN"  # noqa: S105 - a variable name, not a secret
+
+StartFrom = Literal["latest", "earliest"] | int
+Escape = Literal["unleash", "none", "json"]
+Engine = Literal["mustache", "jinja2"]
+
+
+class Secret:
+    """A string that never shows itself in a repr, a str() or a log line."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class UnleashConfig:
+    url: str
+    token: Secret
+    public_url: str
+    poll_interval_s: float = 1.0
+    start_from: StartFrom = "latest"
+    timeout_s: float = 10.0
+    page_size: int = 1000
+    gap_grace_s: float = 300.0
+    backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    name: str
+    url: str
+    renderer: Renderer
+    events: tuple[str, ...] | None = None
+    projects: tuple[str, ...] | None = None
+    environments: tuple[str, ...] | None = None
+    content_type: str = "application/json"
+    authorization: Secret | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    retries: int = 1
+    retry_schedule_s: tuple[float, ...] = ()
+    timeout_s: float = 10.0
+    max_in_flight: int = 1
+
+    @property
+    def ordered(self) -> bool:
+        return self.max_in_flight == 1
+
+    def retry_delays(self) -> tuple[float, ...]:
+        """Delay before each retry: the explicit schedule, or `retries` short waits."""
+        if self.retry_schedule_s:
+            return self.retry_schedule_s
+        return tuple(min(1.0 * 2**i, 30.0) for i in range(self.retries))
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    path: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    unleash: UnleashConfig
+    state: StateConfig
+    webhooks: tuple[WebhookConfig, ...]
+    log_level: str = "info"
+    drain_timeout_s: float = 10.0
+    source_path: Path | None = field(default=None, compare=False)
+
+    def webhook(self, name: str) -> WebhookConfig:
+        for hook in self.webhooks:
+            if hook.name == name:
+                return hook
+        known = ", ".join(h.name for h in self.webhooks) or "none"
+        raise KeyError(f"no webhook named {name!r} (configured: {known})")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+T = TypeVar("T")
+
+
+class _Checker:
+    """Collects problems while reading a TOML table, each tagged with its place."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, place: str, message: str) -> None:
+        self.problems.append(f"{place}: {message}")
+
+    def table(self, data: object, place: str, allowed: set[str]) -> Mapping[str, object]:
+        if not isinstance(data, dict):
+            self.fail(place, "must be a table")
+            return {}
+        for key in sorted(set(data) - allowed):
+            self.fail(f"{place}.{key}" if place else key, "unknown key")
+        return data
+
+    def get(
+        self,
+        table: Mapping[str, object],
+        place: str,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: T,
+        check: Callable[[T], str | None] | None = None,
+        /,
+    ) -> T:
+        if key not in table:
+            return default
+        value = table[key]
+        where = f"{place}.{key}" if place else key
+        # bool is an int in Python; a TOML `true` where a number belongs is a mistake.
+        if isinstance(value, bool) and kind is not bool:
+            self.fail(where, f"must be {_kind_name(kind)}, not a boolean")
+            return default
+        if not isinstance(value, kind):
+            self.fail(where, f"must be {_kind_name(kind)}, not {_toml_type(value)}")
+            return default
+        if kind == (int, float) or kind is float:
+            value = float(value)  # type: ignore[arg-type]
+        if check is not None and (problem := check(value)):  # type: ignore[arg-type]
+            self.fail(where, problem)
+            return default
+        return value  # type: ignore[return-value]
+
+    def string_list(
+        self, table: Mapping[str, object], place: str, key: str
+    ) -> tuple[str, ...] | None:
+        if key not in table:
+            return None
+        value = table[key]
+        where = f"{place}.{key}"
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(where, "must be a list of non-empty strings")
+            return None
+        if not value:
+            self.fail(where, 'must not be empty (omit it, or use ["*"], to mean all)')
+            return None
+        return None if "*" in value else tuple(value)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "a list", dict: "a table"}
+    if isinstance(kind, tuple):
+        return "a number" if set(kind) == {int, float} else " or ".join(names[k] for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+def _toml_type(value: object) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 and math.isfinite(value) else "must be greater than 0"
+
+
+def _at_least(low: int) -> Callable[[int], str | None]:
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def _between(low: int, high: int) -> Callable[[int], str | None]:
+    return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _http_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL"
+    return None
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_UNLEASH_KEYS = {"url", "token", "token_file", "public_url", "poll_interval_s", "start_from",
+                 "timeout_s", "page_size", "gap_grace_s", "backoff_max_s"}
+_WEBHOOK_KEYS = {"name", "url", "events", "projects", "environments", "content_type",
+                 "authorization", "authorization_file", "headers", "body_template",
+                 "template_engine", "escape", "retries", "retry_schedule_s", "timeout_s",
+                 "max_in_flight"}
+
+
+def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
+    path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        check.fail(place, f"cannot read {path}: {exc.strerror}")
+        return None
+    if not text:
+        check.fail(place, f"{path} is empty")
+        return None
+    return Secret(text)
+
+
+def _credentials_file(name: str) -> Path | None:
+    """systemd's LoadCredential= puts secrets under $CREDENTIALS_DIRECTORY."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / name).is_file():
+        return Path(directory) / name
+    return None
+
+
+def _unleash(check: _Checker, data: object, base: Path) -> UnleashConfig | None:
+    table = check.table(data, "unleash", _UNLEASH_KEYS)
+    url = check.get(table, "unleash", "url", str, "", _http_url)
+    if "url" not in table:
+        check.fail("unleash.url", "is required")
+    token = _unleash_token(check, table, base)
+    start_from = _start_from(check, table)
+    page_size = check.get(table, "unleash", "page_size", int, 1000, _between(10, 1000))
+    unleash = UnleashConfig(
+        url=url.rstrip("/"),
+        token=token or Secret(""),
+        public_url=check.get(table, "unleash", "public_url", str, url, _http_url).rstrip("/"),
+        poll_interval_s=check.get(table, "unleash", "poll_interval_s", (int, float), 1.0,
+                                  _positive),
+        start_from=start_from,
+        timeout_s=check.get(table, "unleash", "timeout_s", (int, float), 10.0, _positive),
+        page_size=page_size,
+        gap_grace_s=check.get(table, "unleash", "gap_grace_s", (int, float), 300.0, _positive),
+        backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0,
+                                _positive),
+    )
+    return unleash if token else None
+
+
+def _unleash_token(check: _Checker, table: Mapping[str, object], base: Path) -> Secret | None:
+    if "token" in table and "token_file" in table:
+        check.fail("unleash.token", "give token or token_file, not both")
+        return None
+    if "token" in table:
+        token = check.get(table, "unleash", "token", str, "")
+        return Secret(token) if token else None
+    if "token_file" in table:
+        path = check.get(table, "unleash", "token_file", str, "")
+        return _read_secret_file(check, "unleash.token_file", path, base) if path else None
+    if env := os.environ.get(TOKEN_ENV):
+        return Secret(env)
+    if credential := _credentials_file("unleash-token"):
+        return _read_secret_file(check, "unleash.token", str(credential), base)
+    check.fail("unleash.token", f"is required (token, token_file, ${TOKEN_ENV}, or the "
+               "systemd credential 'unleash-token')")
+    return None
+
+
+def _start_from(check: _Checker, table: Mapping[str, object]) -> StartFrom:
+    value = table.get("start_from", "latest")
+    if value == "latest" or value == "earliest":  # noqa: PLR1714 - narrows the Literal
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    check.fail("unleash.start_from", 'must be "latest", "earliest" or an event id (>= 0)')
+    return "latest"
+
+
+def _headers(check: _Checker, table: Mapping[str, object], place: str
+             ) -> tuple[tuple[str, str], ...]:
+    raw = table.get("headers", {})
+    if not isinstance(raw, dict):
+        check.fail(f"{place}.headers", "must be a table of header names to strings")
+        return ()
+    result = []
+    for name, value in raw.items():
+        if not _HEADER.match(name):
+            check.fail(f"{place}.headers.{name}", "is not a valid HTTP header name")
+        elif not isinstance(value, str) or "\n" in value or "\r" in value:
+            check.fail(f"{place}.headers.{name}", "must be a single-line string")
+        else:
+            result.append((name, value))
+    return tuple(result)
+
+
+def _webhook(check: _Checker, data: object, index: int, base: Path,
+             public_url: str) -> WebhookConfig | None:
+    place = f"webhooks[{index}]"
+    table = check.table(data, place, _WEBHOOK_KEYS)
+    problems_before = len(check.problems)
+    name = check.get(table, place, "name", str, "", lambda v: None if _NAME.match(v) else
+                     "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
+                     "or digit")
+    if "name" not in table:
+        check.fail(f"{place}.name", "is required")
+    url = check.get(table, place, "url", str, "", _http_url)
+    if "url" not in table:
+        check.fail(f"{place}.url", "is required")
+    engine = check.get(table, place, "template_engine", str, "mustache",
+                       lambda v: None if v in ("mustache", "jinja2")
+                       else 'must be "mustache" or "jinja2"')
+    escape = check.get(table, place, "escape", str, "unleash",
+                       lambda v: None if v in ("unleash", "none", "json")
+                       else 'must be "unleash", "none" or "json"')
+    template = check.get(table, place, "body_template", str, "")
+    authorization = _authorization(check, table, place, base)
+    retry_schedule = _retry_schedule(check, table, place)
+    hook_fields = {
+        "events": check.string_list(table, place, "events"),
+        "projects": check.string_list(table, place, "projects"),
+        "environments": check.string_list(table, place, "environments"),
+        "content_type": check.get(table, place, "content_type", str, "application/json",
+                                  lambda v: None if v and "\n" not in v
+                                  else "must be a non-empty single line"),
+        "headers": _headers(check, table, place),
+        "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
+        "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
+        "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
+    }
+    try:
+        renderer = build_renderer(template or None, engine, escape,  # type: ignore[arg-type]
+                                  public_url)
+    except BadTemplateError as exc:
+        check.fail(f"{place}.body_template", str(exc))
+        return None
+    if len(check.problems) > problems_before:
+        return None
+    return WebhookConfig(name=name, url=url, renderer=renderer, authorization=authorization,
+                         retry_schedule_s=retry_schedule, **hook_fields)  # type: ignore[arg-type]
+
+
+def _authorization(check: _Checker, table: Mapping[str, object], place: str,
+                   base: Path) -> Secret | None:
+    if "authorization" in table and "authorization_file" in table:
+        check.fail(f"{place}.authorization", "give authorization or authorization_file, not both")
+        return None
+    if "authorization_file" in table:
+        path = check.get(table, place, "authorization_file", str, "")
+        return _read_secret_file(check, f"{place}.authorization_file", path, base)
+    value = check.get(table, place, "authorization", str, "",
+                      lambda v: None if "\n" not in v and "\r" not in v
+                      else "must be a single line")
+    # Unleash sends no Authorization header for an empty value; so do we.
+    return Secret(value) if value else None
+
+
+def _retry_schedule(check: _Checker, table: Mapping[str, object], place: str
+                    ) -> tuple[float, ...]:
+    if "retry_schedule_s" not in table:
+        return ()
+    raw = table["retry_schedule_s"]
+    items: list[object] = raw if isinstance(raw, list) else []
+    delays = [float(v) for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
+    if not delays or len(delays) != len(items) or not all(0 < d <= 7 * 86400 for d in delays):
+        check.fail(f"{place}.retry_schedule_s",
+                   "must be a non-empty list of delays in seconds (each > 0 and <= 604800)")
+        return ()
+    if "retries" in table:
+        check.fail(f"{place}.retry_schedule_s", "give retries or retry_schedule_s, not both")
+    return tuple(delays)
+
+
+def parse_config(data: Mapping[str, object], base: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError listing every problem."""
+    check = _Checker()
+    top = check.table(data, "", {"unleash", "state", "webhooks", "log_level",
+                                 "drain_timeout_s"})
+    if "unleash" not in top:
+        check.fail("unleash", "section is required")
+    unleash = _unleash(check, top.get("unleash", {}), base)
+    state_table = check.table(top.get("state", {}), "state", {"path"})
+    state_path = check.get(state_table, "state", "path", str,
+                           "/var/lib/unleash-poller/state.sqlite3")
+    raw_hooks = top.get("webhooks", [])
+    if not isinstance(raw_hooks, list) or not raw_hooks:
+        check.fail("webhooks", "must list at least one [[webhooks]] table")
+        raw_hooks = []
+    public_url = unleash.public_url if unleash else "http://localhost:4242"
+    hooks = [_webhook(check, raw, i, base, public_url) for i, raw in enumerate(raw_hooks)]
+    seen: dict[str, int] = {}
+    for i, hook in enumerate(hooks):
+        if hook is None:
+            continue
+        if hook.name in seen:
+            check.fail(f"webhooks[{i}].name", f"duplicate name {hook.name!r} "
+                       f"(also webhooks[{seen[hook.name]}])")
+        seen.setdefault(hook.name, i)
+    log_level = check.get(top, "", "log_level", str, "info",
+                          lambda v: None if v in _LOG_LEVELS
+                          else f"must be one of {', '.join(_LOG_LEVELS)}")
+    drain = check.get(top, "", "drain_timeout_s", (int, float), 10.0, _positive)
+    if check.problems or unleash is None:
+        raise ConfigError(check.problems)
+    path = Path(state_path)
+    return Config(unleash=unleash, state=StateConfig(path if path.is_absolute() else base / path),
+                  webhooks=tuple(h for h in hooks if h is not None), log_level=log_level,
+                  drain_timeout_s=drain, source_path=source)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a TOML config file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from None
+    return parse_config(data, path.parent.resolve(), path)

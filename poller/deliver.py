@@ -1,0 +1,118 @@
+"""One HTTP POST to a webhook, and the one pure function that decides what its result means."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+from multidict import CIMultiDict
+
+from poller import __version__
+from poller.config import WebhookConfig
+
+RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
+_RESPONSE_READ_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one POST did: an HTTP status, or an error that kept us from getting one."""
+
+    status: int | None = None
+    error: str | None = None
+    retry_after: str | None = None
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: Literal["delivered", "retry", "give_up"]
+    reason: str
+    delay_s: float = 0.0
+
+
+def _retry_after_s(value: str | None, now: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def decide(attempt: Attempt, attempts_made: int, delays: Sequence[float],
+           jitter: float = 0.0, now: float = 0.0) -> Outcome:
+    """Classify a delivery attempt.
+
+    `attempts_made` counts this one; `delays[i]` is the wait before retry i+1, so
+    `len(delays)` is the number of retries allowed. `jitter` in [0, 1) spreads retries
+    by up to +20% so a recovering receiver is not hit by every sender at once.
+    """
+    if attempt.status is not None and 200 <= attempt.status < 300:
+        return Outcome("delivered", f"HTTP {attempt.status}")
+    if attempt.status is None:
+        reason, retryable = attempt.error or "no response", True
+    elif 300 <= attempt.status < 400:
+        reason, retryable = f"HTTP {attempt.status} (redirects are not followed)", False
+    elif attempt.status in (408, 429) or attempt.status >= 500:
+        reason, retryable = f"HTTP {attempt.status}", True
+    else:
+        reason, retryable = f"HTTP {attempt.status} (not retried)", False
+    retries_done = attempts_made - 1
+    if not retryable or retries_done >= len(delays):
+        tries = "attempt" if attempts_made == 1 else "attempts"
+        return Outcome("give_up", f"{reason} after {attempts_made} {tries}")
+    delay = delays[retries_done] * (1.0 + 0.2 * jitter)
+    if attempt.status in (429, 503):
+        asked = _retry_after_s(attempt.retry_after, now)
+        if asked is not None:
+            delay = min(max(delay, asked), RETRY_AFTER_MAX_S)
+    return Outcome("retry", reason, delay)
+
+
+def request_headers(hook: WebhookConfig) -> CIMultiDict[str]:
+    """Headers as Unleash sends them: Content-Type, Authorization when set, then the
+    extra headers merged over them. A JavaScript object merge replaces a key spelled the
+    same and keeps both when only the case differs; fetch then joins those with ', '."""
+    merged: dict[str, str] = {"Content-Type": hook.content_type}
+    if hook.authorization is not None:
+        merged["Authorization"] = hook.authorization.reveal()
+    merged.update(dict(hook.headers))
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in merged.items():
+        if name in headers:
+            headers[name] = f"{headers[name]}, {value}"
+        else:
+            headers[name] = value
+    headers.setdefault("User-Agent", f"unleash-poller/{__version__}")
+    return headers
+
+
+async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIMultiDict[str],
+               body: bytes, delivery_id: str) -> Attempt:
+    """POST once. Never raises for network trouble: that is an Attempt with an error."""
+    send = headers.copy()
+    send.setdefault("webhook-id", delivery_id)
+    started = time.monotonic()
+    try:
+        async with session.post(hook.url, data=body, headers=send, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=hook.timeout_s)) as resp:
+            # Read (a bounded amount of) the answer so the connection can be reused.
+            await resp.content.read(_RESPONSE_READ_LIMIT)
+            return Attempt(resp.status, None, resp.headers.get("Retry-After"),
+                           time.monotonic() - started)
+    except TimeoutError:
+        error = f"timed out after {hook.timeout_s:g}s"
+    except aiohttp.ClientConnectionError as exc:
+        error = f"connection failed: {type(exc).__name__}: {exc}"
+    except aiohttp.ClientError as exc:
+        error = f"request failed: {type(exc).__name__}: {exc}"
+    return Attempt(None, error, None, time.monotonic() - started)

@@ -1,0 +1,246 @@
+"""From Unleash pages to the durable outbox: which events are new, which ids are missing.
+
+A reader that only remembers the highest id it has seen loses events: ids come from a
+sequence, so a long transaction can commit an event with a lower id after later ones are
+visible. So the cursor is the highest id taken in *plus* the ids below it not yet seen
+("gaps"); gaps are re-asked by id for a grace period, then given up with a log line (they
+are almost always rolled-back transactions).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from poller.config import Config, WebhookConfig
+from poller.filters import EventFilter
+from poller.log import get as get_logger
+from poller.source import Event, UnleashSource
+from poller.state import Gap, State
+
+FIRST_PAGE = 50           # most polls find a handful of events: ask for a small page first
+STAGE_AT = 5000           # beyond this many new events, spill to the state file, not memory
+MAX_NEW_GAPS = 10000      # a jump this large in the id sequence is not a set of open transactions
+GAP_RECHECK_MAX_S = 30.0
+
+log = get_logger()
+
+
+def _dump(event: Event) -> str:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class Counters:
+    polls: int = 0
+    poll_errors: int = 0
+    events_taken: int = 0
+    gaps_filled: int = 0
+    gaps_expired: int = 0
+    burst_overflows: int = 0
+    last_poll_ok_at: float = 0.0
+
+
+@dataclass
+class Ingest:
+    config: Config
+    state: State
+    source: UnleashSource
+    wake: Callable[[set[str]], None]
+    counters: Counters = field(default_factory=Counters)
+
+    def __post_init__(self) -> None:
+        self.high_water = self.state.high_water()
+        self.gaps: dict[int, Gap] = {g.id: g for g in self.state.gaps()}
+        self._filters = [(h.name, _filter(h)) for h in self.config.webhooks]
+
+    def reconfigure(self, config: Config) -> None:
+        self.config = config
+        self._filters = [(h.name, _filter(h)) for h in config.webhooks]
+
+    async def _initialise(self) -> int:
+        """Where a fresh state starts: `latest` takes nothing from before the first run."""
+        start = self.config.unleash.start_from
+        if start == "earliest":
+            high = 0
+        elif isinstance(start, int):
+            high = start
+        else:
+            page = await self.source.page(0, FIRST_PAGE)
+            high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
+        self.state.ingest([], [], high)
+        self.high_water = high
+        log.info("cursor.initialised", start_from=start, high_water=high)
+        return high
+
+    async def poll(self, *, force: bool = False) -> int:
+        """Take in every event newer than the cursor; return how many were new."""
+        high = self.high_water if self.high_water is not None else await self._initialise()
+        if not force and not await self.source.changed():
+            self.counters.polls += 1
+            self.counters.last_poll_ok_at = time.time()
+            return 0
+        collected: dict[int, Event] = {}
+        staged = 0
+        reached_known = False
+        async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
+            for event in page.events:
+                event_id = int(event["id"])  # type: ignore[call-overload]
+                if event_id > high or event_id in self.gaps:
+                    collected[event_id] = event
+                else:
+                    reached_known = True
+            log.debug("poll.page_fetched", events=len(page.events), total=page.total,
+                      new=len(collected) + staged)
+            if len(collected) >= STAGE_AT:
+                self.state.stage([(i, _dump(e)) for i, e in collected.items()])
+                staged += len(collected)
+                collected.clear()
+            if reached_known:
+                break
+        if not reached_known and self.source.capabilities.api == "legacy" and high > 0:
+            self._warn_overflow(high, collected)
+        if staged:
+            self.state.stage([(i, _dump(e)) for i, e in collected.items()])
+            new = self._take_staged(high)
+        else:
+            new = self._take(high, collected)
+        self.counters.polls += 1
+        self.counters.last_poll_ok_at = time.time()
+        return new
+
+    def _warn_overflow(self, high: int, collected: dict[int, Event]) -> None:
+        lowest = min(collected, default=high + 1)
+        missing = lowest - high - 1
+        if missing > 0:
+            self.counters.burst_overflows += 1
+            log.error("poll.burst_overflow", missing_at_least=missing,
+                      detail="the legacy events API returns only the newest 100 events; "
+                      "more arrived between two polls and the older ones cannot be read. "
+                      "Upgrade Unleash or lower poll_interval_s")
+
+    def _owed(self, events: Iterable[tuple[int, Event]]) -> tuple[list[tuple[int, str]],
+                                                                   list[tuple[str, int]]]:
+        rows: list[tuple[int, str]] = []
+        owed: list[tuple[str, int]] = []
+        for event_id, event in events:
+            wanted = [name for name, flt in self._filters if flt.matches(event)]
+            if wanted:
+                rows.append((event_id, _dump(event)))
+                owed.extend((name, event_id) for name in wanted)
+        return rows, owed
+
+    def _take(self, high: int, collected: dict[int, Event]) -> int:
+        ids = sorted(collected)
+        tracker = _GapTracker(high)
+        for i in ids:
+            tracker.see(i)
+        settled = [i for i in ids if i in self.gaps]
+        rows, owed = self._owed((i, collected[i]) for i in ids)
+        self.state.ingest(rows, owed, tracker.high, tracker.missing, settled)
+        self._after_take(high, tracker, settled, len(owed))
+        if owed:
+            self.wake({name for name, _ in owed})
+        return tracker.count
+
+    def _take_staged(self, high: int) -> int:
+        """A long catch-up: everything is on disk; walk it in id order, a batch at a time,
+        inside one transaction, so memory stays flat however long the history."""
+        tracker = _GapTracker(high)
+        settled: list[int] = []
+        owed_count = 0
+        hooks: set[str] = set()
+        with self.state.ingesting() as batch:
+            for staged in self.state.staged():
+                for i, _ in staged:
+                    tracker.see(i)
+                settled.extend(i for i, _ in staged if i in self.gaps)
+                rows, owed = self._owed((i, json.loads(body)) for i, body in staged)
+                batch.add(rows, owed)
+                owed_count += len(owed)
+                hooks.update(name for name, _ in owed)
+            batch.finish(tracker.high, tracker.missing, settled)
+        self.state.clear_staging()
+        self._after_take(high, tracker, settled, owed_count)
+        if hooks:
+            self.wake(hooks)
+        return tracker.count
+
+    def _after_take(self, old: int, tracker: _GapTracker, settled: list[int],
+                    owed: int) -> None:
+        self.high_water = tracker.high
+        self.gaps = {g.id: g for g in self.state.gaps()}
+        self.counters.events_taken += tracker.count + len(settled)
+        if settled:
+            self.counters.gaps_filled += len(settled)
+            log.warning("gap.filled", ids=settled[:20], count=len(settled),
+                        detail="events committed after later ones; delivered now")
+        if tracker.missing:
+            log.info("gap.opened", ids=tracker.missing[:20], count=len(tracker.missing))
+        if tracker.high != old:
+            log.info("cursor.advanced", **{"from": old, "to": tracker.high},
+                     events=tracker.count, deliveries=owed)
+
+    async def recheck_gaps(self, now: float | None = None) -> None:
+        """Ask again for missing ids that are due; give up on those past the grace period."""
+        now = time.time() if now is None else now
+        due = [g for g in self.gaps.values() if g.next_check_at <= now]
+        if not due:
+            return
+        found = await self.source.fetch_ids([g.id for g in due])
+        found_by_id = {int(e["id"]): e for e in found if int(e["id"]) in self.gaps}  # type: ignore[call-overload]
+        if found_by_id:
+            ids = sorted(found_by_id)
+            rows, owed = self._owed((i, found_by_id[i]) for i in ids)
+            high = self.high_water or 0
+            self.state.ingest(rows, owed, high, (), ids)
+            self._after_take(high, _GapTracker(high), ids, len(owed))
+            if owed:
+                self.wake({name for name, _ in owed})
+        grace = self.config.unleash.gap_grace_s
+        expired = [g.id for g in due if g.id not in found_by_id
+                   and now - g.missing_since >= grace]
+        if expired:
+            self.state.give_up_gaps(expired)
+            self.counters.gaps_expired += len(expired)
+            log.warning("gap.expired", ids=expired[:20], count=len(expired), grace_s=grace,
+                        detail="ids never appeared (rolled-back transactions); given up")
+        waiting = [g for g in due if g.id not in found_by_id and g.id not in set(expired)]
+        for checks in {g.checks for g in waiting}:
+            delay = min(2.0 ** checks, GAP_RECHECK_MAX_S)
+            self.state.reschedule_gaps([g.id for g in waiting if g.checks == checks], now + delay)
+        self.gaps = {g.id: g for g in self.state.gaps()}
+
+    def next_gap_check(self) -> float | None:
+        return min((g.next_check_at for g in self.gaps.values()), default=None)
+
+
+def _filter(hook: WebhookConfig) -> EventFilter:
+    return EventFilter(hook.events, hook.projects, hook.environments)
+
+
+class _GapTracker:
+    """Follows new ids in ascending order and notes the ones skipped between them."""
+
+    def __init__(self, high: int) -> None:
+        self.high = high
+        self.count = 0
+        self.missing: list[int] = []
+        # From `earliest` (cursor 0) the ids below the oldest event were deleted, not pending.
+        self._last = high if high > 0 else None
+
+    def see(self, event_id: int) -> None:
+        if event_id <= self.high:
+            return
+        if self._last is not None and event_id - self._last > 1:
+            room = MAX_NEW_GAPS - len(self.missing)
+            skipped = range(max(self._last + 1, event_id - room), event_id)
+            if len(skipped) < event_id - self._last - 1:
+                log.warning("gap.too_large", from_id=self._last, to_id=event_id,
+                            detail=f"tracking at most {MAX_NEW_GAPS} missing ids")
+            self.missing.extend(skipped)
+        self._last = event_id
+        self.high = event_id
+        self.count += 1

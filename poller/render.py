@@ -1,0 +1,198 @@
+"""Request bodies: Unleash's default JSON, mustache.js-exact Mustache, or sandboxed Jinja2.
+
+The Mustache path reproduces Unleash 8.2.0's webhook integration byte for byte: the same
+context (`event`, `eventJson`, `eventMarkdown`), the same escaping, JavaScript's way of
+printing values, and Unleash's trick of splicing `eventMarkdown` in after rendering,
+JSON-escaped when it lands inside a double-quoted string.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import jinja2
+import jinja2.meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from poller import mustache
+from poller.jsvalues import JSDate, json_stringify
+from poller.markdown import format_event_markdown
+
+Event = Mapping[str, object]
+
+# The order Unleash's event store builds an event in, which is the order JSON.stringify
+# writes it. The search endpoint's `label`/`summary` are not part of that object.
+_FIELDS = ("id", "type", "createdBy", "createdAt", "createdByUserId", "data", "preData",
+           "tags", "featureName", "project", "environment")
+_OPTIONAL_FIELDS = ("groupType", "groupId")
+_CONTEXT_NAMES = frozenset({"event", "eventJson", "eventMarkdown"})
+# Unleash renders eventMarkdown as this placeholder, then splices the text in.
+_MARKDOWN_PLACEHOLDER = "\0UNLEASH_EVENT_MARKDOWN\0"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class BadTemplateError(ValueError):
+    """A body template that cannot be compiled; the message says where and what."""
+
+
+class RenderError(Exception):
+    """A template that failed on one event; the event is dead-lettered for that webhook."""
+
+
+def unleash_event(event: Event) -> dict[str, object]:
+    """The event as Unleash holds it in memory, in its field order."""
+    canonical: dict[str, object] = {}
+    for name in _FIELDS:
+        if name in event:
+            canonical[name] = event[name]
+        elif name == "tags":
+            canonical[name] = []
+    for name in _OPTIONAL_FIELDS:
+        # Unleash writes `row.group_type || undefined`: empty and null vanish.
+        if event.get(name):
+            canonical[name] = event[name]
+    return canonical
+
+
+def _template_event(canonical: dict[str, object]) -> dict[str, object]:
+    """What mustache.js sees: createdAt is a JavaScript Date, not the API's string."""
+    created = canonical.get("createdAt")
+    if isinstance(created, str):
+        try:
+            return {**canonical, "createdAt": JSDate.from_iso(created)}
+        except ValueError:
+            return canonical
+    return canonical
+
+
+def _encode(text: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate: JavaScript's UTF-8 encoder writes U+FFFD for it.
+        return _SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+def _inside_double_quotes(text: str, offset: int) -> bool:
+    """Whether `offset` sits inside a "…" string, honouring backslash escapes."""
+    in_string = False
+    escaped = False
+    for char in text[:offset]:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            in_string = not in_string
+    return in_string
+
+
+def _splice_markdown(rendered: str, markdown: str) -> str:
+    if _MARKDOWN_PLACEHOLDER not in rendered:
+        return rendered
+    quoted = json_stringify(markdown)[1:-1]
+    parts = rendered.split(_MARKDOWN_PLACEHOLDER)
+    out = [parts[0]]
+    offset = len(parts[0])
+    for part in parts[1:]:
+        out.append(quoted if _inside_double_quotes(rendered, offset) else markdown)
+        out.append(part)
+        offset += len(_MARKDOWN_PLACEHOLDER) + len(part)
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Renderer:
+    """Turns an event (as the admin API returns it) into the bytes one webhook receives."""
+
+    describe: str
+    _render: Callable[[Event], str]
+
+    def render(self, event: Event) -> bytes:
+        try:
+            return _encode(self._render(event))
+        except RenderError:
+            raise
+        except (jinja2.TemplateError, RecursionError, ValueError, TypeError,
+                ArithmeticError, LookupError) as exc:
+            raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
+
+
+def _default_body(event: Event) -> str:
+    return json_stringify(unleash_event(event))
+
+
+def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[Event], str]:
+    try:
+        template = mustache.compile_template(source)
+    except mustache.TemplateError as exc:
+        raise BadTemplateError(f"invalid Mustache: {exc}") from None
+    escape_fn = {"unleash": mustache.escape_html, "none": mustache.escape_none,
+                 "json": mustache.escape_json}[escape]
+    wants_json = "eventJson" in source
+    wants_markdown = "eventMarkdown" in source
+    splice = escape == "unleash"
+
+    def render(event: Event) -> str:
+        canonical = unleash_event(event)
+        markdown = format_event_markdown(canonical, public_url) if wants_markdown else ""
+        view = {
+            "event": _template_event(canonical),
+            "eventJson": json_stringify(json_stringify(canonical)) if wants_json else "",
+            "eventMarkdown": _MARKDOWN_PLACEHOLDER if splice else markdown,
+        }
+        rendered = template.render(view, escape_fn)
+        return _splice_markdown(rendered, markdown) if splice and wants_markdown else rendered
+
+    return render
+
+
+def _jinja_environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
+    # Jinja's own tojson escapes for HTML (<, >, &, '), which is wrong inside a JSON body.
+    env.filters["tojson"] = json_stringify
+    return env
+
+
+def _jinja_renderer(source: str, public_url: str) -> Callable[[Event], str]:
+    env = _jinja_environment()
+    try:
+        parsed = env.parse(source)
+        template = env.from_string(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise BadTemplateError(f"invalid Jinja2 at line {exc.lineno}: {exc.message}") from None
+    unknown = jinja2.meta.find_undeclared_variables(parsed) - _CONTEXT_NAMES
+    if unknown:
+        raise BadTemplateError(
+            f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
+            "event, eventJson and eventMarkdown")
+    wants_markdown = "eventMarkdown" in source
+
+    def render(event: Event) -> str:
+        canonical = unleash_event(event)
+        return str(template.render(
+            event=canonical,
+            eventJson=json_stringify(json_stringify(canonical)),
+            eventMarkdown=format_event_markdown(canonical, public_url) if wants_markdown else "",
+        ))
+
+    return render
+
+
+def build_renderer(
+    template: str | None,
+    engine: Literal["mustache", "jinja2"] = "mustache",
+    escape: Literal["unleash", "none", "json"] = "unleash",
+    public_url: str = "http://localhost:4242",
+) -> Renderer:
+    """Compile a webhook's body template once; raise BadTemplateError if it cannot be."""
+    # Unleash treats an empty template as no template.
+    if not template:
+        return Renderer("default JSON", _default_body)
+    if engine == "jinja2":
+        return Renderer("jinja2", _jinja_renderer(template, public_url))
+    return Renderer(f"mustache (escape={escape})",
+                    _mustache_renderer(template, escape, public_url))

@@ -1,0 +1,227 @@
+"""The Unleash admin events API: detect what the server offers, probe, page, re-check ids.
+
+Never touches disk. Every failure is an `UnleashError` with a kind and one clear
+sentence; the caller decides to back off. What comes back is checked before it is
+believed: a page must have the shape Unleash documents, and a filtered query must return
+only what it asked for (6.x silently ignores `id=IS_ANY_OF:`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+
+from poller import __version__
+from poller.config import UnleashConfig
+
+Event = dict[str, object]
+Api = Literal["search", "post-search", "legacy"]
+
+_SEARCH = "/api/admin/search/events"
+_POST_SEARCH = "/api/admin/events/search"
+_LEGACY = "/api/admin/events"
+LEGACY_PAGE = 100  # the deprecated endpoint answers only the newest 100 events
+MAX_PAGE_BYTES = 32 * 1024 * 1024  # a 1000-event page is ~0.5 MB; far more is hostile
+
+
+class UnleashError(Exception):
+    """Unleash could not be read. `kind` is one of: auth, server, timeout, connection,
+    bad_response."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    api: Api
+    id_filter: bool
+
+    def describe(self) -> str:
+        if self.api == "search":
+            return "GET /api/admin/search/events (paged, gap re-check by id)"
+        if self.api == "post-search":
+            return ("POST /api/admin/events/search (paged; no id filter, so ids that "
+                    "commit late are found only while still in the newest pages)")
+        return ("GET /api/admin/events (newest 100 only: a burst of more than 100 events "
+                "between polls cannot be read in full)")
+
+
+@dataclass(frozen=True)
+class Page:
+    events: list[Event]
+    total: int | None
+
+
+def _check_event(raw: object, index: int) -> Event:
+    if not isinstance(raw, dict):
+        raise UnleashError("bad_response", f"event #{index} of the page is not an object")
+    event_id = raw.get("id")
+    if not isinstance(event_id, int) or isinstance(event_id, bool) or event_id < 0:
+        raise UnleashError("bad_response", f"event #{index} of the page has no integer id")
+    if not isinstance(raw.get("type"), str):
+        raise UnleashError("bad_response", f"event {event_id} has no string type")
+    return raw
+
+
+def _parse_page(body: bytes, total_key: str) -> Page:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        snippet = body[:80].decode("utf-8", "replace")
+        raise UnleashError("bad_response", f"answer is not JSON (starts {snippet!r})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("events"), list):
+        raise UnleashError("bad_response", "answer has no 'events' list")
+    total = data.get(total_key)
+    if total is not None and (not isinstance(total, int) or isinstance(total, bool)):
+        raise UnleashError("bad_response", f"answer's '{total_key}' is not an integer")
+    return Page([_check_event(e, i) for i, e in enumerate(data["events"])], total)
+
+
+class UnleashSource:
+    def __init__(self, session: aiohttp.ClientSession, config: UnleashConfig) -> None:
+        self._session = session
+        self._config = config
+        self._etag: str | None = None
+        self.capabilities = Capabilities("search", id_filter=True)
+        self._headers = {
+            "Authorization": config.token.reveal(),
+            "Accept": "application/json",
+            "User-Agent": f"unleash-poller/{__version__}",
+        }
+
+    async def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
+                       json_body: object = None, etag: str | None = None
+                       ) -> tuple[int, bytes, str | None]:
+        headers = dict(self._headers)
+        if etag:
+            headers["If-None-Match"] = etag
+        url = self._config.url + path
+        timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
+        try:
+            async with self._session.request(method, url, params=params, json=json_body,
+                                             headers=headers, timeout=timeout,
+                                             allow_redirects=False) as resp:
+                body = await _read_capped(resp, MAX_PAGE_BYTES)
+                status, new_etag = resp.status, resp.headers.get("ETag")
+        except TimeoutError:
+            raise UnleashError("timeout", f"{method} {path}: no answer within "
+                               f"{self._config.timeout_s:g}s") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UnleashError("connection", f"{method} {path}: {exc}") from None
+        except aiohttp.ClientError as exc:
+            raise UnleashError("bad_response", f"{method} {path}: {exc}") from None
+        if status in (401, 403):
+            raise UnleashError("auth", f"{method} {path}: {status} — the token is missing, "
+                               "wrong, expired or lacks admin/event access")
+        if status >= 500:
+            raise UnleashError("server", f"{method} {path}: server error {status}")
+        return status, body, new_etag
+
+    async def detect(self) -> Capabilities:
+        """Find the best events API this server offers."""
+        status, _, _ = await self._request("GET", _SEARCH, params={"limit": "1"})
+        if status == 200:
+            self.capabilities = Capabilities("search", id_filter=True)
+            return self.capabilities
+        status, _, _ = await self._request("POST", _POST_SEARCH, json_body={"limit": 1})
+        if status == 200:
+            self.capabilities = Capabilities("post-search", id_filter=False)
+            return self.capabilities
+        status, _, _ = await self._request("GET", _LEGACY)
+        if status == 200:
+            self.capabilities = Capabilities("legacy", id_filter=False)
+            return self.capabilities
+        raise UnleashError("bad_response", f"no events API answered (last status {status}); "
+                           "is this an Unleash server?")
+
+    async def changed(self) -> bool:
+        """Cheap "did anything happen?" probe: a conditional one-event read, answered
+        304 when nothing changed. Any new event changes the answer's total, so its ETag."""
+        path, params = ((_SEARCH, {"limit": "1"}) if self.capabilities.api == "search"
+                        else (_LEGACY, None))
+        status, _, etag = await self._request("GET", path, params=params, etag=self._etag)
+        if status == 304:
+            return False
+        if status != 200:
+            raise UnleashError("bad_response", f"GET {path}: unexpected status {status}")
+        self._etag = etag
+        return True
+
+    def forget_probe(self) -> None:
+        """Make the next probe answer "changed" (after a failed poll)."""
+        self._etag = None
+
+    async def page(self, offset: int, limit: int) -> Page:
+        """One page, newest first."""
+        api = self.capabilities.api
+        if api == "search":
+            status, body, _ = await self._request(
+                "GET", _SEARCH, params={"limit": str(limit), "offset": str(offset)})
+            return self._ok(status, body, _SEARCH, "total")
+        if api == "post-search":
+            status, body, _ = await self._request(
+                "POST", _POST_SEARCH, json_body={"limit": limit, "offset": offset})
+            return self._ok(status, body, _POST_SEARCH, "totalEvents")
+        if offset > 0:
+            return Page([], None)
+        status, body, _ = await self._request("GET", _LEGACY)
+        return self._ok(status, body, _LEGACY, "totalEvents")
+
+    async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
+        """Pages newest first until the log ends; the caller stops when it has enough.
+        The first page is small, so a poll that finds one new event stays cheap."""
+        offset, size = 0, first_limit
+        while True:
+            page = await self.page(offset, size)
+            yield page
+            if len(page.events) < size or self.capabilities.api == "legacy":
+                return
+            offset += len(page.events)
+            size = limit
+
+    async def fetch_ids(self, ids: Sequence[int]) -> list[Event]:
+        """The events among `ids` that exist now (for re-checking gaps)."""
+        if not self.capabilities.id_filter:
+            return []
+        wanted = set(ids)
+        found: list[Event] = []
+        for start in range(0, len(ids), 100):
+            chunk = ids[start:start + 100]
+            status, body, _ = await self._request("GET", _SEARCH, params={
+                "id": "IS_ANY_OF:" + ",".join(str(i) for i in chunk),
+                "limit": str(len(chunk))})
+            page = self._ok(status, body, _SEARCH, "total")
+            stray = [e["id"] for e in page.events if e["id"] not in wanted]
+            if stray:
+                self.capabilities = Capabilities(self.capabilities.api, id_filter=False)
+                raise UnleashError("bad_response", "the server ignored the id filter "
+                                   f"(asked for {len(chunk)} ids, got others: {stray[:5]}); "
+                                   "gap re-checks are off from now on")
+            found.extend(page.events)
+        return found
+
+    @staticmethod
+    def _ok(status: int, body: bytes, path: str, total_key: str) -> Page:
+        if status != 200:
+            raise UnleashError("bad_response", f"{path}: unexpected status {status}")
+        return _parse_page(body, total_key)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise UnleashError("bad_response", f"answer of {resp.content_length} bytes is over "
+                           f"the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(65536):
+        size += len(chunk)
+        if size > limit:
+            raise UnleashError("bad_response", f"answer is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,380 @@
+"""Durable state in one SQLite file: the cursor, the per-webhook outbox, the dead letters.
+
+The cursor (highest event id taken in, plus the ids below it not seen yet: "gaps") moves
+only in the transaction that writes what each webhook still owes, so a crash at any
+instant either keeps both or neither. Delivery marks are single-row transactions; losing
+the last ones to a power cut means a duplicate, never a loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+_APP_ID = 0x554E4C50  # "UNLP": marks the file as ours, so a stranger's database is refused
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE outbox (
+    webhook TEXT NOT NULL,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    enqueued_at REAL NOT NULL,
+    PRIMARY KEY (webhook, event_id)
+) WITHOUT ROWID;
+CREATE TABLE gaps (id INTEGER PRIMARY KEY, missing_since REAL NOT NULL,
+                   next_check_at REAL NOT NULL, checks INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE dead_letters (
+    webhook TEXT NOT NULL,
+    event_id INTEGER NOT NULL REFERENCES events(id),
+    attempts INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL,
+    PRIMARY KEY (webhook, event_id)
+) WITHOUT ROWID;
+CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+"""
+
+
+class StateError(Exception):
+    """The state file cannot be used; the message says which file and why."""
+
+
+class StateLockedError(StateError):
+    """Another unleash-poller process holds the state file."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    webhook: str
+    event_id: int
+    body: str
+    attempts: int
+    next_attempt_at: float
+    enqueued_at: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    webhook: str
+    event_id: int
+    body: str
+    attempts: int
+    reason: str
+    failed_at: float
+
+
+@dataclass(frozen=True)
+class Gap:
+    id: int
+    missing_since: float
+    next_check_at: float
+    checks: int
+
+
+def _create(path: Path) -> None:
+    """Build a new state file beside the target, then rename it in: a crash mid-way
+    leaves no half-made file that could later pass for an empty state."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".new")
+    tmp.unlink(missing_ok=True)
+    os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA application_id={_APP_ID}")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        conn.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
+    finally:
+        conn.close()
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    tmp.rename(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class State:
+    """One open state file. All methods are synchronous and short; call them from the
+    event loop thread only."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
+        self.path = path
+        self._conn = conn
+        self._lock_fd = lock_fd
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = True, lock: bool = True) -> State:
+        """Open (or create) the state file. `lock` takes the single-daemon lock."""
+        if not create and not path.exists():
+            raise StateError(f"{path}: no state file (has the daemon run yet?)")
+        lock_fd = _take_lock(path) if lock else None
+        try:
+            if not path.exists():
+                _create(path)
+            conn = _connect(path)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        state = cls(path, conn, lock_fd)
+        state._discard_staging()
+        return state
+
+    def close(self) -> None:
+        self._conn.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    # -- cursor ------------------------------------------------------------------------
+
+    def high_water(self) -> int | None:
+        """Highest event id taken in; None before the first successful poll."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key='high_water'").fetchone()
+        return None if row is None else int(row[0])
+
+    def gaps(self) -> list[Gap]:
+        rows = self._conn.execute(
+            "SELECT id, missing_since, next_check_at, checks FROM gaps ORDER BY id")
+        return [Gap(*row) for row in rows]
+
+    def ingest(
+        self,
+        events: Sequence[tuple[int, str]],
+        owed: Iterable[tuple[str, int]],
+        high_water: int,
+        new_gaps: Iterable[int] = (),
+        settled_gaps: Iterable[int] = (),
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Take in the events some webhook wants, what each webhook owes, and move the
+        cursor, atomically. Events no webhook wants are simply passed by the cursor."""
+        with self.ingesting(now=now) as batch:
+            batch.add(events, owed)
+            batch.finish(high_water, new_gaps, settled_gaps)
+
+    @contextlib.contextmanager
+    def ingesting(self, *, now: float | None = None) -> Iterator[IngestBatch]:
+        """One transaction for a catch-up too long to hold in memory."""
+        with self._transaction() as conn:
+            batch = IngestBatch(conn, time.time() if now is None else now)
+            yield batch
+            if not batch.finished:
+                raise RuntimeError("ingest transaction ended without moving the cursor")
+
+    def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
+        with self._transaction() as conn:
+            conn.executemany("UPDATE gaps SET next_check_at = ?, checks = checks + 1 WHERE id = ?",
+                             ((next_check_at, g) for g in gap_ids))
+
+    def give_up_gaps(self, gap_ids: Iterable[int]) -> None:
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM gaps WHERE id = ?", ((g,) for g in gap_ids))
+
+    # -- staging: a long catch-up is written here page by page, then taken in at once --
+
+    def stage(self, events: Sequence[tuple[int, str]]) -> None:
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO staging (id, body) VALUES (?, ?)", events)
+
+    def staged(self, batch: int = 1000) -> Iterator[list[tuple[int, str]]]:
+        """Staged events in id order, a batch at a time (memory stays flat)."""
+        last = -1
+        while True:
+            rows = self._conn.execute(
+                "SELECT id, body FROM staging WHERE id > ? ORDER BY id LIMIT ?",
+                (last, batch)).fetchall()
+            if not rows:
+                return
+            yield rows
+            last = rows[-1][0]
+
+    def _discard_staging(self) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM staging")
+
+    clear_staging = _discard_staging
+
+    # -- outbox ------------------------------------------------------------------------
+
+    def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
+        """The webhook's oldest pending events (by id) above `after`."""
+        rows = self._conn.execute(
+            "SELECT o.webhook, o.event_id, e.body, o.attempts, o.next_attempt_at, o.enqueued_at "
+            "FROM outbox o JOIN events e ON e.id = o.event_id "
+            "WHERE o.webhook = ? AND o.event_id > ? ORDER BY o.event_id LIMIT ?",
+            (webhook, after, limit))
+        return [Pending(*row) for row in rows]
+
+    def delivered(self, webhook: str, event_id: int) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                         (webhook, event_id))
+            _drop_event_if_unowed(conn, event_id)
+
+    def retry_later(self, webhook: str, event_id: int, attempts: int, next_attempt_at: float,
+                    error: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                         "WHERE webhook = ? AND event_id = ?",
+                         (attempts, next_attempt_at, error, webhook, event_id))
+
+    def dead_letter(self, webhook: str, event_id: int, attempts: int, reason: str,
+                    now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                         (webhook, event_id))
+            conn.execute("INSERT OR REPLACE INTO dead_letters "
+                         "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
+                         (webhook, event_id, attempts, reason, now))
+
+    def pending_counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT webhook, count(*) FROM outbox GROUP BY webhook")
+        return dict(rows.fetchall())
+
+    def oldest_pending(self) -> dict[str, float]:
+        rows = self._conn.execute("SELECT webhook, min(enqueued_at) FROM outbox GROUP BY webhook")
+        return dict(rows.fetchall())
+
+    # -- dead letters ------------------------------------------------------------------
+
+    def dead_letters(self, webhook: str | None = None, after: int = -1,
+                     limit: int = 1000) -> list[DeadLetter]:
+        rows = self._conn.execute(
+            "SELECT d.webhook, d.event_id, e.body, d.attempts, d.reason, d.failed_at "
+            "FROM dead_letters d JOIN events e ON e.id = d.event_id "
+            "WHERE (?1 IS NULL OR d.webhook = ?1) AND d.event_id > ?2 "
+            "ORDER BY d.event_id, d.webhook LIMIT ?3", (webhook, after, limit))
+        return [DeadLetter(*row) for row in rows]
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        rows = self._conn.execute("SELECT webhook, count(*) FROM dead_letters GROUP BY webhook")
+        return dict(rows.fetchall())
+
+    def remove_dead_letter(self, webhook: str, event_id: int) -> None:
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?",
+                         (webhook, event_id))
+            _drop_event_if_unowed(conn, event_id)
+
+    def requeue_dead_letters(self, webhook: str | None = None) -> int:
+        """Move dead letters back into the outbox for a running daemon to deliver."""
+        now = time.time()
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) "
+                "SELECT webhook, event_id, ? FROM dead_letters WHERE ?2 IS NULL OR webhook = ?2",
+                (now, webhook))
+            cursor = conn.execute("DELETE FROM dead_letters WHERE ?1 IS NULL OR webhook = ?1",
+                                  (webhook,))
+            return cursor.rowcount
+
+
+class IngestBatch:
+    """Writes inside an open ingest transaction; `finish` moves the cursor."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self._conn = conn
+        self._now = now
+        self.finished = False
+
+    def add(self, events: Sequence[tuple[int, str]], owed: Iterable[tuple[str, int]]) -> None:
+        self._conn.executemany("INSERT OR IGNORE INTO events (id, body) VALUES (?, ?)", events)
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) VALUES (?, ?, ?)",
+            ((hook, event_id, self._now) for hook, event_id in owed))
+
+    def finish(self, high_water: int, new_gaps: Iterable[int] = (),
+               settled_gaps: Iterable[int] = ()) -> None:
+        conn = self._conn
+        conn.executemany("DELETE FROM gaps WHERE id = ?", ((g,) for g in settled_gaps))
+        conn.executemany(
+            "INSERT OR IGNORE INTO gaps (id, missing_since, next_check_at) VALUES (?, ?, ?)",
+            ((g, self._now, self._now) for g in new_gaps))
+        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
+                     (high_water,))
+        self.finished = True
+
+
+def _drop_event_if_unowed(conn: sqlite3.Connection, event_id: int) -> None:
+    conn.execute("DELETE FROM events WHERE id = ?1 "
+                 "AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = ?1) "
+                 "AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = ?1)", (event_id,))
+
+
+def _take_lock(path: Path) -> int:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as exc:
+        raise StateError(f"{lock_path}: cannot open lock file: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateLockedError(f"{path}: another unleash-poller is running on this state file "
+                          "(its lock is held); refusing to start a second one") from None
+    return fd
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    if path.stat().st_size == 0:
+        raise StateError(f"{path}: state file is empty (truncated?); refusing to start "
+                         "over. Restore it from a backup, or move it away to start afresh "
+                         "from start_from")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0,
+                               check_same_thread=False)
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StateError(f"{path}: state file is corrupt or not a state file ({exc}); "
+                         "refusing to start over. Restore it from a backup, or move it "
+                         "away to start afresh from start_from") from None
+    if app_id != _APP_ID:
+        conn.close()
+        raise StateError(f"{path}: not an unleash-poller state file; refusing to use it")
+    if check != "ok":
+        conn.close()
+        raise StateError(f"{path}: state file failed its integrity check ({check}); "
+                         "refusing to start over. Restore it from a backup")
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise StateError(f"{path}: state file has schema version {version}, this "
+                         f"unleash-poller understands {SCHEMA_VERSION}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL survives a process crash with every commit; a power cut may undo the
+    # last commits, and since cursor and outbox move together that only causes re-fetching.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn

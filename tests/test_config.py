@@ -1,0 +1,191 @@
+"""Config loading: every mistake is named by its place; a good file gives frozen settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from poller.config import ConfigError, Secret, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GOOD = """
+[unleash]
+url = "http://127.0.0.1:4242/"
+token = "*:*.secret-token"
+[state]
+path = "state.sqlite3"
+[[webhooks]]
+name = "audit"
+url = "https://example.com/hook"
+"""
+
+
+def _parse(text: str, tmp_path: Path) -> object:
+    return parse_config(tomllib.loads(text), tmp_path)
+
+
+def _problems(text: str, tmp_path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        _parse(text, tmp_path)
+    return info.value.problems
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    """A minimal file yields the defaults the README documents."""
+    config = parse_config(tomllib.loads(GOOD), tmp_path)
+    assert config.unleash.url == "http://127.0.0.1:4242"
+    assert config.unleash.public_url == "http://127.0.0.1:4242"
+    assert config.unleash.poll_interval_s == 1.0
+    assert config.unleash.start_from == "latest"
+    assert config.state.path == tmp_path / "state.sqlite3"
+    hook = config.webhooks[0]
+    assert (hook.retries, hook.timeout_s, hook.max_in_flight) == (1, 10.0, 1)
+    assert hook.content_type == "application/json"
+    assert hook.authorization is None
+    assert hook.events is None and hook.projects is None and hook.environments is None
+    assert hook.retry_delays() == (1.0,)
+
+
+BAD_CASES = [
+    ('[unleash]\nurl="ftp://x"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"',
+     "unleash.url: must be an http(s) URL"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="nope"',
+     "webhooks[0].url: must be an http(s) URL"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\ncolour="red"\n[[webhooks]]\nname="a"\nurl="http://h"',
+     "unleash.colour: unknown key"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries="2"',
+     "webhooks[0].retries: must be an integer, not a string"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries=true',
+     "webhooks[0].retries: must be an integer, not a boolean"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\npoll_interval_s=0\n[[webhooks]]\nname="a"\nurl="http://h"',
+     "unleash.poll_interval_s: must be greater than 0"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\nstart_from="yesterday"\n[[webhooks]]\nname="a"\n'
+     'url="http://h"', 'unleash.start_from: must be "latest", "earliest" or an event id (>= 0)'),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     '[[webhooks]]\nname="a"\nurl="http://h2"',
+     "webhooks[1].name: duplicate name 'a' (also webhooks[0])"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'body_template="{{#x}}"',
+     'webhooks[0].body_template: invalid Mustache'),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'template_engine="jinja2"\nbody_template="{% if %}"',
+     "webhooks[0].body_template: invalid Jinja2 at line 1"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'template_engine="jinja2"\nbody_template="{{ secrets }}"',
+     "webhooks[0].body_template: unknown name(s) secrets"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'template_engine="handlebars"', 'webhooks[0].template_engine: must be "mustache" or "jinja2"'),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'headers={"Bad Header"="x"}', "webhooks[0].headers.Bad Header: is not a valid HTTP header"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nevents=[]',
+     "webhooks[0].events: must not be empty"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     "retry_schedule_s=[5, -1]", "webhooks[0].retry_schedule_s: must be a non-empty list"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     'escape="xml"', 'webhooks[0].escape: must be "unleash", "none" or "json"'),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+     "max_in_flight=0", "webhooks[0].max_in_flight: must be between 1 and 256"),
+    ('[unleash]\nurl="http://u"\ntoken="t"', "webhooks: must list at least one [[webhooks]] table"),
+    ('[[webhooks]]\nname="a"\nurl="http://h"', "unleash: section is required"),
+    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nurl="http://h"',
+     "webhooks[0].name: is required"),
+    ('log_level="loud"\n[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\n'
+     'url="http://h"', "log_level: must be one of debug, info, warning, error"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_CASES)
+def test_each_mistake_is_reported_at_its_place(text: str, expected: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config mistake yields a problem line that starts with its place."""
+    monkeypatch.delenv("UNLEASH_POLLER_TOKEN", raising=False)
+    problems = _problems(text, tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    """Several mistakes come back together, not one per run."""
+    problems = _problems('[unleash]\nurl="x"\ntoken="t"\nfoo=1\n[[webhooks]]\nname="a"\n'
+                         'url="y"\nretries=-1', tmp_path)
+    assert len(problems) == 4, problems
+
+
+def test_missing_token_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token from any source is a config error naming all the ways to give one."""
+    monkeypatch.delenv("UNLEASH_POLLER_TOKEN", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    problems = _problems('[unleash]\nurl="http://u"\n[[webhooks]]\nname="a"\nurl="http://h"',
+                         tmp_path)
+    assert problems[0].startswith("unleash.token: is required (token, token_file")
+
+
+def test_token_from_file_env_and_credentials(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token can come from token_file, the environment, or a systemd credential."""
+    base = '[unleash]\nurl="http://u"\n{}\n[[webhooks]]\nname="a"\nurl="http://h"'
+    (tmp_path / "tok").write_text("from-file\n")
+    config = parse_config(tomllib.loads(base.format('token_file="tok"')), tmp_path)
+    assert config.unleash.token.reveal() == "from-file"
+    monkeypatch.setenv("UNLEASH_POLLER_TOKEN", "from-env")
+    assert parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal() == \
+        "from-env"
+    monkeypatch.delenv("UNLEASH_POLLER_TOKEN")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "unleash-token").write_text("from-credential")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal() == \
+        "from-credential"
+
+
+def test_secrets_do_not_show_in_repr(tmp_path: Path) -> None:
+    """Neither the token nor an authorization value appears in a config's repr."""
+    text = GOOD + 'authorization = "Bearer hunter2-canary"\n'
+    config = parse_config(tomllib.loads(text), tmp_path)
+    shown = repr(config) + str(config.webhooks[0].authorization)
+    assert "secret-token" not in shown
+    assert "hunter2-canary" not in shown
+    assert repr(Secret("x")) == "Secret('***')"
+
+
+def test_star_means_all_and_globs_are_kept(tmp_path: Path) -> None:
+    """`["*"]` for projects means no filter; event globs are kept as written."""
+    text = GOOD + 'projects=["*"]\nevents=["feature-*"]\nenvironments=["production"]\n'
+    hook = parse_config(tomllib.loads(text), tmp_path).webhooks[0]
+    assert hook.projects is None
+    assert hook.events == ("feature-*",)
+    assert hook.environments == ("production",)
+
+
+def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
+    """A TOML syntax error names the file and the line."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[unleash\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].startswith(f"{path}: invalid TOML")
+    assert "line 1" in info.value.problems[0]
+
+
+def test_example_config_passes_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped config.example.toml is valid."""
+    monkeypatch.setenv("UNLEASH_POLLER_TOKEN", "example-token")
+    config = load_config(ROOT / "config.example.toml")
+    assert len(config.webhooks) >= 2
+
+
+def test_check_command_exits_78_with_one_line_per_problem(tmp_path: Path) -> None:
+    """`unleash-poller check` prints each problem on its own line and exits 78, no traceback."""
+    path = tmp_path / "c.toml"
+    path.write_text('[unleash]\nurl="x"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="y"\n')
+    result = subprocess.run([sys.executable, "-m", "poller", "check", "-c", str(path)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 78
+    assert result.stderr.splitlines() == ["unleash.url: must be an http(s) URL",
+                                          "webhooks[0].url: must be an http(s) URL"]
+    assert "Traceback" not in result.stderr

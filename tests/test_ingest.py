@@ -1,0 +1,201 @@
+"""Taking events into the outbox: paging, staging, gaps from late commits, start positions.
+
+The source here is an in-memory event log that pages newest first, like Unleash; the
+same behaviour is proven against a real Unleash in the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from poller import ingest as ingest_module
+from poller.config import Config, parse_config
+from poller.ingest import Ingest
+from poller.source import Capabilities, Event, Page
+from poller.state import State
+
+
+class FakeLog:
+    """Newest-first pages over a list of visible events, like Unleash's search endpoint."""
+
+    def __init__(self) -> None:
+        self.visible: list[Event] = []
+        self.capabilities = Capabilities("search", id_filter=True)
+        self.on_page: list[Event] = []  # events that become visible after the first page
+
+    def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
+        for i in ids:
+            self.visible.append({"id": i, "type": kind, "project": project,
+                                 "createdAt": f"2026-01-01T00:00:{i % 60:02d}.000Z"})
+
+    def _sorted(self) -> list[Event]:
+        return sorted(self.visible, key=lambda e: e["id"], reverse=True)  # type: ignore[arg-type,return-value]
+
+    async def changed(self) -> bool:
+        return True
+
+    async def page(self, offset: int, limit: int) -> Page:
+        events = self._sorted()
+        return Page(events[offset:offset + limit], len(events))
+
+    async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
+        offset, size = 0, first_limit
+        while True:
+            page = await self.page(offset, size)
+            yield page
+            if self.on_page:
+                self.visible.extend(self.on_page)
+                self.on_page = []
+            if len(page.events) < size:
+                return
+            offset += len(page.events)
+            size = limit
+
+    async def fetch_ids(self, ids: Sequence[int]) -> list[Event]:
+        return [e for e in self.visible if e["id"] in set(ids)]
+
+
+def _config(tmp_path: Path, start_from: str = '"latest"', extra: str = "") -> Config:
+    text = f"""
+[unleash]
+url = "http://u"
+token = "t"
+start_from = {start_from}
+gap_grace_s = 10
+page_size = 10
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "all"
+url = "http://h/all"
+[[webhooks]]
+name = "web"
+url = "http://h/web"
+projects = ["web"]
+{extra}
+"""
+    return parse_config(tomllib.loads(text), tmp_path)
+
+
+@pytest.fixture
+def log() -> FakeLog:
+    return FakeLog()
+
+
+def _ingest(tmp_path: Path, log: FakeLog, start_from: str = '"latest"') -> tuple[Ingest, State,
+                                                                                set[str]]:
+    state = State.open(tmp_path / "s.sqlite3")
+    woken: set[str] = set()
+    ingest = Ingest(_config(tmp_path, start_from), state, log, woken.update)  # type: ignore[arg-type]
+    return ingest, state, woken
+
+
+def _pending(state: State, hook: str) -> list[int]:
+    return [p.event_id for p in state.next_pending(hook, 100_000)]
+
+
+def test_latest_start_skips_history_then_takes_new_events(tmp_path: Path, log: FakeLog) -> None:
+    """From `latest`, old events are not delivered; later ones are, to matching webhooks."""
+    log.add(1, 2, 3)
+    ingest, state, woken = _ingest(tmp_path, log)
+    assert asyncio.run(ingest.poll()) == 0
+    assert state.high_water() == 3 and state.pending_counts() == {}
+    log.add(4)
+    log.add(5, project="web")
+    assert asyncio.run(ingest.poll()) == 2
+    assert _pending(state, "all") == [4, 5]
+    assert _pending(state, "web") == [5]
+    assert woken == {"all", "web"}
+    assert state.gaps() == []
+
+
+def test_explicit_start_id_and_earliest(tmp_path: Path, log: FakeLog) -> None:
+    """`start_from = N` delivers ids above N; `earliest` delivers all, with no gaps below the
+    oldest event (older ids were deleted by Unleash, not pending)."""
+    log.add(100, 101, 103)
+    ingest, state, _ = _ingest(tmp_path, log, "101")
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == [103]
+    assert [g.id for g in state.gaps()] == [102]
+    state.close()
+    ingest, state, _ = _ingest(tmp_path / "b", log, '"earliest"')
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == [100, 101, 103]
+    assert [g.id for g in state.gaps()] == [102]
+
+
+def test_burst_across_pages_and_staging(tmp_path: Path, log: FakeLog,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of many pages (spilled to disk) is taken in whole, once, in id order."""
+    monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 503))
+    assert asyncio.run(ingest.poll()) == 501
+    assert _pending(state, "all") == list(range(2, 503))
+    assert state.gaps() == []
+    assert list(state.staged()) == []
+
+
+def test_events_arriving_while_paging_are_not_lost(tmp_path: Path, log: FakeLog) -> None:
+    """New events shifting offsets mid-way through paging cause no gap and no duplicate."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 120))
+    log.on_page = [{"id": i, "type": "feature-created", "createdAt": "x"} for i in range(120, 135)]
+    asyncio.run(ingest.poll())
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == list(range(2, 135))
+
+
+def test_late_commit_is_found_by_recheck(tmp_path: Path, log: FakeLog) -> None:
+    """An id that was not visible when later ids were (an open transaction) is taken in
+    when it commits, though the cursor has passed it."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(2, 4, 5)  # 3 is still uncommitted
+    asyncio.run(ingest.poll())
+    assert [g.id for g in state.gaps()] == [3]
+    assert _pending(state, "all") == [2, 4, 5]
+    log.add(3)
+    asyncio.run(ingest.recheck_gaps(now=10**10))
+    assert _pending(state, "all") == [2, 3, 4, 5]
+    assert state.gaps() == []
+    assert ingest.counters.gaps_filled == 1
+
+
+def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) -> None:
+    """An id that never appears is re-checked, then given up once the grace period passes."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(3)
+    asyncio.run(ingest.poll())
+    [gap] = state.gaps()
+    asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 1))
+    [gap] = state.gaps()
+    assert gap.checks == 1 and gap.next_check_at > gap.missing_since + 1
+    asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 11))
+    assert state.gaps() == []
+    assert ingest.counters.gaps_expired == 1
+
+
+def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> None:
+    """A gap id that shows up in the newest pages is taken in by the ordinary poll."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(2, 4)
+    asyncio.run(ingest.poll())
+    log.add(3)
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == [2, 3, 4]
+    assert state.gaps() == []

@@ -1,0 +1,147 @@
+"""The state file: atomic cursor + outbox, dead letters, refusal of bad files and second daemons."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from poller.state import State, StateError, StateLockedError
+
+
+def _open(tmp_path: Path, **kwargs: bool) -> State:
+    return State.open(tmp_path / "state" / "s.sqlite3", **kwargs)
+
+
+def test_fresh_state_has_no_cursor_and_private_permissions(tmp_path: Path) -> None:
+    """A new state file has no cursor yet, is 0600 in a 0700 directory."""
+    state = _open(tmp_path)
+    try:
+        assert state.high_water() is None
+        assert stat.S_IMODE(state.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(state.path.parent.stat().st_mode) == 0o700
+    finally:
+        state.close()
+
+
+def test_ingest_moves_cursor_with_outbox_and_survives_reopen(tmp_path: Path) -> None:
+    """Cursor, outbox and gaps written by one ingest are all there after reopening."""
+    state = _open(tmp_path)
+    state.ingest([(5, '{"id":5}'), (7, '{"id":7}')], [("a", 5), ("a", 7), ("b", 7)], 7, [6])
+    state.close()
+    state = _open(tmp_path)
+    try:
+        assert state.high_water() == 7
+        assert [g.id for g in state.gaps()] == [6]
+        assert [p.event_id for p in state.next_pending("a", 10)] == [5, 7]
+        assert state.pending_counts() == {"a": 2, "b": 1}
+    finally:
+        state.close()
+
+
+def test_failed_ingest_leaves_nothing(tmp_path: Path) -> None:
+    """An ingest that fails mid-way writes neither outbox rows nor the cursor."""
+    state = _open(tmp_path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            # The outbox row references an event that is not there: the whole batch fails.
+            state.ingest([(1, "{}")], [("a", 1), ("a", 2)], 2)
+        assert state.high_water() is None
+        assert state.pending_counts() == {}
+    finally:
+        state.close()
+
+
+def test_delivered_removes_row_and_unowed_event(tmp_path: Path) -> None:
+    """Once every webhook has an event, its body is gone from the file."""
+    state = _open(tmp_path)
+    try:
+        state.ingest([(1, '{"id":1}')], [("a", 1), ("b", 1)], 1)
+        state.delivered("a", 1)
+        assert state.next_pending("b", 5)[0].body == '{"id":1}'
+        state.delivered("b", 1)
+        assert state.pending_counts() == {}
+        assert state._conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+    finally:
+        state.close()
+
+
+def test_dead_letter_keeps_body_and_requeue_returns_it(tmp_path: Path) -> None:
+    """A dead letter keeps the event and reason; requeue puts it back in the outbox."""
+    state = _open(tmp_path)
+    try:
+        state.ingest([(3, '{"id":3}')], [("a", 3)], 3)
+        state.dead_letter("a", 3, 2, "HTTP 500 after 2 attempts")
+        assert state.pending_counts() == {}
+        [letter] = state.dead_letters("a")
+        assert (letter.event_id, letter.attempts, letter.reason, letter.body) == (
+            3, 2, "HTTP 500 after 2 attempts", '{"id":3}')
+        assert state.requeue_dead_letters("a") == 1
+        assert [p.event_id for p in state.next_pending("a", 5)] == [3]
+        assert state.dead_letters() == []
+    finally:
+        state.close()
+
+
+def test_second_daemon_is_refused(tmp_path: Path) -> None:
+    """A second process-level open with the lock fails while the first holds it."""
+    first = _open(tmp_path)
+    try:
+        with pytest.raises(StateLockedError, match="another unleash-poller is running"):
+            _open(tmp_path)
+        _open(tmp_path, lock=False).close()  # read-only tools still work
+    finally:
+        first.close()
+    _open(tmp_path).close()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda p: p.write_bytes(b""), "state file is empty"),
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "refusing to start over"),
+    (lambda p: p.write_bytes(b"x" * 4096), "corrupt or not a state file"),
+])
+def test_damaged_state_file_is_refused(tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
+    """A truncated or corrupt state file stops start-up with a clear message."""
+    state = _open(tmp_path)
+    state.ingest([(i, "x" * 500) for i in range(1, 200)], [("a", i) for i in range(1, 200)], 199)
+    state.close()
+    path = tmp_path / "state" / "s.sqlite3"
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    damage(path)
+    with pytest.raises(StateError, match=message):
+        _open(tmp_path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    """Another program's SQLite database is not taken for ours."""
+    path = tmp_path / "state" / "s.sqlite3"
+    path.parent.mkdir()
+    sqlite3.connect(path).execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises(StateError, match="not an unleash-poller state file"):
+        _open(tmp_path)
+
+
+def test_status_tools_do_not_create_a_state_file(tmp_path: Path) -> None:
+    """Opening without create on a missing file fails and creates nothing."""
+    with pytest.raises(StateError, match="no state file"):
+        _open(tmp_path, create=False, lock=False)
+    assert not (tmp_path / "state").exists()
+
+
+def test_staging_is_discarded_on_open(tmp_path: Path) -> None:
+    """Pages staged by a crashed catch-up are dropped at the next start (the cursor did not
+    move, so they are fetched again)."""
+    state = _open(tmp_path)
+    state.stage([(1, "{}"), (2, "{}")])
+    os.close(state._lock_fd or -1)
+    state._lock_fd = None
+    state._conn.close()
+    state = _open(tmp_path)
+    try:
+        assert list(state.staged()) == []
+    finally:
+        state.close()
