@@ -1,0 +1,132 @@
+"""The Unleash client on answers a healthy server will not give: errors, junk, lies.
+
+aioresponses stands in for Unleash only here, for edge cases a real server cannot be made
+to produce on demand; the happy paths run against a real Unleash in the e2e tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+
+from poller.config import Secret, UnleashConfig
+from poller.source import Capabilities, UnleashError, UnleashSource
+
+BASE = "http://unleash.test"
+SEARCH = re.compile(r"^http://unleash\.test/api/admin/search/events.*$")
+CONFIG = UnleashConfig(url=BASE, token=Secret("*:*.tok"), public_url=BASE, timeout_s=2)
+T = TypeVar("T")
+
+
+def _run(call: Callable[[UnleashSource], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with aiohttp.ClientSession() as session:
+            return await call(UnleashSource(session, CONFIG))
+    return asyncio.run(main())
+
+
+def _error(call: Callable[[UnleashSource], Awaitable[object]]) -> UnleashError:
+    with pytest.raises(UnleashError) as info:
+        _run(call)
+    return info.value
+
+
+@pytest.mark.parametrize(("status", "body", "kind", "message"), [
+    (401, '{"message":"no"}', "auth", "401 — the token is missing, wrong"),
+    (403, "{}", "auth", "403"),
+    (500, "oops", "server", "server error 500"),
+    (503, "", "server", "server error 503"),
+    (200, "<html>", "bad_response", "answer is not JSON (starts '<html>')"),
+    (200, '{"total": 3}', "bad_response", "answer has no 'events' list"),
+    (200, '{"events": [{"type": "x"}]}', "bad_response", "event #0 of the page has no integer id"),
+    (200, '{"events": [{"id": "7", "type": "x"}]}', "bad_response", "no integer id"),
+    (200, '{"events": [{"id": 7}]}', "bad_response", "event 7 has no string type"),
+    (200, '{"events": [], "total": "many"}', "bad_response", "'total' is not an integer"),
+    (418, "{}", "bad_response", "unexpected status 418"),
+])
+def test_bad_answers_become_one_clear_error(status: int, body: str, kind: str,
+                                            message: str) -> None:
+    """Each kind of bad answer is an UnleashError with a kind and a readable sentence."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=status, body=body)
+        error = _error(lambda s: s.page(0, 10))
+    assert error.kind == kind
+    assert message in str(error)
+    assert "*:*.tok" not in str(error)
+
+
+def test_connection_refused_and_timeout() -> None:
+    """Network failures are 'connection' and 'timeout' errors, not exceptions of aiohttp."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, exception=aiohttp.ClientConnectionError("refused"))
+        assert _error(lambda s: s.page(0, 10)).kind == "connection"
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, exception=TimeoutError())
+        error = _error(lambda s: s.page(0, 10))
+    assert error.kind == "timeout"
+    assert "no answer within 2s" in str(error)
+
+
+def test_oversized_page_is_refused() -> None:
+    """A page larger than the byte limit is refused instead of read into memory."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, body="x", headers={"Content-Length": str(10**9)})
+        error = _error(lambda s: s.page(0, 10))
+    assert "over the" in str(error)
+
+
+def test_detect_falls_back_to_post_search_then_legacy() -> None:
+    """Without GET search (Unleash 5.x) the POST search is used; without both, the legacy list."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=404)
+        mocked.post(f"{BASE}/api/admin/events/search", status=200,
+                    payload={"events": [], "totalEvents": 0})
+        caps = _run(lambda s: s.detect())
+    assert caps == Capabilities("post-search", id_filter=False)
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=404)
+        mocked.post(f"{BASE}/api/admin/events/search", status=404)
+        mocked.get(f"{BASE}/api/admin/events", status=200, payload={"events": []})
+        caps = _run(lambda s: s.detect())
+    assert caps.api == "legacy"
+    assert "newest 100 only" in caps.describe()
+
+
+def test_ignored_id_filter_is_detected() -> None:
+    """A server that returns ids it was not asked for (6.x) turns gap re-checks off."""
+    async def call(source: UnleashSource) -> Capabilities:
+        with pytest.raises(UnleashError, match="ignored the id filter"):
+            await source.fetch_ids([1, 2])
+        return source.capabilities
+
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, payload={"events": [{"id": 6, "type": "a"}, {"id": 2, "type": "b"}],
+                                    "total": 6})
+        caps = _run(call)
+    assert caps.id_filter is False
+
+
+def test_probe_uses_etag_and_304() -> None:
+    """The idle probe sends If-None-Match with the last ETag; 304 means nothing changed."""
+    seen: list[str | None] = []
+
+    def record(url: object, **kwargs: object) -> None:
+        headers = kwargs.get("headers")
+        seen.append(headers.get("If-None-Match") if isinstance(headers, dict) else None)
+
+    async def call(source: UnleashSource) -> tuple[bool, bool]:
+        return await source.changed(), await source.changed()
+
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=200, payload={"events": [], "total": 0},
+                   headers={"ETag": 'W/"abc"'}, callback=record)
+        mocked.get(SEARCH, status=304, callback=record)
+        first, second = _run(call)
+    assert (first, second) == (True, False)
+    assert seen == [None, 'W/"abc"']
