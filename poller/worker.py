@@ -107,23 +107,24 @@ class Worker:
                 if wait_s > 0:
                     await self._wait(wait_s)
                     break
-                await self._deliver(row)
-                # New rows may hold a lower id (an event that committed late): re-read.
-                if self.stop.is_set() or self.wake.is_set():
+                outcome = await self._deliver(row)
+                # A retry blocks the queue behind it (that is what in order means). New rows
+                # may hold a lower id (an event that committed late): re-read.
+                if outcome.kind == "retry" or self.stop.is_set() or self.wake.is_set():
                     break
 
     async def _run_unordered(self) -> None:
-        in_flight: dict[int, asyncio.Task[None]] = {}
+        in_flight: dict[int, asyncio.Task[Outcome]] = {}
         limit = self.hook.max_in_flight
         while not self.stop.is_set():
             self.wake.clear()
+            for event_id in [i for i, task in in_flight.items() if task.done()]:
+                in_flight.pop(event_id).result()
             rows = self.state.next_pending(self.hook.name, limit * 2 + len(in_flight))
             now = time.time()
             waiting = [r for r in rows if r.event_id not in in_flight]
             for row in [r for r in waiting if r.next_attempt_at <= now][:limit - len(in_flight)]:
                 in_flight[row.event_id] = asyncio.create_task(self._deliver(row))
-            for event_id in [i for i, task in in_flight.items() if task.done()]:
-                in_flight.pop(event_id).result()
             if not in_flight and not rows and self.once:
                 return
             later = [r.next_attempt_at - now for r in waiting if r.next_attempt_at > now]
@@ -132,7 +133,8 @@ class Worker:
         if in_flight:
             await asyncio.gather(*in_flight.values(), return_exceptions=True)
 
-    async def _wait_any(self, tasks: list[asyncio.Task[None]], timeout_s: float | None) -> None:
+    async def _wait_any(self, tasks: list[asyncio.Task[Outcome]],
+                        timeout_s: float | None) -> None:
         waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stop.wait())]
         try:
             await asyncio.wait([*waiters, *tasks], timeout=timeout_s,
@@ -141,7 +143,7 @@ class Worker:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _deliver(self, row: Pending) -> None:
+    async def _deliver(self, row: Pending) -> Outcome:
         outcome, attempts = await attempt_once(self.session, self.hook, row.event_id, row.body,
                                                row.attempts)
         name = self.hook.name
@@ -156,6 +158,7 @@ class Worker:
                       attempt=attempts, reason=outcome.reason)
         if self._on_outcome is not None:
             self._on_outcome(name, outcome, time.time() - row.enqueued_at)
+        return outcome
 
 
 async def drain(workers: list[Worker], tasks: list[asyncio.Task[None]], timeout_s: float) -> int:

@@ -47,7 +47,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert (hook.retries, hook.timeout_s, hook.max_in_flight) == (1, 10.0, 1)
     assert hook.content_type == "application/json"
     assert hook.authorization is None
-    assert hook.events is None and hook.projects is None and hook.environments is None
+    assert (hook.events, hook.projects, hook.environments) == (None, None, None)
     assert hook.retry_delays() == (1.0,)
 
 

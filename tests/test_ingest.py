@@ -104,7 +104,8 @@ def test_latest_start_skips_history_then_takes_new_events(tmp_path: Path, log: F
     log.add(1, 2, 3)
     ingest, state, woken = _ingest(tmp_path, log)
     assert asyncio.run(ingest.poll()) == 0
-    assert state.high_water() == 3 and state.pending_counts() == {}
+    assert state.high_water() == 3
+    assert state.pending_counts() == {}
     log.add(4)
     log.add(5, project="web")
     assert asyncio.run(ingest.poll()) == 2
@@ -182,7 +183,8 @@ def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) ->
     [gap] = state.gaps()
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 1))
     [gap] = state.gaps()
-    assert gap.checks == 1 and gap.next_check_at > gap.missing_since + 1
+    assert gap.checks == 1
+    assert gap.next_check_at > gap.missing_since + 1
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 11))
     assert state.gaps() == []
     assert ingest.counters.gaps_expired == 1
