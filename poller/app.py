@@ -12,7 +12,8 @@ from collections.abc import Callable
 
 import aiohttp
 
-from poller.config import Config, WebhookConfig
+from poller import log as log_module
+from poller.config import Config, ConfigError, WebhookConfig, load_config
 from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
@@ -43,9 +44,11 @@ class App:
         self.state = state
         self.stop = asyncio.Event()
         self.workers: dict[str, Worker] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
         self.delivered = 0
         self.dead_lettered = 0
-        self._session: aiohttp.ClientSession | None = None
+        self._crash: BaseException | None = None
+        self._once = False
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -58,6 +61,11 @@ class App:
         elif outcome.kind == "give_up":
             self.dead_lettered += 1
 
+    def _request_stop(self) -> None:
+        self.stop.set()
+        for worker in self.workers.values():
+            worker.stop.set()
+
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_stop(signame: str) -> None:
             if self.stop.is_set():
@@ -65,31 +73,101 @@ class App:
                 # State is transactional; what was in flight is re-sent after restart.
                 os._exit(1)
             log.info("app.stopping", signal=signame)
-            self.stop.set()
+            self._request_stop()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _start_worker(self, hook: WebhookConfig, session: aiohttp.ClientSession) -> None:
+        worker = Worker(hook, self.state, session, asyncio.Event(), once=self._once,
+                        on_outcome=self._count)
+        task = asyncio.create_task(worker.run(), name=f"worker:{hook.name}")
+        task.add_done_callback(self._worker_done)
+        self.workers[hook.name] = worker
+        self.tasks[hook.name] = task
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and self._crash is None:
+            # An unexpected error: stop, then crash loudly; systemd restarts us, state is safe.
+            self._crash = task.exception()
+            self._request_stop()
+
+    async def _retire(self, name: str) -> None:
+        """Stop one worker after its in-flight delivery (a webhook removed on reload)."""
+        worker, task = self.workers.pop(name), self.tasks.pop(name)
+        worker.stop.set()
+        await drain([worker], [task], self.config.drain_timeout_s)
+
+    # -- reload ------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config. A bad one is rejected and the old one keeps running."""
+        source_path = self.config.source_path
+        if source_path is None:
+            return
+        try:
+            new = load_config(source_path)
+        except ConfigError as exc:
+            log.error("config.reload_failed", problems=exc.problems,
+                      detail="keeping the running configuration")
+            return
+        if new.state.path != self.config.state.path:
+            log.error("config.reload_failed", problems=["state.path: cannot change on reload; "
+                      "restart the service to move the state file"])
+            return
+        old_hooks = {h.name: h for h in self.config.webhooks}
+        new_hooks = {h.name: h for h in new.webhooks}
+        self.config = new
+        log_module.configure(new.log_level)
+        self.source.reconfigure(new.unleash)
+        self.ingest.reconfigure(new)
+        for name in old_hooks.keys() - new_hooks.keys():
+            asyncio.get_running_loop().create_task(self._retire(name))
+        for name, hook in new_hooks.items():
+            worker = self.workers.get(name)
+            if worker is None:
+                self._start_worker(hook, self.session)
+            elif worker.hook.ordered != hook.ordered:
+                self._restart_worker(name, hook)
+            else:
+                worker.reconfigure(hook)
+        log.info("config.reloaded", webhooks=sorted(new_hooks),
+                 added=sorted(new_hooks.keys() - old_hooks.keys()),
+                 removed=sorted(old_hooks.keys() - new_hooks.keys()))
+
+    def _restart_worker(self, name: str, hook: WebhookConfig) -> None:
+        async def restart() -> None:
+            await self._retire(name)
+            if not self.stop.is_set():
+                self._start_worker(hook, self.session)
+        asyncio.get_running_loop().create_task(restart())
+
+    # -- running -----------------------------------------------------------------------
 
     async def run(self, *, once: bool = False) -> int:
+        self._once = once
         loop = asyncio.get_running_loop()
         if not once:
             self._install_signals(loop)
         started = time.monotonic()
         async with make_session(self.config) as session:
-            self._session = session
-            source = UnleashSource(session, self.config.unleash)
-            ingest = Ingest(self.config, self.state, source, self._wake)
-            self.workers = {h.name: Worker(h, self.state, session, self.stop, once=once,
-                                           on_outcome=self._count)
-                            for h in self.config.webhooks}
+            self.session = session
+            self.source = UnleashSource(session, self.config.unleash)
+            self.ingest = Ingest(self.config, self.state, self.source, self._wake)
             self._warn_orphans()
             if once:
-                code = await self._run_once(source, ingest)
+                code = await self._run_once()
             else:
-                code = await self._run_forever(source, ingest)
+                code = await self._run_forever()
         log.info("app.stopped", delivered=self.delivered, dead_lettered=self.dead_lettered,
-                 cursor=ingest.high_water, pending=sum(self.state.pending_counts().values()),
+                 cursor=self.ingest.high_water,
+                 pending=sum(self.state.pending_counts().values()),
                  uptime_s=round(time.monotonic() - started, 1))
+        if self._crash is not None:
+            raise self._crash
         return code
 
     def _warn_orphans(self) -> None:
@@ -100,51 +178,50 @@ class App:
                             detail="webhook no longer configured; its pending events are "
                             "kept until it is configured again")
 
-    async def _detect(self, source: UnleashSource) -> None:
-        caps = await source.detect()
+    async def _detect(self) -> None:
+        caps = await self.source.detect()
         log.info("unleash.api_detected", api=caps.api, detail=caps.describe())
 
-    async def _run_once(self, source: UnleashSource, ingest: Ingest) -> int:
+    async def _run_once(self) -> int:
         code = EX_OK
         try:
-            await self._detect(source)
-            await ingest.poll(force=True)
-            await ingest.recheck_gaps()
+            await self._detect()
+            await self.ingest.poll(force=True)
+            await self.ingest.recheck_gaps()
         except UnleashError as exc:
             log.error("unleash.unreachable", kind=exc.kind, error=str(exc))
             code = EX_UNAVAILABLE
-        tasks = [asyncio.create_task(w.run(), name=f"worker:{n}")
-                 for n, w in self.workers.items()]
-        await asyncio.gather(*tasks)
+        for hook in self.config.webhooks:
+            self._start_worker(hook, self.session)
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         return code
 
-    async def _run_forever(self, source: UnleashSource, ingest: Ingest) -> int:
-        tasks = [asyncio.create_task(w.run(), name=f"worker:{n}")
-                 for n, w in self.workers.items()]
-        poller = asyncio.create_task(self._poll_loop(source, ingest), name="poller")
+    async def _run_forever(self) -> int:
+        for hook in self.config.webhooks:
+            self._start_worker(hook, self.session)
+        poller = asyncio.create_task(self._poll_loop(), name="poller")
         stopper = asyncio.create_task(self.stop.wait())
-        done, _ = await asyncio.wait([poller, stopper, *tasks],
-                                     return_when=asyncio.FIRST_COMPLETED)
-        self.stop.set()
-        for task in done:
-            if task is not stopper and task.exception() is not None:
-                # An unexpected error: crash loudly; systemd restarts us, state is safe.
-                raise task.exception()  # type: ignore[misc]
+        done, _ = await asyncio.wait([poller, stopper], return_when=asyncio.FIRST_COMPLETED)
+        self._request_stop()
+        if poller in done and poller.exception() is not None and self._crash is None:
+            self._crash = poller.exception()
         poller.cancel()
-        cancelled = await drain(list(self.workers.values()), tasks, self.config.drain_timeout_s)
+        cancelled = await drain(list(self.workers.values()), list(self.tasks.values()),
+                                self.config.drain_timeout_s)
         if cancelled:
             log.warning("app.drain_timeout", workers_cancelled=cancelled,
                         detail="in-flight deliveries are re-sent after restart")
         return EX_OK
 
-    async def _poll_loop(self, source: UnleashSource, ingest: Ingest) -> None:
-        interval = self.config.unleash.poll_interval_s
+    async def _poll_loop(self) -> None:
         failures = 0
         detected = False
+        source, ingest = self.source, self.ingest
         while not self.stop.is_set():
+            interval = self.config.unleash.poll_interval_s
             try:
                 if not detected:
-                    await self._detect(source)
+                    await self._detect()
                     detected = True
                 await ingest.poll(force=failures > 0)
                 await ingest.recheck_gaps()

@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="event JSON file, as the Unleash admin API returns it")
     status = command("status", "cursor, pending and dead letters per webhook (no daemon needed)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    cursor = command("cursor", "move the cursor by hand (the daemon must be stopped)")
+    cursor.add_argument("action", choices=("set",))
+    cursor.add_argument("event_id", type=int,
+                        help="deliver events with an id greater than this from now on")
     dead = command("dead-letters", "list or replay deliveries that failed for good")
     dead.add_argument("action", choices=("list", "replay"))
     dead.add_argument("--webhook", help="only this webhook")
@@ -187,6 +191,25 @@ def _replay(config: Config, webhook: str | None) -> int:
     return 0 if failed == 0 else 1
 
 
+def _cmd_cursor(config: Config, event_id: int) -> int:
+    if event_id < 0:
+        print("unleash-poller: event id must be >= 0", file=sys.stderr)
+        return EX_USAGE
+    try:
+        state = State.open(config.state.path, create=True, lock=True)
+    except StateLockedError:
+        print("unleash-poller: stop the daemon first (systemctl stop unleash-poller); "
+              "the cursor cannot move under a running daemon", file=sys.stderr)
+        return EX_IOERR
+    try:
+        old = state.high_water()
+        state.set_cursor(event_id)
+    finally:
+        state.close()
+    print(f"cursor moved from {old} to {event_id}; events with a greater id will be delivered")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -201,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "render": lambda: _cmd_render(config, args.webhook, args.event),
         "status": lambda: _cmd_status(config, args.json),
         "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
+        "cursor": lambda: _cmd_cursor(config, args.event_id),
     }
     try:
         return commands[args.command]()

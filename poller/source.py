@@ -86,14 +86,19 @@ def _parse_page(body: bytes, total_key: str) -> Page:
 class UnleashSource:
     def __init__(self, session: aiohttp.ClientSession, config: UnleashConfig) -> None:
         self._session = session
-        self._config = config
         self._etag: str | None = None
         self.capabilities = Capabilities("search", id_filter=True)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: UnleashConfig) -> None:
+        """Take new settings (a reload); a new URL or token takes effect on the next request."""
+        self._config = config
         self._headers = {
             "Authorization": config.token.reveal(),
             "Accept": "application/json",
             "User-Agent": f"unleash-poller/{__version__}",
         }
+        self._etag = None
 
     async def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
                        json_body: object = None, etag: str | None = None

@@ -189,6 +189,13 @@ class State:
             if not batch.finished:
                 raise RuntimeError("ingest transaction ended without moving the cursor")
 
+    def set_cursor(self, high_water: int) -> None:
+        """Move the cursor by hand (an operator's decision): forget gaps; keep the outbox."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM gaps")
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
+                         (high_water,))
+
     def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
         with self._transaction() as conn:
             conn.executemany("UPDATE gaps SET next_check_at = ?, checks = checks + 1 WHERE id = ?",

@@ -165,7 +165,7 @@ async def drain(workers: list[Worker], tasks: list[asyncio.Task[None]], timeout_
     """Give in-flight deliveries `timeout_s` to finish; cancel the rest. Returns how many
     workers had to be cancelled (their current event is re-sent after restart)."""
     for worker in workers:
-        worker.wake.set()
+        worker.stop.set()
     if not tasks:
         return 0
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
