@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from poller.config import Config, WebhookConfig
+from poller.faults import crash_point
 from poller.filters import EventFilter
 from poller.log import get as get_logger
 from poller.source import Event, UnleashSource
@@ -94,6 +95,7 @@ class Ingest:
                     reached_known = True
             log.debug("poll.page_fetched", events=len(page.events), total=page.total,
                       new=len(collected) + staged)
+            crash_point("poll.page_fetched")
             if len(collected) >= STAGE_AT:
                 self.state.stage([(i, _dump(e)) for i, e in collected.items()])
                 staged += len(collected)

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from poller.faults import crash_point
+
 SCHEMA_VERSION = 1
 _APP_ID = 0x554E4C50  # "UNLP": marks the file as ours, so a stranger's database is refused
 
@@ -150,6 +152,7 @@ class State:
         except BaseException:
             self._conn.execute("ROLLBACK")
             raise
+        crash_point("state.before_commit")
         self._conn.execute("COMMIT")
 
     # -- cursor ------------------------------------------------------------------------

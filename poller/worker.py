@@ -19,6 +19,7 @@ import aiohttp
 
 from poller.config import WebhookConfig
 from poller.deliver import Outcome, decide, post, request_headers
+from poller.faults import crash_point
 from poller.log import get as get_logger
 from poller.render import RenderError
 from poller.state import Pending, State
@@ -49,7 +50,9 @@ async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig, even
         body = hook.renderer.render(json.loads(body_json))
     except RenderError as exc:
         return Outcome("give_up", str(exc)), attempts
+    crash_point("delivery.before_post")
     attempt = await post(session, hook, request_headers(hook), body, delivery_id(event_id))
+    crash_point("delivery.after_post")
     outcome = decide(attempt, attempts, hook.retry_delays(), jitter=random.random(),  # noqa: S311
                      now=time.time())
     fields = {"webhook": hook.name, "event_id": event_id, "attempt": attempts,
