@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from poller.render import BadTemplateError, Renderer, build_renderer
+from poller.signing import Signer, SigningSecretError
+from poller.tls import TlsConfigError, client_ssl_context
+from poller.urls import proxy_for
 
 EX_CONFIG = 78
 TOKEN_ENV = "UNLEASH_POLLER_TOKEN"  # noqa: S105 - a variable name, not a secret
@@ -60,6 +64,8 @@ class UnleashConfig:
     page_size: int = 1000
     gap_grace_s: float = 300.0
     backoff_max_s: float = 60.0
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    proxy: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,9 @@ class WebhookConfig:
     retry_schedule_s: tuple[float, ...] = ()
     timeout_s: float = 10.0
     max_in_flight: int = 1
+    signer: Signer | None = None
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    proxy: str | None = field(default=None, repr=False)  # may carry proxy credentials
 
     @property
     def ordered(self) -> bool:
@@ -101,6 +110,7 @@ class Config:
     webhooks: tuple[WebhookConfig, ...]
     log_level: str = "info"
     drain_timeout_s: float = 10.0
+    trust_env: bool = False
     source_path: Path | None = field(default=None, compare=False)
 
     def webhook(self, name: str) -> WebhookConfig:
@@ -219,12 +229,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
-_UNLEASH_KEYS = {"url", "token", "token_file", "public_url", "poll_interval_s", "start_from",
-                 "timeout_s", "page_size", "gap_grace_s", "backoff_max_s"}
-_WEBHOOK_KEYS = {"name", "url", "events", "projects", "environments", "content_type",
-                 "authorization", "authorization_file", "headers", "body_template",
-                 "template_engine", "escape", "retries", "retry_schedule_s", "timeout_s",
-                 "max_in_flight"}
+_TLS_KEYS = {"ca_file", "client_cert_file", "client_key_file"}
+_SIGNATURE_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
+_UNLEASH_KEYS = _TLS_KEYS | {"url", "token", "token_file", "public_url", "poll_interval_s",
+                             "start_from", "timeout_s", "page_size", "gap_grace_s",
+                             "backoff_max_s"}
+_WEBHOOK_KEYS = _TLS_KEYS | {
+    "name", "url", "events", "projects", "environments", "content_type", "authorization",
+    "authorization_file", "headers", "body_template", "template_engine", "escape", "retries",
+    "retry_schedule_s", "timeout_s", "max_in_flight", "signing_secret", "signing_secret_file",
+    "proxy"}
 
 
 def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
@@ -248,7 +262,43 @@ def _credentials_file(name: str) -> Path | None:
     return None
 
 
-def _unleash(check: _Checker, data: object, base: Path) -> UnleashConfig | None:
+def _tls(check: _Checker, table: Mapping[str, object], place: str,
+         base: Path) -> ssl.SSLContext | None:
+    """Built once at load: aiohttp pools connections per SSL context."""
+    paths: dict[str, Path | None] = {}
+    for key in sorted(_TLS_KEYS):
+        text = check.get(table, place, key, str, "")
+        paths[key] = (Path(text) if Path(text).is_absolute() else base / text) if text else None
+    try:
+        return client_ssl_context(paths["ca_file"], paths["client_cert_file"],
+                                  paths["client_key_file"])
+    except TlsConfigError as exc:
+        check.fail(f"{place}.{exc.field}", str(exc))
+        return None
+
+
+def _signer(check: _Checker, table: Mapping[str, object], place: str,
+            base: Path) -> Signer | None:
+    if "signing_secret" in table and "signing_secret_file" in table:
+        check.fail(f"{place}.signing_secret", "give signing_secret or signing_secret_file, "
+                   "not both")
+        return None
+    if "signing_secret_file" in table:
+        path = check.get(table, place, "signing_secret_file", str, "")
+        secret = _read_secret_file(check, f"{place}.signing_secret_file", path, base)
+    else:
+        text = check.get(table, place, "signing_secret", str, "")
+        secret = Secret(text) if text else None
+    if secret is None:
+        return None
+    try:
+        return Signer(secret.reveal())
+    except SigningSecretError as exc:
+        check.fail(f"{place}.signing_secret", str(exc))
+        return None
+
+
+def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> UnleashConfig | None:
     table = check.table(data, "unleash", _UNLEASH_KEYS)
     url = check.get(table, "unleash", "url", str, "", _http_url)
     if "url" not in table:
@@ -268,6 +318,8 @@ def _unleash(check: _Checker, data: object, base: Path) -> UnleashConfig | None:
         gap_grace_s=check.get(table, "unleash", "gap_grace_s", (int, float), 300.0, _positive),
         backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0,
                                 _positive),
+        ssl_context=_tls(check, table, "unleash", base),
+        proxy=proxy_for(url, None, trust_env) if url else None,
     )
     return unleash if token else None
 
@@ -319,7 +371,7 @@ def _headers(check: _Checker, table: Mapping[str, object], place: str
 
 
 def _webhook(check: _Checker, data: object, index: int, base: Path,
-             public_url: str) -> WebhookConfig | None:
+             public_url: str, trust_env: bool) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
     table = check.table(data, place, _WEBHOOK_KEYS)
     problems_before = len(check.problems)
@@ -340,6 +392,14 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
     template = check.get(table, place, "body_template", str, "")
     authorization = _authorization(check, table, place, base)
     retry_schedule = _retry_schedule(check, table, place)
+    signer = _signer(check, table, place, base)
+    headers = _headers(check, table, place)
+    if signer is not None:
+        for name, _ in headers:
+            if name.lower() in _SIGNATURE_HEADERS:
+                check.fail(f"{place}.headers.{name}", "is set by signing_secret; remove it")
+    proxy = check.get(table, place, "proxy", str, "", _http_url)
+    ssl_context = _tls(check, table, place, base)
     hook_fields = {
         "events": check.string_list(table, place, "events"),
         "projects": check.string_list(table, place, "projects"),
@@ -347,7 +407,7 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
         "content_type": check.get(table, place, "content_type", str, "application/json",
                                   lambda v: None if v and "\n" not in v
                                   else "must be a non-empty single line"),
-        "headers": _headers(check, table, place),
+        "headers": headers,
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
@@ -361,7 +421,10 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
     if len(check.problems) > problems_before:
         return None
     return WebhookConfig(name=name, url=url, renderer=renderer, authorization=authorization,
-                         retry_schedule_s=retry_schedule, **hook_fields)  # type: ignore[arg-type]
+                         retry_schedule_s=retry_schedule, signer=signer,
+                         ssl_context=ssl_context,
+                         proxy=proxy_for(url, proxy or None, trust_env),
+                         **hook_fields)  # type: ignore[arg-type]
 
 
 def _authorization(check: _Checker, table: Mapping[str, object], place: str,
@@ -399,10 +462,12 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     check = _Checker()
     top = check.table(data, "", {"unleash", "state", "webhooks", "log_level",
-                                 "drain_timeout_s"})
+                                 "drain_timeout_s", "trust_env"})
     if "unleash" not in top:
         check.fail("unleash", "section is required")
-    unleash = _unleash(check, top.get("unleash", {}), base)
+    # HTTPS_PROXY / NO_PROXY from the environment apply only when asked for.
+    trust_env = check.get(top, "", "trust_env", bool, False)
+    unleash = _unleash(check, top.get("unleash", {}), base, trust_env)
     state_table = check.table(top.get("state", {}), "state", {"path"})
     state_path = check.get(state_table, "state", "path", str,
                            "/var/lib/unleash-poller/state.sqlite3")
@@ -411,7 +476,8 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
         check.fail("webhooks", "must list at least one [[webhooks]] table")
         raw_hooks = []
     public_url = unleash.public_url if unleash else "http://localhost:4242"
-    hooks = [_webhook(check, raw, i, base, public_url) for i, raw in enumerate(raw_hooks)]
+    hooks = [_webhook(check, raw, i, base, public_url, trust_env)
+             for i, raw in enumerate(raw_hooks)]
     seen: dict[str, int] = {}
     for i, hook in enumerate(hooks):
         if hook is None:
@@ -429,7 +495,7 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     path = Path(state_path)
     return Config(unleash=unleash, state=StateConfig(path if path.is_absolute() else base / path),
                   webhooks=tuple(h for h in hooks if h is not None), log_level=log_level,
-                  drain_timeout_s=drain, source_path=source)
+                  drain_timeout_s=drain, trust_env=trust_env, source_path=source)
 
 
 def load_config(path: Path) -> Config:

@@ -13,6 +13,7 @@ from multidict import CIMultiDict
 
 from poller import __version__
 from poller.config import WebhookConfig
+from poller.urls import redact_url
 
 RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
 _RESPONSE_READ_LIMIT = 64 * 1024
@@ -101,9 +102,13 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
     """POST once. Never raises for network trouble: that is an Attempt with an error."""
     send = headers.copy()
     send.setdefault("webhook-id", delivery_id)
+    if hook.signer is not None:
+        # A fresh timestamp per attempt (receivers reject stale ones); the id stays stable.
+        send.update(hook.signer.sign(delivery_id, int(time.time()), body))
     started = time.monotonic()
     try:
         async with session.post(hook.url, data=body, headers=send, allow_redirects=False,
+                                ssl=hook.ssl_context or True, proxy=hook.proxy,
                                 timeout=aiohttp.ClientTimeout(total=hook.timeout_s)) as resp:
             # Read (a bounded amount of) the answer so the connection can be reused.
             await resp.content.read(_RESPONSE_READ_LIMIT)
@@ -111,6 +116,9 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
                            time.monotonic() - started)
     except TimeoutError:
         error = f"timed out after {hook.timeout_s:g}s"
+    except aiohttp.ClientHttpProxyError as exc:
+        # Its text carries the proxy URL with any password in it.
+        error = f"proxy {redact_url(str(exc.request_info.real_url))} answered HTTP {exc.status}"
     except aiohttp.ClientConnectionError as exc:
         error = f"connection failed: {type(exc).__name__}: {exc}"
     except aiohttp.ClientError as exc:

@@ -111,7 +111,8 @@ class UnleashSource:
         try:
             async with self._session.request(method, url, params=params, json=json_body,
                                              headers=headers, timeout=timeout,
-                                             allow_redirects=False) as resp:
+                                             allow_redirects=False, proxy=self._config.proxy,
+                                             ssl=self._config.ssl_context or True) as resp:
                 body = await _read_capped(resp, MAX_PAGE_BYTES)
                 status, new_etag = resp.status, resp.headers.get("ETag")
         except TimeoutError:

@@ -189,3 +189,29 @@ def test_check_command_exits_78_with_one_line_per_problem(tmp_path: Path) -> Non
     assert result.stderr.splitlines() == ["unleash.url: must be an http(s) URL",
                                           "webhooks[0].url: must be an http(s) URL"]
     assert "Traceback" not in result.stderr
+
+
+def test_tls_and_signing_mistakes_are_named(tmp_path: Path) -> None:
+    """A missing CA file, a bad signing secret and a signature header set by hand are
+    reported at their places."""
+    text = GOOD + ('ca_file = "missing.pem"\nsigning_secret = "whsec_%%%"\n'
+                   'headers = { "webhook-signature" = "x" }\n')
+    problems = _problems(text, tmp_path)
+    problems += _problems(
+        GOOD + 'signing_secret = "raw"\nheaders = { "webhook-signature" = "x" }\n', tmp_path)
+    assert any(p.startswith("webhooks[0].ca_file: ") and "missing.pem" in p
+               for p in problems), problems
+    assert any(p.startswith("webhooks[0].signing_secret: ") for p in problems), problems
+    assert "webhooks[0].headers.webhook-signature: is set by signing_secret; remove it" in problems
+    assert all("%%%" not in p for p in problems)
+
+
+def test_proxy_from_environment_only_with_trust_env(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS_PROXY is ignored unless trust_env = true; an explicit proxy always applies."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert parse_config(tomllib.loads(GOOD), tmp_path).webhooks[0].proxy is None
+    trusted = parse_config(tomllib.loads("trust_env = true\n" + GOOD), tmp_path)
+    assert trusted.webhooks[0].proxy == "http://proxy.internal:3128"
+    explicit = parse_config(tomllib.loads(GOOD + 'proxy = "http://p:8080"\n'), tmp_path)
+    assert explicit.webhooks[0].proxy == "http://p:8080"
