@@ -8,7 +8,6 @@ JSON-escaped when it lands inside a double-quoted string.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -18,7 +17,7 @@ import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from poller import mustache
-from poller.jsvalues import JSDate, json_stringify
+from poller.jsvalues import JSDate, encode_utf8, json_stringify
 from poller.markdown import format_event_markdown
 
 Event = Mapping[str, object]
@@ -31,7 +30,6 @@ _OPTIONAL_FIELDS = ("groupType", "groupId")
 _CONTEXT_NAMES = frozenset({"event", "eventJson", "eventMarkdown"})
 # Unleash renders eventMarkdown as this placeholder, then splices the text in.
 _MARKDOWN_PLACEHOLDER = "\0UNLEASH_EVENT_MARKDOWN\0"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class BadTemplateError(ValueError):
@@ -66,14 +64,6 @@ def _template_event(canonical: dict[str, object]) -> dict[str, object]:
         except ValueError:
             return canonical
     return canonical
-
-
-def _encode(text: str) -> bytes:
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        # A lone surrogate: JavaScript's UTF-8 encoder writes U+FFFD for it.
-        return _SURROGATE.sub("\ufffd", text).encode("utf-8")
 
 
 def _inside_double_quotes(text: str, offset: int) -> bool:
@@ -113,7 +103,8 @@ class Renderer:
 
     def render(self, event: Event) -> bytes:
         try:
-            return _encode(self._render(event))
+            # Node's encoder: a lone surrogate becomes U+FFFD, as Unleash would send it.
+            return encode_utf8(self._render(event))
         except RenderError:
             raise
         except (jinja2.TemplateError, RecursionError, ValueError, TypeError,
