@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 
 from poller import log as log_module
+from poller import systemd
 from poller.config import Config, ConfigError, WebhookConfig, load_config
 from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
+from poller.metrics import Metrics, poll_health, start_http
 from poller.source import UnleashError, UnleashSource
 from poller.state import State
 from poller.worker import Worker, attempt_once, drain
@@ -49,17 +53,34 @@ class App:
         self.dead_lettered = 0
         self._crash: BaseException | None = None
         self._once = False
+        self._unleash_error: str | None = None
+        self.started_at = time.time()
+        self.metrics = Metrics([h.name for h in config.webhooks], pending=state.pending_counts)
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
             if worker := self.workers.get(name):
                 worker.wake.set()
 
-    def _count(self, _hook: str, outcome: Outcome, _lag_s: float) -> None:
+    def _count(self, hook: str, outcome: Outcome, lag_s: float, duration_s: float | None) -> None:
+        self.metrics.on_delivery(hook, outcome.kind, duration_s, lag_s)
         if outcome.kind == "delivered":
             self.delivered += 1
         elif outcome.kind == "give_up":
             self.dead_lettered += 1
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        ok, details = poll_health(self.ingest.counters.last_poll_ok_at, self.started_at,
+                                  self.config.unleash.poll_interval_s, self.config.state.path)
+        details["cursor"] = self.ingest.high_water
+        return ok, details
+
+    def status_line(self) -> str:
+        pending = sum(self.state.pending_counts().values())
+        head = (f"Unleash unreachable ({self._unleash_error})" if self._unleash_error
+                else "polling")
+        return (f"{head}; cursor {self.ingest.high_water}, {pending} pending, "
+                f"{self.delivered} delivered, {self.dead_lettered} dead-lettered")
 
     def _request_stop(self) -> None:
         self.stop.set()
@@ -108,12 +129,23 @@ class App:
         source_path = self.config.source_path
         if source_path is None:
             return
+        systemd.reloading()
+        try:
+            self._reload(source_path)
+        finally:
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _reload(self, source_path: Path) -> None:
         try:
             new = load_config(source_path)
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems,
                       detail="keeping the running configuration")
             return
+        if new.metrics != self.config.metrics:
+            log.warning("config.reload_partial", detail="[metrics] listen changes take effect "
+                        "after a restart; the rest of the new config is applied")
+            new = dataclasses.replace(new, metrics=self.config.metrics)
         if new.state.path != self.config.state.path:
             log.error("config.reload_failed", problems=["state.path: cannot change on reload; "
                       "restart the service to move the state file"])
@@ -197,12 +229,26 @@ class App:
         return code
 
     async def _run_forever(self) -> int:
+        listen = self.config.metrics.listen
+        # Bound before READY=1: a taken port fails the start instead of a running service.
+        runner = await start_http(listen, self.metrics, self.health) if listen else None
+        try:
+            return await self._serve()
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+
+    async def _serve(self) -> int:
         for hook in self.config.webhooks:
             self._start_worker(hook, self.session)
         poller = asyncio.create_task(self._poll_loop(), name="poller")
         stopper = asyncio.create_task(self.stop.wait())
+        watchdog = asyncio.create_task(systemd.watchdog_loop(self.stop, self.status_line),
+                                       name="systemd")
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
         done, _ = await asyncio.wait([poller, stopper], return_when=asyncio.FIRST_COMPLETED)
         self._request_stop()
+        await watchdog  # sends STOPPING=1 as soon as it sees stop
         if poller in done and poller.exception() is not None and self._crash is None:
             self._crash = poller.exception()
         poller.cancel()
@@ -223,15 +269,23 @@ class App:
                 if not detected:
                     await self._detect()
                     detected = True
-                await ingest.poll(force=failures > 0)
+                expired = ingest.counters.gaps_expired
+                overflows = ingest.counters.burst_overflows
+                new = await ingest.poll(force=failures > 0)
                 await ingest.recheck_gaps()
+                self.metrics.on_poll_ok(new, ingest.high_water, len(ingest.gaps))
+                self.metrics.on_gaps_expired(ingest.counters.gaps_expired - expired)
+                self.metrics.on_burst_overflow(ingest.counters.burst_overflows - overflows)
                 if failures:
                     log.info("unleash.recovered", after_failures=failures)
                 failures = 0
+                self._unleash_error = None
                 delay = interval
             except UnleashError as exc:
                 failures += 1
                 ingest.counters.poll_errors += 1
+                self.metrics.on_poll_error(exc.kind)
+                self._unleash_error = exc.kind
                 source.forget_probe()
                 delay = _backoff(interval, failures, self.config.unleash.backoff_max_s,
                                  random.random())  # noqa: S311
@@ -283,7 +337,7 @@ async def _replay_one(session: aiohttp.ClientSession, hook: WebhookConfig, event
                       body: str) -> Outcome:
     attempts = 0
     while True:
-        outcome, attempts = await attempt_once(session, hook, event_id, body, attempts)
+        outcome, attempts, _ = await attempt_once(session, hook, event_id, body, attempts)
         if outcome.kind != "retry":
             return outcome
         await asyncio.sleep(outcome.delay_s)

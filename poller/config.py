@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from poller.metrics import parse_listen
 from poller.render import BadTemplateError, Renderer, build_renderer
 from poller.signing import Signer, SigningSecretError
 from poller.tls import TlsConfigError, client_ssl_context
@@ -104,6 +105,11 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str | None = None  # "host:port"; None serves no HTTP at all
+
+
+@dataclass(frozen=True)
 class Config:
     unleash: UnleashConfig
     state: StateConfig
@@ -111,6 +117,7 @@ class Config:
     log_level: str = "info"
     drain_timeout_s: float = 10.0
     trust_env: bool = False
+    metrics: MetricsConfig = MetricsConfig()
     source_path: Path | None = field(default=None, compare=False)
 
     def webhook(self, name: str) -> WebhookConfig:
@@ -216,6 +223,14 @@ def _at_least(low: int) -> Callable[[int], str | None]:
 
 def _between(low: int, high: int) -> Callable[[int], str | None]:
     return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+
+def _listen(value: str) -> str | None:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _http_url(value: str) -> str | None:
@@ -462,7 +477,7 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     check = _Checker()
     top = check.table(data, "", {"unleash", "state", "webhooks", "log_level",
-                                 "drain_timeout_s", "trust_env"})
+                                 "drain_timeout_s", "trust_env", "metrics"})
     if "unleash" not in top:
         check.fail("unleash", "section is required")
     # HTTPS_PROXY / NO_PROXY from the environment apply only when asked for.
@@ -490,12 +505,15 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
                           lambda v: None if v in _LOG_LEVELS
                           else f"must be one of {', '.join(_LOG_LEVELS)}")
     drain = check.get(top, "", "drain_timeout_s", (int, float), 10.0, _positive)
+    metrics_table = check.table(top.get("metrics", {}), "metrics", {"listen"})
+    listen = check.get(metrics_table, "metrics", "listen", str, "", _listen)
     if check.problems or unleash is None:
         raise ConfigError(check.problems)
     path = Path(state_path)
     return Config(unleash=unleash, state=StateConfig(path if path.is_absolute() else base / path),
                   webhooks=tuple(h for h in hooks if h is not None), log_level=log_level,
-                  drain_timeout_s=drain, trust_env=trust_env, source_path=source)
+                  drain_timeout_s=drain, trust_env=trust_env,
+                  metrics=MetricsConfig(listen or None), source_path=source)
 
 
 def load_config(path: Path) -> Config:

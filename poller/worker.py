@@ -43,13 +43,14 @@ def delivery_id(event_id: int) -> str:
 
 
 async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int,
-                       body_json: str, attempts_before: int) -> tuple[Outcome, int]:
-    """Render and POST one event once; return what it means and the attempt count."""
+                       body_json: str, attempts_before: int) -> tuple[Outcome, int, float | None]:
+    """Render and POST one event once; return what it means, the attempt count and the
+    HTTP time (None when nothing was sent)."""
     attempts = attempts_before + 1
     try:
         body = hook.renderer.render(json.loads(body_json))
     except RenderError as exc:
-        return Outcome("give_up", str(exc)), attempts
+        return Outcome("give_up", str(exc)), attempts, None
     crash_point("delivery.before_post")
     attempt = await post(session, hook, request_headers(hook), body, delivery_id(event_id))
     crash_point("delivery.after_post")
@@ -62,13 +63,14 @@ async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig, even
     elif outcome.kind == "retry":
         log.warning("delivery.retry_scheduled", **fields, reason=outcome.reason,
                     retry_in_s=round(outcome.delay_s, 2))
-    return outcome, attempts
+    return outcome, attempts, attempt.duration_s
 
 
 class Worker:
     def __init__(self, hook: WebhookConfig, state: State, session: aiohttp.ClientSession,
                  stop: asyncio.Event, *, once: bool = False,
-                 on_outcome: Callable[[str, Outcome, float], None] | None = None) -> None:
+                 on_outcome: Callable[[str, Outcome, float, float | None], None] | None = None
+                 ) -> None:
         self.hook = hook
         self.state = state
         self.session = session
@@ -147,8 +149,8 @@ class Worker:
                 waiter.cancel()
 
     async def _deliver(self, row: Pending) -> Outcome:
-        outcome, attempts = await attempt_once(self.session, self.hook, row.event_id, row.body,
-                                               row.attempts)
+        outcome, attempts, duration_s = await attempt_once(self.session, self.hook, row.event_id,
+                                                           row.body, row.attempts)
         name = self.hook.name
         if outcome.kind == "delivered":
             self.state.delivered(name, row.event_id)
@@ -160,7 +162,7 @@ class Worker:
             log.error("delivery.dead_lettered", webhook=name, event_id=row.event_id,
                       attempt=attempts, reason=outcome.reason)
         if self._on_outcome is not None:
-            self._on_outcome(name, outcome, time.time() - row.enqueued_at)
+            self._on_outcome(name, outcome, time.time() - row.enqueued_at, duration_s)
         return outcome
 
 
