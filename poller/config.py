@@ -18,7 +18,7 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from poller.metrics import parse_listen
-from poller.render import BadTemplateError, Renderer, build_renderer
+from poller.render import DEFAULT_MAX_BODY_BYTES, BadTemplateError, Renderer, build_renderer
 from poller.signing import Signer, SigningSecretError
 from poller.tls import TlsConfigError, client_ssl_context
 from poller.urls import proxy_for
@@ -65,6 +65,7 @@ class UnleashConfig:
     page_size: int = 1000
     gap_grace_s: float = 300.0
     backoff_max_s: float = 60.0
+    max_page_bytes: int = 32 * 1024 * 1024
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     proxy: str | None = field(default=None, repr=False)
 
@@ -248,12 +249,12 @@ _TLS_KEYS = {"ca_file", "client_cert_file", "client_key_file"}
 _SIGNATURE_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
 _UNLEASH_KEYS = _TLS_KEYS | {"url", "token", "token_file", "public_url", "poll_interval_s",
                              "start_from", "timeout_s", "page_size", "gap_grace_s",
-                             "backoff_max_s"}
+                             "backoff_max_s", "max_page_bytes"}
 _WEBHOOK_KEYS = _TLS_KEYS | {
     "name", "url", "events", "projects", "environments", "content_type", "authorization",
     "authorization_file", "headers", "body_template", "template_engine", "escape", "retries",
     "retry_schedule_s", "timeout_s", "max_in_flight", "signing_secret", "signing_secret_file",
-    "proxy"}
+    "proxy", "max_body_bytes"}
 
 
 def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
@@ -333,6 +334,8 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
         gap_grace_s=check.get(table, "unleash", "gap_grace_s", (int, float), 300.0, _positive),
         backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0,
                                 _positive),
+        max_page_bytes=check.get(table, "unleash", "max_page_bytes", int, 32 * 1024 * 1024,
+                                 _between(64 * 1024, 1024**3)),
         ssl_context=_tls(check, table, "unleash", base),
         proxy=proxy_for(url, None, trust_env) if url else None,
     )
@@ -427,9 +430,11 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
     }
+    max_body = check.get(table, place, "max_body_bytes", int, DEFAULT_MAX_BODY_BYTES,
+                         _between(1024, 256 * 1024 * 1024))
     try:
         renderer = build_renderer(template or None, engine, escape,  # type: ignore[arg-type]
-                                  public_url)
+                                  public_url, max_body)
     except BadTemplateError as exc:
         check.fail(f"{place}.body_template", str(exc))
         return None

@@ -18,6 +18,7 @@ from poller.config import Config, WebhookConfig
 from poller.faults import crash_point
 from poller.filters import EventFilter
 from poller.log import get as get_logger
+from poller.render import UNREADABLE
 from poller.source import Event, UnleashSource
 from poller.state import Gap, State
 
@@ -128,7 +129,9 @@ class Ingest:
         rows: list[tuple[int, str]] = []
         owed: list[tuple[str, int]] = []
         for event_id, event in events:
-            wanted = [name for name, flt in self._filters if flt.matches(event)]
+            # An event we could not read cannot be filtered: every webhook dead-letters it.
+            wanted = [name for name, flt in self._filters
+                      if UNREADABLE in event or flt.matches(event)]
             if wanted:
                 rows.append((event_id, _dump(event)))
                 owed.extend((name, event_id) for name in wanted)

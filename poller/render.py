@@ -8,7 +8,8 @@ JSON-escaped when it lands inside a double-quoted string.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,9 @@ Event = Mapping[str, object]
 _FIELDS = ("id", "type", "createdBy", "createdAt", "createdByUserId", "data", "preData",
            "tags", "featureName", "project", "environment")
 _OPTIONAL_FIELDS = ("groupType", "groupId")
+# Set by the source on an event whose JSON it could not parse (nested too deeply): every
+# webhook dead-letters it with this reason instead of the whole stream stalling on it.
+UNREADABLE = "_unleash_poller_unreadable"
 _CONTEXT_NAMES = frozenset({"event", "eventJson", "eventMarkdown"})
 # Unleash renders eventMarkdown as this placeholder, then splices the text in.
 _MARKDOWN_PLACEHOLDER = "\0UNLEASH_EVENT_MARKDOWN\0"
@@ -94,22 +98,34 @@ def _splice_markdown(rendered: str, markdown: str) -> str:
     return "".join(out)
 
 
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+JINJA_TIME_BUDGET_S = 2.0
+
+
 @dataclass(frozen=True)
 class Renderer:
     """Turns an event (as the admin API returns it) into the bytes one webhook receives."""
 
     describe: str
     _render: Callable[[Event], str]
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     def render(self, event: Event) -> bytes:
+        unreadable = event.get(UNREADABLE)
+        if unreadable:
+            raise RenderError(f"event could not be read from Unleash: {unreadable}")
         try:
             # Node's encoder: a lone surrogate becomes U+FFFD, as Unleash would send it.
-            return encode_utf8(self._render(event))
+            body = encode_utf8(self._render(event))
         except RenderError:
             raise
         except (jinja2.TemplateError, RecursionError, ValueError, TypeError,
                 ArithmeticError, LookupError) as exc:
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
+        if len(body) > self.max_body_bytes:
+            raise RenderError(f"rendered body is {len(body)} bytes, over max_body_bytes "
+                              f"({self.max_body_bytes})")
+        return body
 
 
 def _default_body(event: Event) -> str:
@@ -148,7 +164,7 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _jinja_renderer(source: str, public_url: str) -> Callable[[Event], str]:
+def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[Event], str]:
     env = _jinja_environment()
     try:
         parsed = env.parse(source)
@@ -164,13 +180,30 @@ def _jinja_renderer(source: str, public_url: str) -> Callable[[Event], str]:
 
     def render(event: Event) -> str:
         canonical = unleash_event(event)
-        return str(template.render(
+        chunks = template.generate(
             event=canonical,
             eventJson=json_stringify(json_stringify(canonical)),
             eventMarkdown=format_event_markdown(canonical, public_url) if wants_markdown else "",
-        ))
+        )
+        return _bounded("".join, chunks, max_chars)
 
     return render
+
+
+def _bounded(join: Callable[[list[str]], str], chunks: Iterator[str], max_chars: int) -> str:
+    """Collect a template's output, giving up on a runaway loop: rendering runs on the
+    event loop, so a template must not be able to stall every webhook."""
+    out: list[str] = []
+    size = 0
+    deadline = time.monotonic() + JINJA_TIME_BUDGET_S
+    for chunk in chunks:
+        out.append(chunk)
+        size += len(chunk)
+        if size > max_chars:
+            raise RenderError(f"template output passed {max_chars} characters; stopped")
+        if time.monotonic() > deadline:
+            raise RenderError(f"template ran longer than {JINJA_TIME_BUDGET_S:g}s; stopped")
+    return join(out)
 
 
 def build_renderer(
@@ -178,12 +211,14 @@ def build_renderer(
     engine: Literal["mustache", "jinja2"] = "mustache",
     escape: Literal["unleash", "none", "json"] = "unleash",
     public_url: str = "http://localhost:4242",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Renderer:
     """Compile a webhook's body template once; raise BadTemplateError if it cannot be."""
     # Unleash treats an empty template as no template.
     if not template:
-        return Renderer("default JSON", _default_body)
+        return Renderer("default JSON", _default_body, max_body_bytes)
     if engine == "jinja2":
-        return Renderer("jinja2", _jinja_renderer(template, public_url))
+        return Renderer("jinja2", _jinja_renderer(template, public_url, max_body_bytes),
+                        max_body_bytes)
     return Renderer(f"mustache (escape={escape})",
-                    _mustache_renderer(template, escape, public_url))
+                    _mustache_renderer(template, escape, public_url), max_body_bytes)

@@ -9,6 +9,7 @@ only what it asked for (6.x silently ignores `id=IS_ANY_OF:`).
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,6 +18,7 @@ import aiohttp
 
 from poller import __version__
 from poller.config import UnleashConfig
+from poller.render import UNREADABLE
 
 Event = dict[str, object]
 Api = Literal["search", "post-search", "legacy"]
@@ -25,7 +27,6 @@ _SEARCH = "/api/admin/search/events"
 _POST_SEARCH = "/api/admin/events/search"
 _LEGACY = "/api/admin/events"
 LEGACY_PAGE = 100  # the deprecated endpoint answers only the newest 100 events
-MAX_PAGE_BYTES = 32 * 1024 * 1024  # a 1000-event page is ~0.5 MB; far more is hostile
 
 
 class UnleashError(Exception):
@@ -69,9 +70,82 @@ def _check_event(raw: object, index: int) -> Event:
     return raw
 
 
+_EVENT_ID = re.compile(r'\{\s*"id"\s*:\s*(\d+)')
+
+
+def _skip_value(text: str, pos: int) -> int:
+    """End of the JSON object or array starting at `pos`, without building it (it is too
+    deep to build); strings are stepped over so their brackets do not count."""
+    depth = 0
+    in_string = escaped = False
+    for index in range(pos, len(text)):
+        char = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    raise UnleashError("bad_response", "answer ends inside an event")
+
+
+def _parse_deep_page(text: str, total_key: str) -> Page:
+    """A page holding an event nested deeper than Python's parser goes: read the events one
+    by one and mark the unreadable ones, so they are dead-lettered instead of stalling
+    every later event behind them."""
+    start = text.find('"events"')
+    start = text.find("[", start) if start >= 0 else -1
+    if start < 0:
+        raise UnleashError("bad_response", "answer has no 'events' list")
+    decoder = json.JSONDecoder()
+    events: list[object] = []
+    pos = start + 1
+    while True:
+        pos = _skip_space(text, pos)
+        if text.startswith("]", pos):
+            break
+        try:
+            event, pos = decoder.raw_decode(text, pos)
+        except RecursionError:
+            end = _skip_value(text, pos)
+            match = _EVENT_ID.match(text, pos)
+            if match is None:
+                raise UnleashError("bad_response", "an event is nested too deeply to read "
+                                   "and has no leading id") from None
+            event = {"id": int(match[1]), "type": "unreadable",
+                     UNREADABLE: f"its JSON is nested too deeply ({end - pos} bytes)"}
+            pos = end
+        except ValueError as exc:
+            raise UnleashError("bad_response", f"answer is not JSON: {exc}") from None
+        events.append(event)
+        pos = _skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos += 1
+    total = re.search(rf'"{total_key}"\s*:\s*(\d+)', text[pos:])
+    return Page([_check_event(e, i) for i, e in enumerate(events)],
+                int(total[1]) if total else None)
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
 def _parse_page(body: bytes, total_key: str) -> Page:
     try:
         data = json.loads(body)
+    except RecursionError:
+        return _parse_deep_page(body.decode("utf-8", "replace"), total_key)
     except (ValueError, UnicodeDecodeError):
         snippet = body[:80].decode("utf-8", "replace")
         raise UnleashError("bad_response", f"answer is not JSON (starts {snippet!r})") from None
@@ -113,7 +187,7 @@ class UnleashSource:
                                              headers=headers, timeout=timeout,
                                              allow_redirects=False, proxy=self._config.proxy,
                                              ssl=self._config.ssl_context or True) as resp:
-                body = await _read_capped(resp, MAX_PAGE_BYTES)
+                body = await _read_capped(resp, self._config.max_page_bytes)
                 status, new_etag = resp.status, resp.headers.get("ETag")
         except TimeoutError:
             raise UnleashError("timeout", f"{method} {path}: no answer within "

@@ -16,6 +16,7 @@ import pytest
 from aioresponses import aioresponses
 
 from poller.config import Secret, UnleashConfig
+from poller.render import UNREADABLE
 from poller.source import Capabilities, UnleashError, UnleashSource
 
 BASE = "http://unleash.test"
@@ -130,3 +131,19 @@ def test_probe_uses_etag_and_304() -> None:
         first, second = _run(call)
     assert (first, second) == (True, False)
     assert seen == [None, 'W/"abc"']
+
+
+def test_deeply_nested_event_is_marked_not_fatal() -> None:
+    """An event nested deeper than Python's parser goes is marked unreadable (to be
+    dead-lettered) while its neighbours on the page are read normally."""
+    deep = '{"id": 8, "type": "x", "data": ' + "[" * 5000 + "]" * 5000 + "}"
+    body = ('{"events": [{"id": 9, "type": "a", "data": {"s": "]}[{"}}, ' + deep +
+            ', {"id": 7, "type": "b"}], "total": 3}')
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, body=body)
+        page = _run(lambda s: s.page(0, 10))
+    assert [e["id"] for e in page.events] == [9, 8, 7]
+    assert page.total == 3
+    assert page.events[0]["data"] == {"s": "]}[{"}
+    assert "nested too deeply" in str(page.events[1][UNREADABLE])
+    assert UNREADABLE not in page.events[2]

@@ -1,0 +1,122 @@
+"""Bodies: Unleash's default JSON, the Mustache context and escape modes, Jinja2, limits.
+
+Byte-for-byte agreement with Unleash itself is proven against a real server in
+tests/test_e2e_daemon.py; these tests pin the rules on fixed inputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from poller.render import UNREADABLE, BadTemplateError, RenderError, build_renderer
+
+EVENT = {
+    "id": 42, "type": "feature-created", "createdBy": "ann@example.com",
+    "createdAt": "2026-11-28T13:05:31.123Z", "createdByUserId": 3,
+    "data": {"name": "checkout", "description": 'q" <t> & /s =e', "enabled": True,
+             "weight": 1.0},
+    "preData": None, "tags": [{"type": "simple", "value": "a"}], "featureName": "checkout",
+    "project": "web", "environment": None, "label": "Flag created",
+    "summary": "**ann** created **checkout**",
+}
+
+
+def _render(template: str | None, **kwargs: object) -> str:
+    return build_renderer(template, **kwargs).render(EVENT).decode()  # type: ignore[arg-type]
+
+
+def test_default_body_is_unleash_event_json() -> None:
+    """No template: compact JSON in Unleash's field order, without label/summary, 1 not 1.0."""
+    body = _render(None)
+    assert list(json.loads(body)) == ["id", "type", "createdBy", "createdAt", "createdByUserId",
+                                      "data", "preData", "tags", "featureName", "project",
+                                      "environment"]
+    assert '"weight":1}' in body
+    assert body.startswith('{"id":42,"type":"feature-created","createdBy":"ann@example.com",')
+    assert build_renderer("").describe == "default JSON"
+
+
+@pytest.mark.parametrize(("escape", "expected"), [
+    ("unleash", "q&quot; &lt;t&gt; &amp; &#x2F;s &#x3D;e"),
+    ("none", 'q" <t> & /s =e'),
+    ("json", 'q\\" <t> & /s =e'),
+])
+def test_escape_modes(escape: str, expected: str) -> None:
+    """`{{ }}` escapes as mustache.js (unleash), not at all (none), or for JSON (json)."""
+    assert _render("{{event.data.description}}", escape=escape) == expected
+
+
+def test_javascript_values_and_event_json() -> None:
+    """Values print the JavaScript way; eventJson is the event JSON as a JSON string."""
+    body = _render("{{event.data.enabled}} {{event.data.weight}} {{event.data}} "
+                   "{{event.environment}}|{{{eventJson}}}")
+    shown, event_json = body.split("|", 1)
+    assert shown == "true 1 [object Object] "
+    assert json.loads(json.loads(event_json)) == json.loads(_render(None))
+
+
+def test_created_at_is_a_javascript_date() -> None:
+    """{{event.createdAt}} prints as Unleash's in-memory Date does (in UTC)."""
+    assert _render("{{event.createdAt}}") == \
+        "Sat Nov 28 2026 13:05:31 GMT+0000 (Coordinated Universal Time)"
+
+
+def test_event_markdown_is_json_escaped_inside_quotes_only() -> None:
+    """eventMarkdown is spliced in JSON-escaped inside "…" and raw elsewhere, never
+    HTML-escaped, as Unleash 8.2.0 does."""
+    event = {**EVENT, "createdBy": 'a "quoted" <user>'}
+    renderer = build_renderer('{"text": "{{eventMarkdown}}"} {{eventMarkdown}}')
+    body = renderer.render(event).decode()
+    quoted, raw = body.split("} ", 1)
+    assert '\\"quoted\\" <user>' in quoted
+    assert '"quoted" <user>' in raw
+    assert json.loads(quoted + "}")["text"] == raw
+
+
+def test_jinja2_sandbox_and_tojson() -> None:
+    """Jinja2 gets the same context and a JSON (not HTML) tojson; the sandbox blocks
+    attribute tricks."""
+    body = _render('{"flag": {{ event.featureName | tojson }}, "tags": {{ event.tags | tojson }}, '
+                   '"d": {{ event.data.description | tojson }}}', engine="jinja2")
+    assert json.loads(body) == {"flag": "checkout", "tags": [{"type": "simple", "value": "a"}],
+                                "d": 'q" <t> & /s =e'}
+    assert "\\u003c" not in body
+    with pytest.raises(RenderError, match="template failed: SecurityError"):
+        _render("{{ event.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",
+                engine="jinja2")
+
+
+def test_jinja2_runaway_loop_is_stopped() -> None:
+    """A template loop that would produce endless output is cut off, not run to the end."""
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+    with pytest.raises(RenderError, match=r"template (output passed|ran longer)"):
+        _render(loop, engine="jinja2", max_body_bytes=1_000_000)
+
+
+def test_body_over_the_limit_is_refused() -> None:
+    """A rendered body larger than max_body_bytes is an error for that event."""
+    big = {**EVENT, "data": {"description": "x" * 5000}}
+    with pytest.raises(RenderError, match=r"rendered body is \d+ bytes, over max_body_bytes"):
+        build_renderer(None, max_body_bytes=2048).render(big)
+
+
+def test_unreadable_event_fails_with_its_reason() -> None:
+    """An event the source could not parse fails to render, giving the reason."""
+    event = {"id": 7, "type": "unreadable", UNREADABLE: "its JSON is nested too deeply"}
+    with pytest.raises(RenderError, match="could not be read from Unleash: its JSON is nested"):
+        build_renderer(None).render(event)
+
+
+@pytest.mark.parametrize(("template", "engine", "message"), [
+    ("{{#a}}", "mustache", 'invalid Mustache: Unclosed section "a"'),
+    ("{{ a", "mustache", "invalid Mustache: Unclosed tag"),
+    ("{% for %}", "jinja2", "invalid Jinja2 at line 1"),
+    ("{{ os.system }}", "jinja2", "unknown name(s) os"),
+])
+def test_bad_templates_are_config_errors(template: str, engine: str, message: str) -> None:
+    """A template that cannot compile is refused at load with a clear message."""
+    with pytest.raises(BadTemplateError) as info:
+        build_renderer(template, engine=engine)  # type: ignore[arg-type]
+    assert str(info.value).startswith(message)
