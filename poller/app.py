@@ -16,7 +16,7 @@ import aiohttp
 
 from poller import log as log_module
 from poller import systemd
-from poller.config import Config, ConfigError, WebhookConfig, load_config
+from poller.config import Config, ConfigError, WebhookConfig, check_private, load_config
 from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
@@ -140,6 +140,10 @@ class App:
             new = load_config(source_path)
         except ConfigError as exc:
             log.error("config.reload_failed", problems=exc.problems,
+                      detail="keeping the running configuration")
+            return
+        if problem := check_private(new):
+            log.error("config.reload_failed", problems=[problem],
                       detail="keeping the running configuration")
             return
         if new.metrics != self.config.metrics:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from poller import __version__, log
 from poller.app import EX_IOERR, App, replay_dead_letters
-from poller.config import EX_CONFIG, Config, ConfigError, load_config
+from poller.config import EX_CONFIG, Config, ConfigError, check_private, load_config
 from poller.render import RenderError
 from poller.state import State, StateError, StateLockedError
 
@@ -61,6 +61,9 @@ def _load(path: Path) -> Config:
 
 
 def _cmd_run(config: Config, once: bool) -> int:
+    if problem := check_private(config):
+        print(problem, file=sys.stderr)
+        return EX_CONFIG
     log.configure(config.log_level)
     state = State.open(config.state.path)
     try:

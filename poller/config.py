@@ -119,6 +119,8 @@ class Config:
     drain_timeout_s: float = 10.0
     trust_env: bool = False
     metrics: MetricsConfig = MetricsConfig()
+    # Places of secrets written into the file itself (the file must then be private).
+    inline_secrets: tuple[str, ...] = ()
     source_path: Path | None = field(default=None, compare=False)
 
     def webhook(self, name: str) -> WebhookConfig:
@@ -518,7 +520,35 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     return Config(unleash=unleash, state=StateConfig(path if path.is_absolute() else base / path),
                   webhooks=tuple(h for h in hooks if h is not None), log_level=log_level,
                   drain_timeout_s=drain, trust_env=trust_env,
-                  metrics=MetricsConfig(listen or None), source_path=source)
+                  metrics=MetricsConfig(listen or None),
+                  inline_secrets=_inline_secrets(top), source_path=source)
+
+
+def _inline_secrets(top: Mapping[str, object]) -> tuple[str, ...]:
+    places = []
+    unleash = top.get("unleash")
+    if isinstance(unleash, dict) and unleash.get("token"):
+        places.append("unleash.token")
+    hooks = top.get("webhooks")
+    for i, hook in enumerate(hooks if isinstance(hooks, list) else []):
+        if isinstance(hook, dict):
+            places.extend(f"webhooks[{i}].{key}" for key in ("authorization", "signing_secret")
+                          if hook.get(key))
+    return tuple(places)
+
+
+def check_private(config: Config) -> str | None:
+    """A config file holding secrets must not be readable by other users. Returns the
+    problem, or None."""
+    path = config.source_path
+    if path is None or not config.inline_secrets:
+        return None
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o044 == 0:
+        return None
+    return (f"{path}: holds secrets ({', '.join(config.inline_secrets)}) but is readable by "
+            f"other users (mode {mode:04o}); run `chmod 600 {path}` or move the secrets to "
+            "*_file keys, $UNLEASH_POLLER_TOKEN or the systemd credential")
 
 
 def load_config(path: Path) -> Config:

@@ -215,3 +215,18 @@ def test_proxy_from_environment_only_with_trust_env(tmp_path: Path,
     assert trusted.webhooks[0].proxy == "http://proxy.internal:3128"
     explicit = parse_config(tomllib.loads(GOOD + 'proxy = "http://p:8080"\n'), tmp_path)
     assert explicit.webhooks[0].proxy == "http://p:8080"
+
+
+def test_run_refuses_world_readable_file_with_inline_secret(tmp_path: Path) -> None:
+    """`run` refuses a config that holds an inline secret and that others can read (78),
+    and names the secrets' places but not their values."""
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD.replace('path = "state.sqlite3"', f'path = "{tmp_path}/s.sqlite3"'))
+    path.chmod(0o644)
+    result = subprocess.run([sys.executable, "-m", "poller", "run", "--once", "-c", str(path)],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 78
+    assert "holds secrets (unleash.token) but is readable by other users (mode 0644)" \
+        in result.stderr
+    assert "secret-token" not in result.stderr
+    assert not (tmp_path / "s.sqlite3").exists()
