@@ -26,6 +26,7 @@ FIRST_PAGE = 50           # most polls find a handful of events: ask for a small
 STAGE_AT = 5000           # beyond this many new events, spill to the state file, not memory
 MAX_NEW_GAPS = 10000      # a jump this large in the id sequence is not a set of open transactions
 GAP_RECHECK_MAX_S = 30.0
+PROGRESS_EVERY_PAGES = 10
 
 log = get_logger()
 
@@ -87,7 +88,9 @@ class Ingest:
         collected: dict[int, Event] = {}
         staged = 0
         reached_known = False
+        pages = 0
         async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
+            pages += 1
             for event in page.events:
                 event_id = int(event["id"])  # type: ignore[call-overload]
                 if event_id > high or event_id in self.gaps:
@@ -97,6 +100,10 @@ class Ingest:
             log.debug("poll.page_fetched", events=len(page.events), total=page.total,
                       new=len(collected) + staged)
             crash_point("poll.page_fetched")
+            if pages % PROGRESS_EVERY_PAGES == 0:
+                # A long catch-up (a backfill from `earliest`) shows that it is moving.
+                log.info("poll.catching_up", pages=pages, new_events=len(collected) + staged,
+                         total_in_unleash=page.total)
             if len(collected) >= STAGE_AT:
                 self.state.stage([(i, _dump(e)) for i, e in collected.items()])
                 staged += len(collected)
