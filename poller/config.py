@@ -415,9 +415,9 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
     signer = _signer(check, table, place, base)
     headers = _headers(check, table, place)
     if signer is not None:
-        for name, _ in headers:
-            if name.lower() in _SIGNATURE_HEADERS:
-                check.fail(f"{place}.headers.{name}", "is set by signing_secret; remove it")
+        for header, _ in headers:
+            if header.lower() in _SIGNATURE_HEADERS:
+                check.fail(f"{place}.headers.{header}", "is set by signing_secret; remove it")
     proxy = check.get(table, place, "proxy", str, "", _http_url)
     ssl_context = _tls(check, table, place, base)
     hook_fields = {

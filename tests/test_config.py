@@ -230,3 +230,10 @@ def test_run_refuses_world_readable_file_with_inline_secret(tmp_path: Path) -> N
         in result.stderr
     assert "secret-token" not in result.stderr
     assert not (tmp_path / "s.sqlite3").exists()
+
+
+def test_signed_webhook_with_headers_keeps_its_name(tmp_path: Path) -> None:
+    """Extra headers on a signed webhook do not disturb its other settings."""
+    hook = parse_config(tomllib.loads(GOOD + 'signing_secret = "s"\nheaders = { "X-A" = "1" }\n'),
+                        tmp_path).webhooks[0]
+    assert (hook.name, hook.headers) == ("audit", (("X-A", "1"),))
