@@ -91,11 +91,14 @@ class Ingest:
         pages = 0
         async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
             pages += 1
+            # Without re-checks by id, late ids can only be found by reading down to them.
+            floor = (min(self.gaps, default=high) if not self.source.capabilities.id_filter
+                     else high)
             for event in page.events:
                 event_id = int(event["id"])  # type: ignore[call-overload]
                 if event_id > high or event_id in self.gaps:
                     collected[event_id] = event
-                else:
+                elif event_id <= floor:
                     reached_known = True
             log.debug("poll.page_fetched", events=len(page.events), total=page.total,
                       new=len(collected) + staged)

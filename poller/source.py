@@ -18,8 +18,10 @@ import aiohttp
 
 from poller import __version__
 from poller.config import UnleashConfig
+from poller.log import get as get_logger
 from poller.render import UNREADABLE
 
+log = get_logger()
 Event = dict[str, object]
 Api = Literal["search", "post-search", "legacy"]
 
@@ -38,14 +40,23 @@ class UnleashError(Exception):
         self.kind = kind
 
 
+POST_SEARCH_MAX_LIMIT = 100  # Unleash 5.x answers 400 to a larger page
+
+
 @dataclass(frozen=True)
 class Capabilities:
     api: Api
+    # A server that honours `id=IS_ANY_OF:` (7.x+) also orders ties in created_at by id;
+    # one that does not (5.x, 6.x) returns events sharing a created_at in no fixed order.
     id_filter: bool
 
     def describe(self) -> str:
-        if self.api == "search":
+        if self.api == "search" and self.id_filter:
             return "GET /api/admin/search/events (paged, gap re-check by id)"
+        if self.api == "search":
+            return ("GET /api/admin/search/events (paged; this version ignores the id filter "
+                    "and does not order events that share a timestamp, so pages are read "
+                    "whole and ids that commit late are looked for in the newest pages only)")
         if self.api == "post-search":
             return ("POST /api/admin/events/search (paged; no id filter, so ids that "
                     "commit late are found only while still in the newest pages)")
@@ -205,9 +216,9 @@ class UnleashSource:
 
     async def detect(self) -> Capabilities:
         """Find the best events API this server offers."""
-        status, _, _ = await self._request("GET", _SEARCH, params={"limit": "1"})
+        status, body, _ = await self._request("GET", _SEARCH, params={"limit": "2"})
         if status == 200:
-            self.capabilities = Capabilities("search", id_filter=True)
+            self.capabilities = Capabilities("search", id_filter=await self._honours_ids(body))
             return self.capabilities
         status, _, _ = await self._request("POST", _POST_SEARCH, json_body={"limit": 1})
         if status == 200:
@@ -219,6 +230,16 @@ class UnleashSource:
             return self.capabilities
         raise UnleashError("bad_response", f"no events API answered (last status {status}); "
                            "is this an Unleash server?")
+
+    async def _honours_ids(self, sample: bytes) -> bool:
+        """Ask for one known id: a server that ignores the filter (6.x) answers others too."""
+        events = _parse_page(sample, "total").events
+        if len(events) < 2:
+            return True  # cannot tell yet; fetch_ids checks every answer anyway
+        wanted = int(events[-1]["id"])  # type: ignore[call-overload]
+        status, body, _ = await self._request(
+            "GET", _SEARCH, params={"id": f"IS_ANY_OF:{wanted}", "limit": "2"})
+        return status == 200 and [e["id"] for e in _parse_page(body, "total").events] == [wanted]
 
     async def changed(self) -> bool:
         """Cheap "did anything happen?" probe: a conditional one-event read, answered
@@ -246,7 +267,8 @@ class UnleashSource:
             return self._ok(status, body, _SEARCH, "total")
         if api == "post-search":
             status, body, _ = await self._request(
-                "POST", _POST_SEARCH, json_body={"limit": limit, "offset": offset})
+                "POST", _POST_SEARCH,
+                json_body={"limit": min(limit, POST_SEARCH_MAX_LIMIT), "offset": offset})
             return self._ok(status, body, _POST_SEARCH, "totalEvents")
         if offset > 0:
             return Page([], None)
@@ -256,6 +278,12 @@ class UnleashSource:
     async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
         """Pages newest first until the log ends; the caller stops when it has enough.
         The first page is small, so a poll that finds one new event stays cheap."""
+        if self.capabilities.api == "post-search":
+            limit = min(limit, POST_SEARCH_MAX_LIMIT)
+        if not self.capabilities.id_filter:
+            # Ties in created_at come back in any order, so every page boundary can drop or
+            # repeat events: make pages as few as possible.
+            first_limit = limit
         offset, size = 0, first_limit
         while True:
             page = await self.page(offset, size)
@@ -280,9 +308,10 @@ class UnleashSource:
             stray = [e["id"] for e in page.events if e["id"] not in wanted]
             if stray:
                 self.capabilities = Capabilities(self.capabilities.api, id_filter=False)
-                raise UnleashError("bad_response", "the server ignored the id filter "
-                                   f"(asked for {len(chunk)} ids, got others: {stray[:5]}); "
-                                   "gap re-checks are off from now on")
+                log.warning("unleash.id_filter_ignored", asked=len(chunk), got_others=stray[:5],
+                            detail="gap re-checks by id are off from now on; late ids are "
+                            "looked for in the newest pages")
+                return []
             found.extend(page.events)
         return found
 

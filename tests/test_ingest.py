@@ -27,6 +27,7 @@ class FakeLog:
         self.visible: list[Event] = []
         self.capabilities = Capabilities("search", id_filter=True)
         self.on_page: list[Event] = []  # events that become visible after the first page
+        self.order = "id"  # or "created": newest-first by position in `visible` (commit time)
 
     def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
         for i in ids:
@@ -34,6 +35,8 @@ class FakeLog:
                                  "createdAt": f"2026-01-01T00:00:{i % 60:02d}.000Z"})
 
     def _sorted(self) -> list[Event]:
+        if self.order == "created":
+            return sorted(self.visible, key=self.visible.index, reverse=True)
         return sorted(self.visible, key=lambda e: e["id"], reverse=True)  # type: ignore[arg-type,return-value]
 
     async def changed(self) -> bool:
@@ -200,4 +203,23 @@ def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> Non
     log.add(3)
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == [2, 3, 4]
+    assert state.gaps() == []
+
+
+def test_without_id_filter_late_ids_are_found_by_reading_deeper(tmp_path: Path,
+                                                                log: FakeLog) -> None:
+    """On servers that ignore the id filter (5.x, 6.x) a missing id is looked for further
+    down the newest-first pages, and taken in when it shows up there."""
+    log.capabilities = Capabilities("search", id_filter=False)
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(2, *range(4, 40))
+    asyncio.run(ingest.poll())
+    assert [g.id for g in state.gaps()] == [3]
+    # The late event sorts by its (old) timestamp: below the 36 newer ones, past one page.
+    log.visible.insert(0, {"id": 3, "type": "feature-created", "createdAt": "x"})
+    log.order = "created"
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == list(range(2, 40))
     assert state.gaps() == []

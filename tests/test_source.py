@@ -100,17 +100,50 @@ def test_detect_falls_back_to_post_search_then_legacy() -> None:
 
 
 def test_ignored_id_filter_is_detected() -> None:
-    """A server that returns ids it was not asked for (6.x) turns gap re-checks off."""
-    async def call(source: UnleashSource) -> Capabilities:
-        with pytest.raises(UnleashError, match="ignored the id filter"):
-            await source.fetch_ids([1, 2])
-        return source.capabilities
+    """A server that returns ids it was not asked for (6.x) turns gap re-checks off and the
+    answer is not taken for the ids asked."""
+    async def call(source: UnleashSource) -> tuple[list[object], Capabilities]:
+        return await source.fetch_ids([1, 2]), source.capabilities  # type: ignore[return-value]
 
     with aioresponses() as mocked:
         mocked.get(SEARCH, payload={"events": [{"id": 6, "type": "a"}, {"id": 2, "type": "b"}],
                                     "total": 6})
-        caps = _run(call)
+        found, caps = _run(call)
+    assert found == []
     assert caps.id_filter is False
+
+
+@pytest.mark.parametrize(("answer", "honoured"), [([9], True), ([12, 9], False), ([12], False)])
+def test_detect_checks_the_id_filter(answer: list[int], honoured: bool) -> None:
+    """detect() asks for one known id; any other answer means the filter is ignored (6.x)."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, payload={"events": [{"id": 12, "type": "a"}, {"id": 9, "type": "b"}],
+                                    "total": 2})
+        mocked.get(SEARCH, payload={"events": [{"id": i, "type": "a"} for i in answer],
+                                    "total": 2})
+        caps = _run(lambda s: s.detect())
+    assert caps == Capabilities("search", id_filter=honoured)
+
+
+def test_post_search_pages_are_at_most_100() -> None:
+    """Unleash 5.x refuses a POST search limit over 100: pages ask for 100 at most."""
+    sent: list[object] = []
+
+    def record(url: object, **kwargs: object) -> None:
+        sent.append(kwargs.get("json"))
+
+    async def call(source: UnleashSource) -> int:
+        source.capabilities = Capabilities("post-search", id_filter=False)
+        return sum([len(p.events) async for p in source.pages(50, 1000)])
+
+    with aioresponses() as mocked:
+        mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
+            "events": [{"id": i, "type": "a"} for i in range(100)], "totalEvents": 130})
+        mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
+            "events": [{"id": i, "type": "a"} for i in range(30)], "totalEvents": 130})
+        count = _run(call)
+    assert count == 130
+    assert sent == [{"limit": 100, "offset": 0}, {"limit": 100, "offset": 100}]
 
 
 def test_probe_uses_etag_and_304() -> None:
