@@ -1,0 +1,191 @@
+"""Shared fixtures: a real Unleash server, a real HTTP receiver, poller configs and CLI runs.
+
+`unleash` is parametrised by the environment variable UNLEASH_VERSIONS (comma-separated
+versions that exist under tests/unleash/, default 8.2.0). Without Node.js or PostgreSQL the
+tests that need them are skipped, except under CI=true, where they fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from tests.support.receiver import Receiver
+from tests.support.unleash import (
+    DEFAULT_VERSION,
+    ENABLE_HINT,
+    REPO_ROOT,
+    AdminClient,
+    UnleashServer,
+    missing_tools,
+)
+
+
+def _unleash_versions() -> list[str]:
+    raw = os.environ.get("UNLEASH_VERSIONS", "").strip() or DEFAULT_VERSION
+    return [version.strip() for version in raw.split(",") if version.strip()]
+
+
+def require_real_unleash_harness() -> None:
+    """Skip (or, under CI=true, fail) when node, npm or PostgreSQL are missing."""
+    missing = missing_tools()
+    if not missing:
+        return
+    message = (
+        f"needs a real Unleash server; missing: {', '.join(missing)}. To enable: {ENABLE_HINT}"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session", params=_unleash_versions(), ids=lambda v: f"unleash-{v}")
+def unleash(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[UnleashServer]:
+    """A real Unleash server (one per version in UNLEASH_VERSIONS) on a fresh database."""
+    require_real_unleash_harness()
+    version: str = request.param
+    log_dir = tmp_path_factory.mktemp(f"unleash-{version}-logs", numbered=True)
+    with UnleashServer(version, log_dir=log_dir) as server:
+        sys.stderr.write(
+            f"\nunleash {version}: {server.url} up in {server.startup_s:.1f} s, "
+            f"log {server.log_path}\n"
+        )
+        yield server
+
+
+@pytest.fixture(scope="session")
+def admin(unleash: UnleashServer) -> AdminClient:
+    """An admin API client for the session's Unleash server."""
+    return unleash.admin()
+
+
+@pytest.fixture(scope="session")
+def receiver() -> Iterator[Receiver]:
+    """A real HTTP server on 127.0.0.1 that records every request (use a path per test)."""
+    with Receiver() as server:
+        yield server
+
+
+def _toml_value(value: object) -> str:
+    # JSON string escapes (\", \\, \n, \uXXXX) are all valid in TOML basic strings.
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return (
+            "{ " + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        )
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def render_poller_config(
+    *,
+    unleash_url: str,
+    token: str,
+    state_path: Path,
+    webhooks: Sequence[Mapping[str, object]],
+    start_from: str | int = "latest",
+    poll_interval_s: float = 1.0,
+    extra_unleash: Mapping[str, object] | None = None,
+) -> str:
+    """The poller's TOML config; each webhook is a mapping of its keys (name, url, ...)."""
+    lines = [
+        "[unleash]",
+        f"url = {_toml_value(unleash_url)}",
+        f"token = {_toml_value(token)}",
+        f"poll_interval_s = {_toml_value(poll_interval_s)}",
+        f"start_from = {_toml_value(start_from)}",
+    ]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in (extra_unleash or {}).items()]
+    lines += ["", "[state]", f"path = {_toml_value(str(state_path))}"]
+    for webhook in webhooks:
+        lines += ["", "[[webhooks]]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in webhook.items()]
+    return "\n".join(lines) + "\n"
+
+
+PollerConfigFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def poller_config(tmp_path: Path, unleash: UnleashServer) -> PollerConfigFactory:
+    """Write a poller config for the session's Unleash into tmp_path; returns its path.
+
+    Call it with `webhooks=[{...}, ...]` and optionally `start_from`, `poll_interval_s`,
+    `token`, `name` (file name) and `extra_unleash`. The state file is tmp_path/state.sqlite3.
+    """
+
+    def write(
+        *,
+        webhooks: Sequence[Mapping[str, object]],
+        start_from: str | int = "latest",
+        poll_interval_s: float = 1.0,
+        token: str | None = None,
+        name: str = "poller.toml",
+        extra_unleash: Mapping[str, object] | None = None,
+    ) -> Path:
+        path = tmp_path / name
+        # The file holds the token inline: the daemon refuses to run if others can read it.
+        path.touch(mode=0o600)
+        path.write_text(
+            render_poller_config(
+                unleash_url=unleash.url,
+                token=token or unleash.admin_token,
+                state_path=tmp_path / "state.sqlite3",
+                webhooks=webhooks,
+                start_from=start_from,
+                poll_interval_s=poll_interval_s,
+                extra_unleash=extra_unleash,
+            )
+        )
+        return path
+
+    return write
+
+
+PollerCli = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture
+def poller_cli() -> PollerCli:
+    """Run `python -m poller ARGS...` as a subprocess from the repository root.
+
+    `poller_cli("run", "-c", path, "--once", expect_exit=0)` fails the test (showing the
+    output) when the exit code differs; pass `expect_exit=None` to check it yourself.
+    """
+
+    def run(
+        *args: str | Path, expect_exit: int | None = 0, timeout_s: float = 180.0
+    ) -> subprocess.CompletedProcess[str]:
+        completed = subprocess.run(
+            [sys.executable, "-m", "poller", *map(str, args)],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if expect_exit is not None and completed.returncode != expect_exit:
+            pytest.fail(
+                f"python -m poller {' '.join(map(str, args))} exited {completed.returncode} "
+                f"(expected {expect_exit})\n--- stdout\n{completed.stdout[-6000:]}"
+                f"\n--- stderr\n{completed.stderr[-6000:]}",
+                pytrace=False,
+            )
+        return completed
+
+    return run
