@@ -138,12 +138,12 @@ def test_post_search_pages_are_at_most_100() -> None:
 
     with aioresponses() as mocked:
         mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
-            "events": [{"id": i, "type": "a"} for i in range(100)], "totalEvents": 130})
+            "events": [{"id": i, "type": "a"} for i in range(99)], "totalEvents": 130})
         mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
-            "events": [{"id": i, "type": "a"} for i in range(30)], "totalEvents": 130})
+            "events": [{"id": i, "type": "a"} for i in range(31)], "totalEvents": 130})
         count = _run(call)
     assert count == 130
-    assert sent == [{"limit": 100, "offset": 0}, {"limit": 100, "offset": 100}]
+    assert sent == [{"limit": 99, "offset": 0}, {"limit": 99, "offset": 99}]
 
 
 def test_probe_uses_etag_and_304() -> None:
