@@ -95,7 +95,10 @@ def test_service_lifecycle_notify_metrics_reload_and_stop(
     first, second = f"/svc-a-{run}", f"/svc-b-{run}"
     port = _free_port()
     hook_a = {"name": "a", "url": receiver.url(first)}
-    config = poller_config(webhooks=[hook_a], poll_interval_s=0.2)
+    # An explicit start: with "latest", a flag created before the first poll would count as
+    # history (READY=1 means config and state are good, not that Unleash was read yet).
+    config = poller_config(webhooks=[hook_a], poll_interval_s=0.2,
+                           start_from=admin.latest_event_id())
     metrics = f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
     config.write_text(config.read_text() + metrics)
     daemon = Daemon(config, tmp_path / "daemon.log",
