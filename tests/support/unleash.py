@@ -404,13 +404,6 @@ def ensure_node_modules(version: str) -> Path:
     return path
 
 
-def _server_script(path: Path) -> Path:
-    for name in ("server.mjs", "server.cjs"):
-        if (path / name).is_file():
-            return path / name
-    raise HarnessError(f"{path} has neither server.mjs nor server.cjs")
-
-
 class UnleashServer:
     """One real Unleash process on 127.0.0.1 with a fresh database; a context manager.
 
@@ -455,7 +448,8 @@ class UnleashServer:
 
     def start(self) -> None:
         package_dir = ensure_node_modules(self.version)
-        script = _server_script(package_dir)
+        # One start script for every version; it loads the version's own node_modules.
+        script = package_dir.parent / "server.mjs"
         self._db = ensure_postgres(self.db_name)
         env = {
             **os.environ,
@@ -471,7 +465,7 @@ class UnleashServer:
         }
         started = time.monotonic()
         self._process = subprocess.Popen(
-            ["node", script.name],
+            ["node", str(script)],
             cwd=package_dir,
             env=env,
             stdin=subprocess.DEVNULL,

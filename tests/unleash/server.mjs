@@ -1,7 +1,10 @@
-// Starts the pinned Unleash server for unleash-poller's end-to-end tests and demo.
-// Everything comes from TEST_UNLEASH_* environment variables (set by tests/support/unleash.py).
+// Starts one pinned Unleash server for unleash-poller's end-to-end tests, demo and benchmarks.
+// Run it with the version's folder as the working directory (tests/unleash/<version>/, where
+// `npm ci` put that version's node_modules). Everything else comes from TEST_UNLEASH_*
+// environment variables, set by tests/support/unleash.py.
 import { readFileSync } from 'node:fs';
-import * as unleash from 'unleash-server';
+import { createRequire } from 'node:module';
+import { pathToFileURL } from 'node:url';
 
 const env = (name, fallback) => {
     const value = process.env[name] ?? fallback;
@@ -14,16 +17,23 @@ const env = (name, fallback) => {
 
 // Unleash phones home (version check, telemetry) unless told not to; tests reach 127.0.0.1
 // only. SEND_TELEMETRY is read when start() builds its config; the version check is turned
-// off by `versionCheck` below (its env default was read at import).
+// off by `versionCheck` below.
 process.env.SEND_TELEMETRY = 'false';
 
+// Resolve the package from the version's folder, not from this file's: 5.x and 6.x are
+// CommonJS (their start() is on the default export), 7.x and later are ES modules.
+const require = createRequire(`${process.cwd()}/package.json`);
+// Not require('unleash-server/package.json'): newer versions' "exports" do not allow it.
+const { version } = JSON.parse(
+    readFileSync(`${process.cwd()}/node_modules/unleash-server/package.json`, 'utf8'),
+);
+const loaded = await import(pathToFileURL(require.resolve('unleash-server')).href);
+const start = loaded.start ?? loaded.default?.start;
+
 const port = Number(env('TEST_UNLEASH_PORT', '4242'));
-const version = JSON.parse(
-    readFileSync(new URL('./node_modules/unleash-server/package.json', import.meta.url), 'utf8'),
-).version;
 const url = env('TEST_UNLEASH_URL', `http://127.0.0.1:${port}`);
 
-const instance = await unleash.start({
+const instance = await start({
     db: {
         database: env('TEST_UNLEASH_DB_NAME'),
         user: env('TEST_UNLEASH_DB_USER'),
