@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import random
-import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,9 +20,9 @@ from poller.jsvalues import (
     utf16_length,
     utf16_unit_at,
 )
+from tests.support.node import require_node, run_json
 
 NODE_MODULES = Path(__file__).parent / "unleash" / "8.2.0" / "node_modules"
-ENABLE_HINT = "install Node.js and run `npm ci` in tests/unleash/8.2.0 to enable"
 DATE_MARK = "$jsdate"  # how a JSDate travels to Node; no generated key looks like it
 
 NOV_28 = JSDate.from_iso("2026-11-28T13:05:31.123Z")
@@ -235,24 +231,11 @@ def _encode_for_node(value: object) -> object:
 @pytest.fixture(scope="module")
 def node() -> Callable[[list[tuple[str, object]]], list[object]]:
     """Runs (operation, argument) pairs through one Node process and returns the answers."""
-    node_path = shutil.which("node")
-    if node_path is None or not NODE_MODULES.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {ENABLE_HINT}", pytrace=False)
-        pytest.skip(ENABLE_HINT)
+    node_path = require_node(NODE_MODULES)
 
     def run(cases: list[tuple[str, object]]) -> list[object]:
-        payload = json.dumps(cases, default=_encode_for_node)
-        completed = subprocess.run(
-            [node_path, "-e", NODE_SCRIPT],
-            input=payload.encode(),
-            capture_output=True,
-            timeout=120,
-            check=False,
-            env={**os.environ, "TZ": "UTC"},
-        )
-        assert completed.returncode == 0, completed.stderr.decode(errors="replace")
-        answers: list[object] = json.loads(completed.stdout)
+        answers = run_json(node_path, ["-e", NODE_SCRIPT], cases, default=_encode_for_node)
+        assert isinstance(answers, list)
         assert len(answers) == len(cases)
         return answers
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import random
 import re
-import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +17,7 @@ from poller.markdown import (
     UnformattableEventError,
     format_event_markdown,
 )
+from tests.support.node import require_node, run_json
 
 URL = "https://unleash.example.com"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -27,7 +25,6 @@ UNLEASH_LIB = TESTS_DIR / "unleash" / "8.2.0" / "node_modules" / "unleash-server
 FORMATTER_JS = UNLEASH_LIB / "addons" / "feature-event-formatter-md.js"
 EVENT_MAP_JS = UNLEASH_LIB / "addons" / "feature-event-formatter-md-events.js"
 EVENT_TYPES_JS = UNLEASH_LIB / "events" / "index.js"
-ENABLE_HINT = "install Node.js and run `npm ci` in tests/unleash/8.2.0"
 
 Event = dict[str, object]
 Outcome = dict[str, str]
@@ -357,16 +354,6 @@ def generated_events() -> list[Event]:
     return events
 
 
-def require_node() -> str:
-    node = shutil.which("node")
-    if node is None or not FORMATTER_JS.is_file():
-        message = f"Unleash's formatter is not available: {ENABLE_HINT}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return node
-
-
 @dataclass(frozen=True)
 class UnleashRun:
     """What Unleash's formatter made of the generated events."""
@@ -379,18 +366,13 @@ class UnleashRun:
 @pytest.fixture(scope="module")
 def unleash_formatted(tmp_path_factory: pytest.TempPathFactory) -> UnleashRun:
     """Unleash's own formatter run once over all generated events."""
-    node = require_node()
+    node = require_node(FORMATTER_JS)
     runner = tmp_path_factory.mktemp("markdown") / "format-events.mjs"
     runner.write_text(NODE_RUNNER, encoding="utf-8")
     events = generated_events()
-    completed = subprocess.run(
-        [node, str(runner), FORMATTER_JS.as_uri(), EVENT_MAP_JS.as_uri()],
-        input=json.dumps({"unleashUrl": URL, "events": events}), capture_output=True,
-        text=True, encoding="utf-8", errors="surrogatepass", check=True, timeout=120,
-        # Date's string form depends on the zone; the poller prints dates as UTC does.
-        env={**os.environ, "TZ": "UTC"},
-    )
-    output = json.loads(completed.stdout)
+    output = run_json(node, [str(runner), FORMATTER_JS.as_uri(), EVENT_MAP_JS.as_uri()],
+                      {"unleashUrl": URL, "events": events})
+    assert isinstance(output, dict)
     return UnleashRun(output["eventMapTypes"], events, output["results"])
 
 

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
@@ -24,9 +20,9 @@ from poller.mustache import (
     escape_json,
     escape_none,
 )
+from tests.support.node import require_node, run_json
 
 MUSTACHE_DIR = Path(__file__).parent / "unleash" / "8.2.0" / "node_modules" / "mustache"
-ENABLE_HINT = "install Node.js and run `npm ci` in tests/unleash/8.2.0 to enable"
 DATE_MARK = "$jsdate"  # how a JSDate travels to Node; no generated key looks like it
 
 NOV_28 = JSDate.from_iso("2026-11-28T13:05:31.123Z")
@@ -204,24 +200,12 @@ process.stdin.on('end', () => {
 @pytest.fixture(scope="module")
 def mustache_js() -> Callable[[list[tuple[str, dict[str, object], str]]], list[object]]:
     """Renders (template, view, escape) triples with the real mustache.js in one Node process."""
-    node_path = shutil.which("node")
-    if node_path is None or not (MUSTACHE_DIR / "mustache.js").is_file():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true and {ENABLE_HINT}", pytrace=False)
-        pytest.skip(ENABLE_HINT)
+    node_path = require_node(MUSTACHE_DIR / "mustache.js")
 
     def run(cases: list[tuple[str, dict[str, object], str]]) -> list[object]:
-        payload = json.dumps(cases, default=_encode_for_node)
-        completed = subprocess.run(
-            [node_path, "-e", NODE_SCRIPT, str(MUSTACHE_DIR)],
-            input=payload.encode(),
-            capture_output=True,
-            timeout=120,
-            check=False,
-            env={**os.environ, "TZ": "UTC"},
-        )
-        assert completed.returncode == 0, completed.stderr.decode(errors="replace")
-        answers: list[object] = json.loads(completed.stdout)
+        answers = run_json(node_path, ["-e", NODE_SCRIPT, str(MUSTACHE_DIR)], cases,
+                           default=_encode_for_node)
+        assert isinstance(answers, list)
         assert len(answers) == len(cases)
         return answers
 
