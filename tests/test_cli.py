@@ -1,0 +1,150 @@
+"""The command line without a server: version, render, status, cursor, dead letters, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from poller import __version__
+from poller.state import State
+
+EVENT = {"id": 5, "type": "feature-created", "createdBy": "ann", "createdAt":
+         "2026-11-28T13:05:31.123Z", "createdByUserId": 1, "data": {"name": "f"},
+         "preData": None, "tags": [], "featureName": "f", "project": "default",
+         "environment": None, "label": "Flag created", "summary": "**ann** created **f**"}
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "poller", *map(str, args)],
+                          capture_output=True, text=True, check=False, timeout=60)
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[unleash]
+url = "http://127.0.0.1:1"
+token_file = "token"
+[state]
+path = "{tmp_path}/state/s.sqlite3"
+[[webhooks]]
+name = "plain"
+url = "http://127.0.0.1:1/plain"
+[[webhooks]]
+name = "chat"
+url = "http://127.0.0.1:1/chat"
+body_template = '{{"text": "{{{{eventMarkdown}}}}", "by": "{{{{event.createdBy}}}}"}}'
+""")
+    (tmp_path / "token").write_text("*:*.t\n")
+    return path
+
+
+def test_version_from_the_installed_command() -> None:
+    """The console script `unleash-poller --version` prints the package version."""
+    command = shutil.which("unleash-poller") or str(Path(sys.executable).parent / "unleash-poller")
+    result = subprocess.run([command, "--version"], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == f"unleash-poller {__version__}"
+
+
+def test_render_prints_the_exact_body(config: Path, tmp_path: Path) -> None:
+    """`render` prints the bytes the webhook would get, with nothing added."""
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps(EVENT))
+    result = _cli("render", "-c", config, "--webhook", "chat", "--event", event)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        '{"text": "*ann* created *[f](http://127.0.0.1:1/projects/default/features/f)* in '
+        'project *[default](http://127.0.0.1:1/projects/default)*", "by": "ann"}')
+    plain = _cli("render", "-c", config, "--webhook", "plain", "--event", event)
+    assert plain.stdout.startswith('{"id":5,"type":"feature-created","createdBy":"ann",')
+    assert "label" not in plain.stdout
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must hold one event (a JSON object)"),
+])
+def test_render_bad_event_file(config: Path, tmp_path: Path, content: str, message: str) -> None:
+    """A bad event file is one clear line and exit 65, not a traceback."""
+    event = tmp_path / "e.json"
+    event.write_text(content)
+    result = _cli("render", "-c", config, "--webhook", "plain", "--event", event)
+    assert result.returncode == 65
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_render_unknown_webhook(config: Path, tmp_path: Path) -> None:
+    """Naming a webhook that is not configured lists the ones that are."""
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps(EVENT))
+    result = _cli("render", "-c", config, "--webhook", "nope", "--event", event)
+    assert result.returncode == 64
+    assert "no webhook named 'nope' (configured: plain, chat)" in result.stderr
+
+
+def test_status_needs_a_state_file_then_reports(config: Path, tmp_path: Path) -> None:
+    """`status` says so when there is no state yet; then reports cursor, gaps, pending and
+    dead letters per webhook, also as JSON."""
+    missing = _cli("status", "-c", config)
+    assert missing.returncode == 74
+    assert "no state file" in missing.stderr
+    state = State.open(tmp_path / "state" / "s.sqlite3")
+    state.ingest([(4, json.dumps(EVENT)), (6, json.dumps(EVENT))],
+                 [("plain", 4), ("chat", 4), ("plain", 6)], 6, [5])
+    state.dead_letter("chat", 4, 2, "HTTP 500 after 2 attempts")
+    state.close()
+    text = _cli("status", "-c", config)
+    assert text.returncode == 0
+    assert "cursor: 6   gaps: 1 (ids 5)" in text.stdout
+    assert "plain: pending 2, dead letters 0" in text.stdout
+    report = json.loads(_cli("status", "-c", config, "--json").stdout)
+    assert report["cursor"] == 6
+    assert report["gaps"] == [5]
+    assert report["webhooks"]["chat"]["dead_letters"] == 1
+    assert report["webhooks"]["plain"]["pending"] == 2
+    listed = _cli("dead-letters", "list", "-c", config)
+    assert listed.stdout.split("\t")[:3] == ["chat", "4", "feature-created"]
+    assert "HTTP 500 after 2 attempts" in listed.stdout
+
+
+def test_cursor_set_refuses_beside_a_running_daemon(config: Path, tmp_path: Path) -> None:
+    """`cursor set` moves the cursor and clears gaps, but not while the daemon's lock is held."""
+    state = State.open(tmp_path / "state" / "s.sqlite3")
+    state.ingest([], [], 10, [7])
+    busy = _cli("cursor", "set", "-c", config, "3")
+    assert busy.returncode == 74
+    assert "stop the daemon first" in busy.stderr
+    state.close()
+    moved = _cli("cursor", "set", "-c", config, "3")
+    assert moved.returncode == 0, moved.stderr
+    assert "cursor moved from 10 to 3" in moved.stdout
+    state = State.open(tmp_path / "state" / "s.sqlite3", lock=False)
+    assert (state.high_water(), state.gaps()) == (3, [])
+    state.close()
+
+
+def test_replay_beside_a_running_daemon_hands_letters_back(config: Path, tmp_path: Path) -> None:
+    """With the daemon running, replay moves dead letters back into its outbox."""
+    state = State.open(tmp_path / "state" / "s.sqlite3")
+    state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4)
+    state.dead_letter("plain", 4, 2, "HTTP 500")
+    result = _cli("dead-letters", "replay", "-c", config)
+    assert result.returncode == 0, result.stderr
+    assert "daemon is running: 1 dead letter(s) moved back to its outbox" in result.stdout
+    assert state.pending_counts() == {"plain": 1}
+    state.close()
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    """A config path that does not exist is one line and exit 78."""
+    result = _cli("check", "-c", tmp_path / "nope.toml")
+    assert result.returncode == 78
+    missing = tmp_path / "nope.toml"
+    assert result.stderr.strip() == f"{missing}: cannot read: No such file or directory"
