@@ -249,14 +249,14 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _TLS_KEYS = {"ca_file", "client_cert_file", "client_key_file"}
 _SIGNATURE_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
-_UNLEASH_KEYS = _TLS_KEYS | {"url", "token", "token_file", "public_url", "poll_interval_s",
-                             "start_from", "timeout_s", "page_size", "gap_grace_s",
-                             "backoff_max_s", "max_page_bytes"}
+_UNLEASH_KEYS = _TLS_KEYS | {
+    "url", "token", "token_file", "token_env", "public_url", "poll_interval_s", "start_from",
+    "timeout_s", "page_size", "gap_grace_s", "backoff_max_s", "max_page_bytes"}
 _WEBHOOK_KEYS = _TLS_KEYS | {
     "name", "url", "events", "projects", "environments", "content_type", "authorization",
-    "authorization_file", "headers", "body_template", "template_engine", "escape", "retries",
-    "retry_schedule_s", "timeout_s", "max_in_flight", "signing_secret", "signing_secret_file",
-    "proxy", "max_body_bytes"}
+    "authorization_file", "authorization_env", "headers", "body_template", "template_engine",
+    "escape", "retries", "retry_schedule_s", "timeout_s", "max_in_flight", "signing_secret",
+    "signing_secret_file", "signing_secret_env", "proxy", "max_body_bytes"}
 
 
 def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
@@ -297,16 +297,7 @@ def _tls(check: _Checker, table: Mapping[str, object], place: str,
 
 def _signer(check: _Checker, table: Mapping[str, object], place: str,
             base: Path) -> Signer | None:
-    if "signing_secret" in table and "signing_secret_file" in table:
-        check.fail(f"{place}.signing_secret", "give signing_secret or signing_secret_file, "
-                   "not both")
-        return None
-    if "signing_secret_file" in table:
-        path = check.get(table, place, "signing_secret_file", str, "")
-        secret = _read_secret_file(check, f"{place}.signing_secret_file", path, base)
-    else:
-        text = check.get(table, place, "signing_secret", str, "")
-        secret = Secret(text) if text else None
+    secret = _secret(check, table, place, "signing_secret", base)
     if secret is None:
         return None
     try:
@@ -314,6 +305,27 @@ def _signer(check: _Checker, table: Mapping[str, object], place: str,
     except SigningSecretError as exc:
         check.fail(f"{place}.signing_secret", str(exc))
         return None
+
+
+def _secret(check: _Checker, table: Mapping[str, object], place: str, key: str,
+            base: Path) -> Secret | None:
+    """A secret written inline (`key`), read from a file (`key_file`) or from an
+    environment variable (`key_env`); at most one of them."""
+    given = [k for k in (key, f"{key}_file", f"{key}_env") if k in table]
+    if len(given) > 1:
+        check.fail(f"{place}.{key}", f"give only one of {', '.join(given)}")
+        return None
+    if f"{key}_file" in table:
+        path = check.get(table, place, f"{key}_file", str, "")
+        return _read_secret_file(check, f"{place}.{key}_file", path, base) if path else None
+    if f"{key}_env" in table:
+        name = check.get(table, place, f"{key}_env", str, "")
+        value = os.environ.get(name, "") if name else ""
+        if name and not value:
+            check.fail(f"{place}.{key}_env", f"environment variable {name} is not set or empty")
+        return Secret(value) if value else None
+    value = check.get(table, place, key, str, "")
+    return Secret(value) if value else None
 
 
 def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> UnleashConfig | None:
@@ -345,21 +357,16 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
 
 
 def _unleash_token(check: _Checker, table: Mapping[str, object], base: Path) -> Secret | None:
-    if "token" in table and "token_file" in table:
-        check.fail("unleash.token", "give token or token_file, not both")
-        return None
-    if "token" in table:
-        token = check.get(table, "unleash", "token", str, "")
-        return Secret(token) if token else None
-    if "token_file" in table:
-        path = check.get(table, "unleash", "token_file", str, "")
-        return _read_secret_file(check, "unleash.token_file", path, base) if path else None
+    if secret := _secret(check, table, "unleash", "token", base):
+        return secret
+    if any(k in table for k in ("token", "token_file", "token_env")):
+        return None  # given, but empty or unreadable: already reported
     if env := os.environ.get(TOKEN_ENV):
         return Secret(env)
     if credential := _credentials_file("unleash-token"):
         return _read_secret_file(check, "unleash.token", str(credential), base)
-    check.fail("unleash.token", f"is required (token, token_file, ${TOKEN_ENV}, or the "
-               "systemd credential 'unleash-token')")
+    check.fail("unleash.token", f"is required (token, token_file, token_env, ${TOKEN_ENV}, "
+               "or the systemd credential 'unleash-token')")
     return None
 
 
@@ -451,17 +458,12 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
 
 def _authorization(check: _Checker, table: Mapping[str, object], place: str,
                    base: Path) -> Secret | None:
-    if "authorization" in table and "authorization_file" in table:
-        check.fail(f"{place}.authorization", "give authorization or authorization_file, not both")
+    secret = _secret(check, table, place, "authorization", base)
+    if secret is not None and ("\n" in secret.reveal() or "\r" in secret.reveal()):
+        check.fail(f"{place}.authorization", "must be a single line")
         return None
-    if "authorization_file" in table:
-        path = check.get(table, place, "authorization_file", str, "")
-        return _read_secret_file(check, f"{place}.authorization_file", path, base)
-    value = check.get(table, place, "authorization", str, "",
-                      lambda v: None if "\n" not in v and "\r" not in v
-                      else "must be a single line")
     # Unleash sends no Authorization header for an empty value; so do we.
-    return Secret(value) if value else None
+    return secret
 
 
 def _retry_schedule(check: _Checker, table: Mapping[str, object], place: str

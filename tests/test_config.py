@@ -237,3 +237,19 @@ def test_signed_webhook_with_headers_keeps_its_name(tmp_path: Path) -> None:
     hook = parse_config(tomllib.loads(GOOD + 'signing_secret = "s"\nheaders = { "X-A" = "1" }\n'),
                         tmp_path).webhooks[0]
     assert (hook.name, hook.headers) == ("audit", (("X-A", "1"),))
+
+
+def test_secrets_from_env_keys_and_conflicts(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`*_env` names an environment variable holding the secret; an unset one, or two
+    sources for one secret, are errors at their place."""
+    monkeypatch.setenv("HOOK_AUTH", "Bearer from-env")
+    text = GOOD + 'authorization_env = "HOOK_AUTH"\n'
+    assert parse_config(tomllib.loads(text), tmp_path).webhooks[0].authorization == \
+        Secret("Bearer from-env")
+    problems = _problems(GOOD + 'signing_secret_env = "NOT_SET_ANYWHERE"\n', tmp_path)
+    assert problems == ["webhooks[0].signing_secret_env: environment variable NOT_SET_ANYWHERE "
+                        "is not set or empty"]
+    problems = _problems(GOOD + 'authorization = "a"\nauthorization_file = "f"\n', tmp_path)
+    assert problems == ["webhooks[0].authorization: give only one of authorization, "
+                        "authorization_file"]
