@@ -68,11 +68,12 @@ def _cmd_run(config: Config, once: bool) -> int:
     state = State.open(config.state.path)
     try:
         return asyncio.run(App(config, state).run(once=once))
-    except sqlite3.OperationalError as exc:
-        # Disk full, read-only file system, permissions changed under us: stop where we
+    except sqlite3.DatabaseError as exc:
+        # Disk full, read-only file system, permissions or the file damaged under us: stop where we
         # are. Nothing is lost: the cursor never moved past what was written.
         log.get().critical("state.write_failed", error=str(exc), path=str(config.state.path))
-        print(f"unleash-poller: {config.state.path}: state file cannot be written: {exc}",
+        print(f"unleash-poller: {config.state.path}: state file failed ({exc}); stopped "
+              "without losing anything: fix the cause (disk space, permissions) and start again",
               file=sys.stderr)
         return EX_IOERR
     finally:
