@@ -17,7 +17,7 @@ import aiohttp
 from poller import log as log_module
 from poller import systemd
 from poller.config import Config, ConfigError, WebhookConfig, check_private, load_config
-from poller.deliver import Outcome
+from poller.deliver import Outcome, request_headers
 from poller.ingest import Ingest
 from poller.log import get as get_logger
 from poller.metrics import Metrics, poll_health, start_http
@@ -340,8 +340,10 @@ async def replay_dead_letters(config: Config, state: State, webhook: str | None,
 async def _replay_one(session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int,
                       body: str) -> Outcome:
     attempts = 0
+    headers = request_headers(hook)
     while True:
-        outcome, attempts, _ = await attempt_once(session, hook, event_id, body, attempts)
+        outcome, attempts, _ = await attempt_once(session, hook, headers, event_id, body,
+                                                  attempts)
         if outcome.kind != "retry":
             return outcome
         await asyncio.sleep(outcome.delay_s)

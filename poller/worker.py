@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+from multidict import CIMultiDict
 
 from poller.config import WebhookConfig
 from poller.deliver import Outcome, decide, post, request_headers
@@ -42,8 +43,9 @@ def delivery_id(event_id: int) -> str:
     return f"unleash-event-{event_id}"
 
 
-async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int,
-                       body_json: str, attempts_before: int) -> tuple[Outcome, int, float | None]:
+async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig,
+                       headers: CIMultiDict[str], event_id: int, body_json: str,
+                       attempts_before: int) -> tuple[Outcome, int, float | None]:
     """Render and POST one event once; return what it means, the attempt count and the
     HTTP time (None when nothing was sent)."""
     attempts = attempts_before + 1
@@ -52,7 +54,7 @@ async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig, even
     except RenderError as exc:
         return Outcome("give_up", str(exc)), attempts, None
     crash_point("delivery.before_post")
-    attempt = await post(session, hook, request_headers(hook), body, delivery_id(event_id))
+    attempt = await post(session, hook, headers, body, delivery_id(event_id))
     crash_point("delivery.after_post")
     outcome = decide(attempt, attempts, hook.retry_delays(), jitter=random.random(),  # noqa: S311
                      now=time.time())
@@ -78,9 +80,11 @@ class Worker:
         self.once = once
         self.wake = asyncio.Event()
         self._on_outcome = on_outcome
+        self._headers = request_headers(hook)
 
     def reconfigure(self, hook: WebhookConfig) -> None:
         self.hook = hook
+        self._headers = request_headers(hook)
         self.wake.set()
 
     async def run(self) -> None:
@@ -149,8 +153,8 @@ class Worker:
                 waiter.cancel()
 
     async def _deliver(self, row: Pending) -> Outcome:
-        outcome, attempts, duration_s = await attempt_once(self.session, self.hook, row.event_id,
-                                                           row.body, row.attempts)
+        outcome, attempts, duration_s = await attempt_once(
+            self.session, self.hook, self._headers, row.event_id, row.body, row.attempts)
         name = self.hook.name
         if outcome.kind == "delivered":
             self.state.delivered(name, row.event_id)
