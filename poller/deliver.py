@@ -17,6 +17,7 @@ from poller.urls import redact_url
 
 RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
 _RESPONSE_READ_LIMIT = 64 * 1024
+_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,9 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
         send.update(hook.signer.sign(delivery_id, int(time.time()), body))
     started = time.monotonic()
     try:
+        # Unleash's integration sends no Accept/Accept-Encoding; neither do we.
         async with session.post(hook.url, data=body, headers=send, allow_redirects=False,
+                                skip_auto_headers=_SKIP_AUTO_HEADERS,
                                 ssl=hook.ssl_context or True, proxy=hook.proxy,
                                 timeout=aiohttp.ClientTimeout(total=hook.timeout_s)) as resp:
             # Read (a bounded amount of) the answer so the connection can be reused.

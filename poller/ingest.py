@@ -206,7 +206,14 @@ class Ingest:
         due = [g for g in self.gaps.values() if g.next_check_at <= now]
         if not due:
             return
-        found = await self.source.fetch_ids([g.id for g in due])
+        found, failing = await self.source.fetch_ids([g.id for g in due])
+        if failing:
+            self.state.give_up_gaps(failing)
+            self.counters.gaps_expired += len(failing)
+            log.error("gap.unreadable", ids=failing[:20], count=len(failing),
+                      detail="Unleash answers 500 for these ids (events it cannot format; its "
+                      "own integration skips them too); given up")
+            due = [g for g in due if g.id not in set(failing)]
         found_by_id = {int(e["id"]): e for e in found if int(e["id"]) in self.gaps}  # type: ignore[call-overload]
         if found_by_id:
             ids = sorted(found_by_id)

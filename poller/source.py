@@ -68,6 +68,7 @@ class Capabilities:
 class Page:
     events: list[Event]
     total: int | None
+    skipped: int = 0  # events Unleash failed to serve (see UnleashSource.read)
 
 
 def _check_event(raw: object, index: int) -> Event:
@@ -173,6 +174,7 @@ class UnleashSource:
         self._session = session
         self._etag: str | None = None
         self._reads = 0
+        self.unreadable = 0
         self.capabilities = Capabilities("search", id_filter=True)
         self.reconfigure(config)
 
@@ -247,7 +249,12 @@ class UnleashSource:
         304 when nothing changed. Any new event changes the answer's total, so its ETag."""
         path, params = ((_SEARCH, {"limit": "1"}) if self.capabilities.api == "search"
                         else (_LEGACY, None))
-        status, _, etag = await self._request("GET", path, params=params, etag=self._etag)
+        try:
+            status, _, etag = await self._request("GET", path, params=params, etag=self._etag)
+        except UnleashError as exc:
+            if exc.kind != "server":
+                raise
+            return True  # the newest event may be one Unleash cannot serve: read around it
         if status == 304:
             return False
         if status != 200:
@@ -291,34 +298,87 @@ class UnleashSource:
             first_limit = limit
         offset, size = 0, first_limit
         while True:
-            page = await self.page(offset, size)
+            page = await self.read(offset, size)
             yield page
-            if len(page.events) < size or self.capabilities.api == "legacy":
+            served = len(page.events) + page.skipped
+            if served < size or self.capabilities.api == "legacy":
                 return
-            offset += len(page.events)
+            offset += served
             size = limit
 
-    async def fetch_ids(self, ids: Sequence[int]) -> list[Event]:
-        """The events among `ids` that exist now (for re-checking gaps)."""
+    async def read(self, offset: int, size: int) -> Page:
+        """A page, stepping around single events Unleash cannot serve.
+
+        Unleash's search builds a markdown summary of every event it returns, and an event
+        that summary cannot be made for (a user name holding Mustache tags, say) turns every
+        page that holds it into a 500 — forever. Unleash's own integration skips such an
+        event; so do we, after narrowing the failure down to it, rather than stall.
+        """
+        try:
+            return await self.page(offset, size)
+        except UnleashError as exc:
+            if exc.kind != "server" or self.capabilities.api == "legacy":
+                raise
+        if size == 1:
+            await self.page(offset + 1, 1)  # fails too when it is Unleash that is failing
+            self.unreadable += 1
+            log.error("poll.unreadable_event", offset=offset,
+                      detail="Unleash answers 500 for this one event (its own integration "
+                      "skips it too); skipped, its id stays a gap until given up")
+            return Page([], None, skipped=1)
+        half = size // 2
+        first = await self.read(offset, half)
+        second = await self.read(offset + half, size - half)
+        return Page(first.events + second.events, first.total or second.total,
+                    first.skipped + second.skipped)
+
+    async def fetch_ids(self, ids: Sequence[int]) -> tuple[list[Event], list[int]]:
+        """The events among `ids` that exist now (for re-checking gaps), and the ids Unleash
+        fails to serve (see `read`)."""
         if not self.capabilities.id_filter:
-            return []
-        wanted = set(ids)
+            return [], []
         found: list[Event] = []
+        failing: list[int] = []
         for start in range(0, len(ids), 100):
             chunk = ids[start:start + 100]
+            events, bad = await self._fetch_chunk(chunk)
+            if not self.capabilities.id_filter:
+                return [], []
+            found.extend(events)
+            failing.extend(bad)
+        return found, failing
+
+    async def _fetch_chunk(self, chunk: Sequence[int]) -> tuple[list[Event], list[int]]:
+        try:
             status, body, _ = await self._request("GET", _SEARCH, params={
                 "id": "IS_ANY_OF:" + ",".join(str(i) for i in chunk),
                 "limit": str(len(chunk))})
-            page = self._ok(status, body, _SEARCH, "total")
-            stray = [e["id"] for e in page.events if e["id"] not in wanted]
-            if stray:
-                self.capabilities = Capabilities(self.capabilities.api, id_filter=False)
-                log.warning("unleash.id_filter_ignored", asked=len(chunk), got_others=stray[:5],
-                            detail="gap re-checks by id are off from now on; late ids are "
-                            "looked for in the newest pages")
-                return []
-            found.extend(page.events)
-        return found
+        except UnleashError as exc:
+            if exc.kind != "server" or (len(chunk) == 1 and not await self._serving()):
+                raise
+            if len(chunk) == 1:
+                return [], list(chunk)
+            half = len(chunk) // 2
+            first, second = (await self._fetch_chunk(chunk[:half]),
+                             await self._fetch_chunk(chunk[half:]))
+            return first[0] + second[0], first[1] + second[1]
+        page = self._ok(status, body, _SEARCH, "total")
+        stray = [e["id"] for e in page.events if e["id"] not in set(chunk)]
+        if stray:
+            self.capabilities = Capabilities(self.capabilities.api, id_filter=False)
+            log.warning("unleash.id_filter_ignored", asked=len(chunk), got_others=stray[:5],
+                        detail="gap re-checks by id are off from now on; late ids are "
+                        "looked for in the newest pages")
+            return [], []
+        return page.events, []
+
+    async def _serving(self) -> bool:
+        """Whether Unleash answers at all (to tell one bad event from an outage)."""
+        try:
+            await self.page(0, 1)
+        except UnleashError:
+            return False
+        return True
 
     @staticmethod
     def _ok(status: int, body: bytes, path: str, total_key: str) -> Page:

@@ -59,8 +59,8 @@ class FakeLog:
             offset += len(page.events)
             size = limit
 
-    async def fetch_ids(self, ids: Sequence[int]) -> list[Event]:
-        return [e for e in self.visible if e["id"] in set(ids)]
+    async def fetch_ids(self, ids: Sequence[int]) -> tuple[list[Event], list[int]]:
+        return [e for e in self.visible if e["id"] in set(ids)], []
 
 
 def _config(tmp_path: Path, start_from: str = '"latest"', extra: str = "") -> Config:

@@ -102,14 +102,14 @@ def test_detect_falls_back_to_post_search_then_legacy() -> None:
 def test_ignored_id_filter_is_detected() -> None:
     """A server that returns ids it was not asked for (6.x) turns gap re-checks off and the
     answer is not taken for the ids asked."""
-    async def call(source: UnleashSource) -> tuple[list[object], Capabilities]:
-        return await source.fetch_ids([1, 2]), source.capabilities  # type: ignore[return-value]
+    async def call(source: UnleashSource) -> tuple[object, Capabilities]:
+        return await source.fetch_ids([1, 2]), source.capabilities
 
     with aioresponses() as mocked:
         mocked.get(SEARCH, payload={"events": [{"id": 6, "type": "a"}, {"id": 2, "type": "b"}],
                                     "total": 6})
         found, caps = _run(call)
-    assert found == []
+    assert found == ([], [])
     assert caps.id_filter is False
 
 
@@ -180,3 +180,45 @@ def test_deeply_nested_event_is_marked_not_fatal() -> None:
     assert page.events[0]["data"] == {"s": "]}[{"}
     assert "nested too deeply" in str(page.events[1][UNREADABLE])
     assert UNREADABLE not in page.events[2]
+
+
+def _events(*ids: int) -> dict[str, object]:
+    return {"events": [{"id": i, "type": "a"} for i in ids], "total": 9}
+
+
+def test_one_event_unleash_cannot_serve_is_stepped_around() -> None:
+    """A page that fails with 500 because of one event (Unleash cannot build its summary) is
+    read in halves; the one event is skipped, the rest come back."""
+    with aioresponses() as mocked:
+        for answer in (500, 500, _events(4), 500, _events(2), _events(2, 1)):
+            if answer == 500:
+                mocked.get(SEARCH, status=500)
+            else:
+                mocked.get(SEARCH, payload=answer)
+
+        async def call(source: UnleashSource) -> tuple[list[int], int, int]:
+            page = await source.read(0, 4)
+            return [int(e["id"]) for e in page.events], page.skipped, source.unreadable  # type: ignore[call-overload]
+
+        ids, skipped, unreadable = _run(call)
+    assert (ids, skipped, unreadable) == ([4, 2, 1], 1, 1)
+
+
+def test_an_outage_is_not_mistaken_for_a_bad_event() -> None:
+    """When every request fails, reading around a bad event gives up with the server error."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=500, repeat=True)
+        error = _error(lambda s: s.read(0, 8))
+    assert error.kind == "server"
+
+
+def test_gap_recheck_separates_ids_unleash_cannot_serve() -> None:
+    """Re-checking ids: a chunk that fails is split; an id that alone fails is reported."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=500)                   # ids 3,5
+        mocked.get(SEARCH, payload=_events(3))           # id 3
+        mocked.get(SEARCH, status=500)                   # id 5
+        mocked.get(SEARCH, payload=_events(9))           # is Unleash up? yes
+        found, failing = _run(lambda s: s.fetch_ids([3, 5]))
+    assert [e["id"] for e in found] == [3]
+    assert failing == [5]
