@@ -73,7 +73,7 @@ class Ingest:
         else:
             # A whole page: on servers that leave ties in created_at unordered, a small page
             # could hold part of the newest transaction's events and miss its highest id.
-            page = await self.source.page(0, self.config.unleash.page_size)
+            page = await self.source.read(0, self.config.unleash.page_size)
             high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
         self.state.ingest([], [], high)
         self.high_water = high

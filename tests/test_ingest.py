@@ -46,6 +46,8 @@ class FakeLog:
         events = self._sorted()
         return Page(events[offset:offset + limit], len(events))
 
+    read = page
+
     async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
         offset, size = 0, first_limit
         while True:
