@@ -295,6 +295,8 @@ class App:
                                  random.random())  # noqa: S311
                 log.error("unleash.unreachable", kind=exc.kind, error=str(exc),
                           failures=failures, retry_in_s=round(delay, 2))
+            if self.state.written_elsewhere():
+                self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
             next_gap = ingest.next_gap_check()
             if next_gap is not None and failures == 0:
                 delay = max(0.0, min(delay, next_gap - time.time()))

@@ -117,6 +117,7 @@ class State:
         self.path = path
         self._conn = conn
         self._lock_fd = lock_fd
+        self._data_version: int | None = None
 
     # -- opening -----------------------------------------------------------------------
 
@@ -135,8 +136,18 @@ class State:
                 os.close(lock_fd)
             raise
         state = cls(path, conn, lock_fd)
-        state._discard_staging()
+        if lock:
+            # Only the daemon stages; a read-only tool beside it must not drop its pages.
+            state._discard_staging()
         return state
+
+    def written_elsewhere(self) -> bool:
+        """Whether another connection (a `dead-letters replay` beside the daemon) committed
+        since the last call: SQLite bumps `data_version` only for other connections' writes."""
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        changed = self._data_version is not None and version != self._data_version
+        self._data_version = version
+        return bool(changed)
 
     def close(self) -> None:
         self._conn.close()

@@ -5,6 +5,7 @@ compared with Unleash's own event log.
 
 from __future__ import annotations
 
+import functools
 import http.cookiejar
 import json
 import subprocess
@@ -313,6 +314,7 @@ def test_an_event_that_commits_after_a_later_one_is_still_delivered(
 
 
 def test_bodies_and_headers_match_unleash_own_webhook_integration(
+    request: pytest.FixtureRequest,
     admin: AdminClient,
     receiver: Receiver,
     poller_config: PollerConfigFactory,
@@ -322,14 +324,20 @@ def test_bodies_and_headers_match_unleash_own_webhook_integration(
     base = "/" + unique("native")
     headers = {"X-Team": "platform"}
     types = admin.webhook_event_types()
-    admin.create_webhook(receiver.url(f"{base}/unleash-plain"), events=types)
-    admin.create_webhook(
+    plain = admin.create_webhook(receiver.url(f"{base}/unleash-plain"), events=types)
+    templated = admin.create_webhook(
         receiver.url(f"{base}/unleash-templated"),
         events=types,
         body_template=TEMPLATE,
         authorization="Bearer abc",
         custom_headers=headers,
     )
+    # Left enabled, Unleash would post every later test's events too (bulk inserts
+    # included); disabled, not deleted: deleting one mid-delivery crashes Unleash 8.2.0.
+    for addon_id, suffix in ((plain, "unleash-plain"), (templated, "unleash-templated")):
+        request.addfinalizer(functools.partial(
+            admin.update_webhook, addon_id, receiver.url(f"{base}/{suffix}"), events=types,
+            enabled=False))
     # Unleash caches its list of integrations for up to 60 s: probe until both are live.
     deadline = time.monotonic() + 90
     while not (
