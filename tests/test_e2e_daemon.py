@@ -10,6 +10,7 @@ import http.cookiejar
 import json
 import subprocess
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import render_poller_config
 from tests.support.receiver import Receiver, RecordedRequest
 from tests.support.unleash import AdminClient, UnleashServer
 
@@ -397,40 +399,55 @@ def test_bodies_and_headers_match_unleash_own_webhook_integration(
 
 
 def test_an_event_unleash_cannot_serve_does_not_stall_the_others(
+    tmp_path: Path,
     unleash: UnleashServer,
-    admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
     poller_cli: PollerCli,
 ) -> None:
     """An event whose summary Unleash cannot build (a user name with Mustache tags) makes
     Unleash answer 500 for every page that holds it; the events around it still arrive."""
     if unleash.version != "8.2.0":
         pytest.skip("the failing summary is built by Unleash 8's event search")
-    path = "/" + unique("poison")
-    config = poller_config(webhooks=[{"name": "all", "url": receiver.url(path)}],
-                           start_from=admin.latest_event_id())
-    before = unique("before")
-    admin.create_feature(before)
-    name, password = "eve{{#" + unique("x") + "}}", "Sup3r-Secret-pass!word"
-    admin.request("POST", "/api/admin/user-admin", {
-        "username": name, "name": "Eve", "rootRole": 1, "password": password,
-        "sendEmail": False})
-    opener = urllib.request.build_opener(
-        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    # Its own server: the bad event breaks every later search of the log that holds it.
+    with UnleashServer(unleash.version, log_dir=tmp_path) as server:
+        admin = server.admin()
+        path = "/" + unique("poison")
+        config = tmp_path / "poller.toml"
+        config.touch(mode=0o600)
+        config.write_text(render_poller_config(
+            unleash_url=server.url, token=server.admin_token,
+            state_path=tmp_path / "state.sqlite3", start_from=admin.latest_event_id(),
+            webhooks=[{"name": "all", "url": receiver.url(path)}]))
+        before = unique("before")
+        admin.create_feature(before)
+        name, password = "eve{{#x}}", "Sup3r-Secret-pass!word"
+        admin.request("POST", "/api/admin/user-admin", {
+            "username": name, "name": "Eve", "rootRole": 1, "password": password,
+            "sendEmail": False})
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
 
-    def as_eve(api_path: str, body: dict[str, object]) -> None:
-        request = urllib.request.Request(  # noqa: S310 - loopback only
-            unleash.url + api_path, data=json.dumps(body).encode(), method="POST",
-            headers={"Content-Type": "application/json"},
-        )
-        opener.open(request, timeout=10).close()
+        def as_eve(api_path: str, body: dict[str, object]) -> None:
+            request = urllib.request.Request(  # noqa: S310 - loopback only
+                server.url + api_path, data=json.dumps(body).encode(), method="POST",
+                headers={"Content-Type": "application/json"},
+            )
+            opener.open(request, timeout=10).close()
 
-    as_eve("/auth/simple/login", {"username": name, "password": password})
-    as_eve("/api/admin/tag-types", {"name": unique("evetype"), "description": "d"})
-    after = unique("after")
-    admin.create_feature(after)
-    result = poller_cli("run", "-c", config, "--once")
+        # Unleash stores a new session asynchronously: the first call after logging in is
+        # sometimes refused, so log in and try again a few times.
+        for attempt in range(5):
+            as_eve("/auth/simple/login", {"username": name, "password": password})
+            try:
+                as_eve("/api/admin/tag-types", {"name": unique("evetype"), "description": "d"})
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code != 401 or attempt == 4:
+                    raise
+                time.sleep(0.5)
+        after = unique("after")
+        admin.create_feature(after)
+        result = poller_cli("run", "-c", config, "--once")
     assert "poll.unreadable_event" in result.stderr
     got = [json.loads(r.body) for r in receiver.requests(path)]
     names = [e.get("featureName") for e in got]
