@@ -45,6 +45,10 @@ CREATE TABLE dead_letters (
     PRIMARY KEY (webhook, event_id)
 ) WITHOUT ROWID;
 CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+-- "is this event still owed to anyone?" runs after every delivery: without these it
+-- scans the whole outbox, and delivery slows down as the backlog grows.
+CREATE INDEX outbox_event ON outbox (event_id);
+CREATE INDEX dead_letters_event ON dead_letters (event_id);
 """
 
 
