@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -20,16 +21,19 @@ from poller.config import Config, ConfigError, WebhookConfig, check_private, loa
 from poller.deliver import Outcome, request_headers
 from poller.ingest import Ingest
 from poller.log import get as get_logger
-from poller.metrics import Metrics, poll_health, start_http
 from poller.source import UnleashError, UnleashSource
 from poller.state import State
 from poller.worker import Worker, attempt_once, drain
+
+if TYPE_CHECKING:
+    from poller.metrics import Metrics
 
 log = get_logger()
 
 EX_OK = 0
 EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74        # the state file cannot be written
+PROGRESS_EVERY_S = 10.0
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -40,6 +44,26 @@ def make_session(config: Config) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, trust_env=False,
                                  timeout=aiohttp.ClientTimeout(total=config.unleash.timeout_s),
                                  auto_decompress=True)
+
+
+class NullMetrics:
+    """What the daemon reports to when no [metrics] listener is configured: nothing."""
+
+    def on_delivery(self, webhook: str, outcome: str, duration_s: float | None,
+                    lag_s: float) -> None:
+        pass
+
+    def on_poll_ok(self, new_events: int, cursor: int | None, gaps: int) -> None:
+        pass
+
+    def on_poll_error(self, kind: str) -> None:
+        pass
+
+    def on_gaps_expired(self, count: int) -> None:
+        pass
+
+    def on_burst_overflow(self, count: int = 1) -> None:
+        pass
 
 
 class App:
@@ -54,8 +78,17 @@ class App:
         self._crash: BaseException | None = None
         self._once = False
         self._unleash_error: str | None = None
+        self._progress_at = time.monotonic()
+        self._progress_done = (0, 0)
         self.started_at = time.time()
-        self.metrics = Metrics([h.name for h in config.webhooks], pending=state.pending_counts)
+        self.metrics: Metrics | NullMetrics = NullMetrics()
+        if config.metrics.listen:
+            # Imported only when asked for: prometheus_client and aiohttp's server cost
+            # memory a daemon without a metrics listener has no use for.
+            from poller.metrics import Metrics  # noqa: PLC0415
+
+            self.metrics = Metrics([h.name for h in config.webhooks],
+                                   pending=state.pending_counts)
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -70,6 +103,8 @@ class App:
             self.dead_lettered += 1
 
     def health(self) -> tuple[bool, dict[str, object]]:
+        from poller.metrics import poll_health  # noqa: PLC0415 - see __init__
+
         ok, details = poll_health(self.ingest.counters.last_poll_ok_at, self.started_at,
                                   self.config.unleash.poll_interval_s, self.config.state.path)
         details["cursor"] = self.ingest.high_water
@@ -229,13 +264,24 @@ class App:
             code = EX_UNAVAILABLE
         for hook in self.config.webhooks:
             self._start_worker(hook, self.session)
+        reporter = asyncio.create_task(self._progress_loop())
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        reporter.cancel()
         return code
+
+    async def _progress_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self._report_progress()
 
     async def _run_forever(self) -> int:
         listen = self.config.metrics.listen
-        # Bound before READY=1: a taken port fails the start instead of a running service.
-        runner = await start_http(listen, self.metrics, self.health) if listen else None
+        runner = None
+        if listen and not isinstance(self.metrics, NullMetrics):
+            from poller.metrics import start_http  # noqa: PLC0415 - see __init__
+
+            # Bound before READY=1: a taken port fails the start instead of a running service.
+            runner = await start_http(listen, self.metrics, self.health)
         try:
             return await self._serve()
         finally:
@@ -263,11 +309,26 @@ class App:
                         detail="in-flight deliveries are re-sent after restart")
         return EX_OK
 
+    def _report_progress(self) -> None:
+        """A line every PROGRESS_EVERY_S while deliveries flow, so a long backlog (a
+        backfill, a replay) shows that it moves and how much is left."""
+        now = time.monotonic()
+        if now - self._progress_at < PROGRESS_EVERY_S:
+            return
+        done = (self.delivered, self.dead_lettered)
+        if done != self._progress_done:
+            log.info("delivery.progress", delivered=self.delivered - self._progress_done[0],
+                     dead_lettered=self.dead_lettered - self._progress_done[1],
+                     pending=self.state.pending_counts(),
+                     seconds=round(now - self._progress_at, 1))
+        self._progress_at, self._progress_done = now, done
+
     async def _poll_loop(self) -> None:
         failures = 0
         detected = False
         source, ingest = self.source, self.ingest
         while not self.stop.is_set():
+            self._report_progress()
             interval = self.config.unleash.poll_interval_s
             try:
                 if not detected:

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from poller.metrics import parse_listen
 from poller.render import DEFAULT_MAX_BODY_BYTES, BadTemplateError, Renderer, build_renderer
 from poller.signing import Signer, SigningSecretError
 from poller.tls import TlsConfigError, client_ssl_context
@@ -241,6 +240,19 @@ def _http_url(value: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http(s) URL"
     return None
+
+
+_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"host:port", "[v6]:port" or ":port" (all addresses) → (host, port)."""
+    match = _LISTEN.match(listen)
+    port = int(match["port"]) if match else -1
+    if not match or not 0 <= port <= 65535:
+        raise ValueError('must be "host:port" (e.g. "127.0.0.1:9464" or "[::1]:9464")')
+    return match["v6"] or match["host"] or "", port
+
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -8,7 +8,6 @@ cheap enough to call for each delivery.
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from poller import __version__
+from poller.config import parse_listen
 
 OutcomeKind = Literal["delivered", "retry", "give_up"]  # poller.deliver.Outcome.kind
 # Outcome kind → the label operators read on a dashboard.
@@ -180,18 +180,6 @@ def poll_health(last_poll_ok_at: float, started_at: float, poll_interval_s: floa
 def _writable(path: Path) -> bool:
     # SQLite writes its -journal/-wal files next to the database, so the directory counts.
     return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
-
-
-_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port" or ":port" (all addresses) → (host, port)."""
-    match = _LISTEN.match(listen)
-    port = int(match["port"]) if match else -1
-    if not match or not 0 <= port <= 65535:
-        raise ValueError('must be "host:port" (e.g. "127.0.0.1:9464" or "[::1]:9464")')
-    return match["v6"] or match["host"] or "", port
 
 
 async def start_http(listen: str, metrics: Metrics,

@@ -11,15 +11,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
-
-import jinja2
-import jinja2.meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING, Literal
 
 from poller import mustache
 from poller.jsvalues import JSDate, encode_utf8, json_stringify
-from poller.markdown import format_event_markdown
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Jinja2 and the eventMarkdown formatter are imported only by a configuration that uses
+# them: the daemon's resident memory is part of what it promises.
 
 Event = Mapping[str, object]
 
@@ -119,8 +120,7 @@ class Renderer:
             body = encode_utf8(self._render(event))
         except RenderError:
             raise
-        except (jinja2.TemplateError, RecursionError, ValueError, TypeError,
-                ArithmeticError, LookupError) as exc:
+        except (RecursionError, ValueError, TypeError, ArithmeticError, LookupError) as exc:
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
         if len(body) > self.max_body_bytes:
             raise RenderError(f"rendered body is {len(body)} bytes, over max_body_bytes "
@@ -141,11 +141,12 @@ def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[E
                  "json": mustache.escape_json}[escape]
     wants_json = "eventJson" in source
     wants_markdown = "eventMarkdown" in source
+    markdown_of = _markdown_formatter(source, public_url)
     splice = escape == "unleash"
 
     def render(event: Event) -> str:
         canonical = unleash_event(event)
-        markdown = format_event_markdown(canonical, public_url) if wants_markdown else ""
+        markdown = markdown_of(canonical)
         view = {
             "event": _template_event(canonical),
             "eventJson": json_stringify(json_stringify(canonical)) if wants_json else "",
@@ -157,7 +158,18 @@ def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[E
     return render
 
 
+def _markdown_formatter(source: str, public_url: str) -> Callable[[Event], str]:
+    """Unleash's eventMarkdown, if the template mentions it (it is not cheap)."""
+    if "eventMarkdown" not in source:
+        return lambda _event: ""
+    from poller.markdown import format_event_markdown  # noqa: PLC0415 - see imports
+
+    return lambda event: format_event_markdown(event, public_url)
+
+
 def _jinja_environment() -> ImmutableSandboxedEnvironment:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 - see imports
+
     env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
     # Jinja's own tojson escapes for HTML (<, >, &, '), which is wrong inside a JSON body.
     env.filters["tojson"] = json_stringify
@@ -165,6 +177,9 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
 
 
 def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[Event], str]:
+    import jinja2  # noqa: PLC0415 - see imports
+    import jinja2.meta  # noqa: PLC0415
+
     env = _jinja_environment()
     try:
         parsed = env.parse(source)
@@ -176,16 +191,19 @@ def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[E
         raise BadTemplateError(
             f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
             "event, eventJson and eventMarkdown")
-    wants_markdown = "eventMarkdown" in source
+    markdown_of = _markdown_formatter(source, public_url)
 
     def render(event: Event) -> str:
         canonical = unleash_event(event)
         chunks = template.generate(
             event=canonical,
             eventJson=json_stringify(json_stringify(canonical)),
-            eventMarkdown=format_event_markdown(canonical, public_url) if wants_markdown else "",
+            eventMarkdown=markdown_of(canonical),
         )
-        return _bounded("".join, chunks, max_chars)
+        try:
+            return _bounded("".join, chunks, max_chars)
+        except jinja2.TemplateError as exc:  # a sandbox refusal is one of these
+            raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
 
     return render
 
