@@ -40,7 +40,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     config = parse_config(tomllib.loads(GOOD), tmp_path)
     assert config.unleash.url == "http://127.0.0.1:4242"
     assert config.unleash.public_url == "http://127.0.0.1:4242"
-    assert config.unleash.poll_interval_s == 1.0
+    assert config.unleash.poll_interval_s == 0.4
     assert config.unleash.start_from == "latest"
     assert config.state.path == tmp_path / "state.sqlite3"
     hook = config.webhooks[0]
