@@ -12,8 +12,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+_debug = True  # until configured, structlog's defaults print everything
+
+
+def debug_enabled() -> bool:
+    """For the hot path: skip building a debug line's fields when nobody will see it."""
+    return _debug
+
+
 def configure(level: str = "info", *, json: bool | None = None) -> None:
     """Logs go to stderr (journald captures it); JSON when it is not a terminal."""
+    global _debug  # noqa: PLW0603 - the one switch the hot path reads
+    _debug = level == "debug"
     use_json = not sys.stderr.isatty() if json is None else json
     renderer: Any = (structlog.processors.JSONRenderer() if use_json
                      else structlog.dev.ConsoleRenderer(colors=False))

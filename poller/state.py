@@ -49,6 +49,17 @@ CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
 -- scans the whole outbox, and delivery slows down as the backlog grows.
 CREATE INDEX outbox_event ON outbox (event_id);
 CREATE INDEX dead_letters_event ON dead_letters (event_id);
+-- An event's body is kept while any webhook still owes it or holds it as a dead letter.
+CREATE TRIGGER outbox_done AFTER DELETE ON outbox BEGIN
+    DELETE FROM events WHERE id = OLD.event_id
+        AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = OLD.event_id)
+        AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = OLD.event_id);
+END;
+CREATE TRIGGER dead_letter_done AFTER DELETE ON dead_letters BEGIN
+    DELETE FROM events WHERE id = OLD.event_id
+        AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = OLD.event_id)
+        AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = OLD.event_id);
+END;
 """
 
 
@@ -259,10 +270,10 @@ class State:
         return [Pending(*row) for row in rows]
 
     def delivered(self, webhook: str, event_id: int) -> None:
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                         (webhook, event_id))
-            _drop_event_if_unowed(conn, event_id)
+        # One statement is one transaction (the trigger drops the body when nobody owes it):
+        # this runs after every delivery, so it is kept to a single call into SQLite.
+        self._conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                           (webhook, event_id))
 
     def retry_later(self, webhook: str, event_id: int, attempts: int, next_attempt_at: float,
                     error: str) -> None:
@@ -275,11 +286,12 @@ class State:
                     now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._transaction() as conn:
-            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                         (webhook, event_id))
+            # The letter first, so the outbox trigger sees the body is still needed.
             conn.execute("INSERT OR REPLACE INTO dead_letters "
                          "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
                          (webhook, event_id, attempts, reason, now))
+            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                         (webhook, event_id))
 
     def pending_counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT webhook, count(*) FROM outbox GROUP BY webhook")
@@ -305,10 +317,8 @@ class State:
         return dict(rows.fetchall())
 
     def remove_dead_letter(self, webhook: str, event_id: int) -> None:
-        with self._transaction() as conn:
-            conn.execute("DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?",
-                         (webhook, event_id))
-            _drop_event_if_unowed(conn, event_id)
+        self._conn.execute("DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?",
+                           (webhook, event_id))
 
     def requeue_dead_letters(self, webhook: str | None = None) -> int:
         """Move dead letters back into the outbox for a running daemon to deliver."""
@@ -347,12 +357,6 @@ class IngestBatch:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
                      (high_water,))
         self.finished = True
-
-
-def _drop_event_if_unowed(conn: sqlite3.Connection, event_id: int) -> None:
-    conn.execute("DELETE FROM events WHERE id = ?1 "
-                 "AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = ?1) "
-                 "AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = ?1)", (event_id,))
 
 
 def _take_lock(path: Path) -> int:

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from poller.config import WebhookConfig
 from poller.deliver import Outcome, decide, post, request_headers
 from poller.faults import crash_point
+from poller.log import debug_enabled
 from poller.log import get as get_logger
 from poller.render import RenderError
 from poller.state import Pending, State
@@ -58,6 +59,8 @@ async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig,
     crash_point("delivery.after_post")
     outcome = decide(attempt, attempts, hook.retry_delays(), jitter=random.random(),  # noqa: S311
                      now=time.time())
+    if outcome.kind == "delivered" and not debug_enabled():
+        return outcome, attempts, attempt.duration_s
     fields = {"webhook": hook.name, "event_id": event_id, "attempt": attempts,
               "status": attempt.status, "duration_ms": round(attempt.duration_s * 1000, 1)}
     if outcome.kind == "delivered":
