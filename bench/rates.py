@@ -1,0 +1,134 @@
+"""Delivery-rate runs shared by ordered_rate.py and unordered_rate.py: one Unleash with a
+backlog, one lean receiver, and a sequence of senders measured against the same events."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.support.unleash import UnleashServer
+
+from bench.lib import (
+    PYTHON,
+    REPO_ROOT,
+    Daemon,
+    LeanReceiver,
+    Report,
+    delivery,
+    insert_events,
+    last_event_id,
+    proc_stat,
+    rate,
+    say,
+    write_config,
+)
+
+UNLEASH_ONLY_FIELDS = ("label", "summary")  # added by the search endpoint, not in webhook bodies
+
+
+@dataclass
+class RateRun:
+    name: str
+    received: int
+    rate: float          # receiver-side: (n - 1) / (last receipt - first receipt)
+    wall_s: float        # the sender process from start to exit
+    cpu_s: float | None
+    max_rss_kb: int | None
+    lost: int
+    out_of_order: int
+    duplicates: int
+    receiver_cpu_s: float = 0.0   # the lean receiver's CPU time during this run
+
+
+@dataclass
+class Backlog:
+    before: int
+    first: int
+    last: int
+
+    @property
+    def ids(self) -> range:
+        return range(self.first, self.last + 1)
+
+
+def make_backlog(server: UnleashServer, count: int) -> Backlog:
+    before = last_event_id(server.db)
+    first, last = insert_events(server.db, count)
+    say(f"backlog: {count} events, ids {first}..{last}")
+    return Backlog(before, first, last)
+
+
+def bodies_file(server: UnleashServer, backlog: Backlog, path: Path) -> Path:
+    """The backlog's events as Unleash's webhook (and the poller by default) sends them."""
+    events = server.admin().all_events(after_id=backlog.before)
+    lines = []
+    for event in events:
+        if backlog.first <= event["id"] <= backlog.last:
+            body = {k: v for k, v in event.items() if k not in UNLEASH_ONLY_FIELDS}
+            lines.append(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _measure(receiver: LeanReceiver, path: str, name: str, backlog: Backlog, wall_s: float,
+             cpu_s: float | None, max_rss_kb: int | None) -> RateRun:
+    ids, times = receiver.stats(path)
+    result = delivery(ids, backlog.ids)
+    return RateRun(name, len(ids), rate(times), wall_s, cpu_s, max_rss_kb, result.lost,
+                   result.out_of_order, result.duplicates)
+
+
+def run_baseline(receiver: LeanReceiver, bodies: Path, backlog: Backlog,
+                 concurrency: int = 1, tag: str = "") -> RateRun:
+    path = f"/baseline-{concurrency}{tag}"
+    receiver_cpu = proc_stat(receiver.pid).cpu_ns
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    completed = subprocess.run([PYTHON, "-m", "bench.baseline_client", receiver.url(path),
+                                str(bodies), str(concurrency)], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True)
+    summary = json.loads(completed.stdout)
+    name = "baseline" if concurrency == 1 else f"baseline x{concurrency}"
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    run = _measure(receiver, path, name, backlog, summary["elapsed_s"], cpu_s, None)
+    run.receiver_cpu_s = (proc_stat(receiver.pid).cpu_ns - receiver_cpu) / 1e9
+    say(f"{name}: {run.rate:,.0f}/s")
+    return run
+
+
+def run_poller(server: UnleashServer, receiver: LeanReceiver, work: Path, backlog: Backlog,
+               name: str, hook: dict[str, object], prefix: tuple[str, ...] = ()) -> RateRun:
+    """`run --once` from the id before the backlog: fetch, take in, deliver, exit."""
+    path = f"/{name}"
+    config_path = work / f"{name}.toml"
+    write_config(config_path, server, [{"name": name, "url": receiver.url(path), **hook}],
+                 start_from=backlog.before)
+    receiver_cpu = proc_stat(receiver.pid).cpu_ns
+    daemon = Daemon(config_path, once=True, prefix=prefix)
+    done = daemon.wait()
+    receiver_cpu_s = (proc_stat(receiver.pid).cpu_ns - receiver_cpu) / 1e9
+    if done.code != 0:
+        raise RuntimeError(f"poller exited {done.code}; log {daemon.log_path}")
+    run = _measure(receiver, path, f"poller {name}", backlog, done.wall_s, done.cpu_s,
+                   done.max_rss_kb)
+    run.receiver_cpu_s = receiver_cpu_s
+    say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s")
+    return run
+
+
+def median_run(runs: list[RateRun]) -> RateRun:
+    """The run with the median rate (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+
+
+def report_run(report: Report, run: RateRun, count: int) -> None:
+    report.add(f"{run.name}: rate at receiver", run.rate, "ev/s")
+    report.add(f"{run.name}: wall (start to exit)", run.wall_s, "s")
+    if run.cpu_s is not None:
+        report.add(f"{run.name}: CPU time / event", run.cpu_s / count * 1e6, "us")
+    report.add(f"{run.name}: receiver CPU time / event", run.receiver_cpu_s / count * 1e6, "us")
+    report.add(f"{run.name}: lost / out of order / dup",
+               f"{run.lost} / {run.out_of_order} / {run.duplicates}")
