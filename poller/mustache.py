@@ -356,12 +356,8 @@ class _Section(_Node):
             stack.pop()
 
 
-class _InvertedSection(_Node):
-    __slots__ = ("children", "name")
-
-    def __init__(self, name: _Name, children: tuple[_Node, ...]) -> None:
-        self.name = name
-        self.children = children
+class _InvertedSection(_Section):
+    __slots__ = ()
 
     def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
         value = self.name.resolve(stack)
