@@ -272,6 +272,7 @@ class State:
     def delivered(self, webhook: str, event_id: int) -> None:
         # One statement is one transaction (the trigger drops the body when nobody owes it):
         # this runs after every delivery, so it is kept to a single call into SQLite.
+        crash_point("state.before_commit")
         self._conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
                            (webhook, event_id))
 
@@ -317,6 +318,7 @@ class State:
         return dict(rows.fetchall())
 
     def remove_dead_letter(self, webhook: str, event_id: int) -> None:
+        crash_point("state.before_commit")
         self._conn.execute("DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?",
                            (webhook, event_id))
 
