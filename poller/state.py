@@ -45,17 +45,23 @@ CREATE TABLE dead_letters (
     PRIMARY KEY (webhook, event_id)
 ) WITHOUT ROWID;
 CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+"""
+
+# Indexes and triggers: derived from the tables, so they are (re)made with IF NOT EXISTS
+# on every open by the daemon. A state file written before one of them was added gets it
+# then, with no schema version bump (they change no data).
+_DERIVED = """
 -- "is this event still owed to anyone?" runs after every delivery: without these it
 -- scans the whole outbox, and delivery slows down as the backlog grows.
-CREATE INDEX outbox_event ON outbox (event_id);
-CREATE INDEX dead_letters_event ON dead_letters (event_id);
+CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_id);
+CREATE INDEX IF NOT EXISTS dead_letters_event ON dead_letters (event_id);
 -- An event's body is kept while any webhook still owes it or holds it as a dead letter.
-CREATE TRIGGER outbox_done AFTER DELETE ON outbox BEGIN
+CREATE TRIGGER IF NOT EXISTS outbox_done AFTER DELETE ON outbox BEGIN
     DELETE FROM events WHERE id = OLD.event_id
         AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = OLD.event_id)
         AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = OLD.event_id);
 END;
-CREATE TRIGGER dead_letter_done AFTER DELETE ON dead_letters BEGIN
+CREATE TRIGGER IF NOT EXISTS dead_letter_done AFTER DELETE ON dead_letters BEGIN
     DELETE FROM events WHERE id = OLD.event_id
         AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = OLD.event_id)
         AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = OLD.event_id);
@@ -111,7 +117,7 @@ def _create(path: Path) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA application_id={_APP_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.executescript(f"BEGIN; {_SCHEMA} COMMIT;")
+        conn.executescript(f"BEGIN; {_SCHEMA} {_DERIVED} COMMIT;")
     finally:
         conn.close()
     with open(tmp, "rb") as handle:
@@ -152,9 +158,25 @@ class State:
             raise
         state = cls(path, conn, lock_fd)
         if lock:
-            # Only the daemon stages; a read-only tool beside it must not drop its pages.
+            # Only the lock holder writes the schema or stages; a read-only tool beside the
+            # daemon must neither change the schema under it nor drop its pages.
+            state._upgrade()
             state._discard_staging()
         return state
+
+    def _upgrade(self) -> None:
+        """Add the indexes and triggers a state file from an earlier build lacks. Without
+        the triggers no body was ever dropped, so drop the ones nobody owes now."""
+        names = {row[0] for row in self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")}
+        if {"outbox_event", "dead_letters_event", "outbox_done", "dead_letter_done"} <= names:
+            return
+        with self._transaction() as conn:
+            for statement in _statements(_DERIVED):
+                conn.execute(statement)
+            if "outbox_done" not in names:
+                conn.execute("DELETE FROM events WHERE id NOT IN (SELECT event_id FROM outbox) "
+                             "AND id NOT IN (SELECT event_id FROM dead_letters)")
 
     def written_elsewhere(self) -> bool:
         """Whether another connection (a `dead-letters replay` beside the daemon) committed
@@ -359,6 +381,21 @@ class IngestBatch:
         conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
                      (high_water,))
         self.finished = True
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script of complete statements (triggers included) for `execute`, which
+    unlike `executescript` runs inside the caller's transaction."""
+    statements: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        if line.lstrip().startswith("--"):
+            continue
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
 
 
 def _take_lock(path: Path) -> int:

@@ -69,6 +69,49 @@ def test_delivered_removes_row_and_unowed_event(tmp_path: Path) -> None:
         state.close()
 
 
+def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Path) -> None:
+    """A state file written before the indexes and body-dropping triggers existed is brought
+    up to date when the daemon opens it: bodies nobody owes go, owed ones stay, and from
+    then on a delivery drops its body. A read-only tool leaves the file as it is."""
+    state = _open(tmp_path)
+    state.ingest([(1, '{"id":1}'), (2, '{"id":2}'), (3, '{"id":3}')],
+                 [("a", 1), ("a", 2), ("a", 3)], 3)
+    state.dead_letter("a", 3, 2, "HTTP 500")
+    conn = state._conn
+    for name in ("outbox_done", "dead_letter_done"):
+        conn.execute(f"DROP TRIGGER {name}")
+    for name in ("outbox_event", "dead_letters_event"):
+        conn.execute(f"DROP INDEX {name}")
+    state.delivered("a", 1)  # as an earlier build did: the body of 1 stays behind
+    assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
+    state.close()
+
+    def derived(s: State) -> set[str]:
+        return {r[0] for r in s._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger') "
+            "AND name NOT LIKE 'sqlite_%'")}
+
+    reader = _open(tmp_path, create=False, lock=False)
+    try:
+        assert derived(reader) == set()
+    finally:
+        reader.close()
+    state = _open(tmp_path)
+    try:
+        assert derived(state) == {"outbox_event", "dead_letters_event", "outbox_done",
+                                  "dead_letter_done"}
+        ids = [r[0] for r in state._conn.execute("SELECT id FROM events ORDER BY id")]
+        assert ids == [2, 3]  # 1 was owed to nobody; 2 is pending, 3 a dead letter
+        state.delivered("a", 2)
+        state.remove_dead_letter("a", 3)
+        assert state._conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+        plan = " ".join(str(r) for r in state._conn.execute(
+            "EXPLAIN QUERY PLAN SELECT 1 FROM outbox WHERE event_id = 2"))
+        assert "outbox_event" in plan
+    finally:
+        state.close()
+
+
 def test_dead_letter_keeps_body_and_requeue_returns_it(tmp_path: Path) -> None:
     """A dead letter keeps the event and reason; requeue puts it back in the outbox."""
     state = _open(tmp_path)
