@@ -126,7 +126,11 @@ class App:
         def on_stop(signame: str) -> None:
             if self.stop.is_set():
                 log.warning("app.forced_exit", signal=signame)
-                # State is transactional; what was in flight is re-sent after restart.
+                # State is transactional; what was in flight is re-sent after restart, what
+                # was delivered is not.
+                for worker in self.workers.values():
+                    with contextlib.suppress(Exception):
+                        worker.commit_marks()
                 os._exit(1)
             log.info("app.stopping", signal=signame)
             self._request_stop()

@@ -6,6 +6,7 @@ Every problem is collected (not just the first) and named by its place, e.g.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -94,8 +95,10 @@ class WebhookConfig:
     def ordered(self) -> bool:
         return self.max_in_flight == 1
 
+    @functools.cached_property
     def retry_delays(self) -> tuple[float, ...]:
-        """Delay before each retry: the explicit schedule, or `retries` short waits."""
+        """Delay before each retry: the explicit schedule, or `retries` short waits (worked
+        out once: it is read after every delivery)."""
         if self.retry_schedule_s:
             return self.retry_schedule_s
         return tuple(min(1.0 * 2**i, 30.0) for i in range(self.retries))

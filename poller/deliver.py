@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ def request_headers(hook: WebhookConfig) -> CIMultiDict[str]:
     return headers
 
 
+@functools.cache
+def _timeout(total_s: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total_s)
+
+
 async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIMultiDict[str],
                body: bytes, delivery_id: str) -> Attempt:
     """POST once. Never raises for network trouble: that is an Attempt with an error."""
@@ -112,7 +118,7 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
         async with session.post(hook.url, data=body, headers=send, allow_redirects=False,
                                 skip_auto_headers=_SKIP_AUTO_HEADERS,
                                 ssl=hook.ssl_context or True, proxy=hook.proxy,
-                                timeout=aiohttp.ClientTimeout(total=hook.timeout_s)) as resp:
+                                timeout=_timeout(hook.timeout_s)) as resp:
             # Read (a bounded amount of) the answer so the connection can be reused.
             await resp.content.read(_RESPONSE_READ_LIMIT)
             return Attempt(resp.status, None, resp.headers.get("Retry-After"),

@@ -2,8 +2,8 @@
 
 The cursor (highest event id taken in, plus the ids below it not seen yet: "gaps") moves
 only in the transaction that writes what each webhook still owes, so a crash at any
-instant either keeps both or neither. Delivery marks are single-row transactions; losing
-the last ones to a power cut means a duplicate, never a loss.
+instant either keeps both or neither. Delivery marks are small group commits; losing the
+last ones to a crash or a power cut means a duplicate, never a loss.
 """
 
 from __future__ import annotations
@@ -291,12 +291,17 @@ class State:
             (webhook, after, limit))
         return [Pending(*row) for row in rows]
 
-    def delivered(self, webhook: str, event_id: int) -> None:
-        # One statement is one transaction (the trigger drops the body when nobody owes it):
-        # this runs after every delivery, so it is kept to a single call into SQLite.
-        crash_point("state.before_commit")
-        self._conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                           (webhook, event_id))
+    def delivered(self, webhook: str, *event_ids: int) -> None:
+        """Mark events delivered, all in one transaction (the trigger drops a body once
+        nobody owes it). This runs for every delivery, so one mark is a single statement."""
+        if len(event_ids) == 1:
+            crash_point("state.before_commit")
+            self._conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                               (webhook, event_ids[0]))
+            return
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                             [(webhook, event_id) for event_id in event_ids])
 
     def retry_later(self, webhook: str, event_id: int, attempts: int, next_attempt_at: float,
                     error: str) -> None:

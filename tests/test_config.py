@@ -48,7 +48,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert hook.content_type == "application/json"
     assert hook.authorization is None
     assert (hook.events, hook.projects, hook.environments) == (None, None, None)
-    assert hook.retry_delays() == (1.0,)
+    assert hook.retry_delays == (1.0,)
 
 
 BAD_CASES = [
