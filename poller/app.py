@@ -205,7 +205,7 @@ class App:
             worker = self.workers.get(name)
             if worker is None:
                 self._start_worker(hook, self.session)
-            elif worker.hook.ordered != hook.ordered:
+            elif worker.hook.max_in_flight != hook.max_in_flight:
                 self._restart_worker(name, hook)
             else:
                 worker.reconfigure(hook)

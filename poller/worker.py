@@ -161,6 +161,11 @@ class Worker:
         self._headers = request_headers(hook)
         self._unmarked: list[int] = []  # delivered, marks not yet committed
         self._ahead: tuple[int, bytes | Outcome] | None = None  # the next body, rendered
+        # Unordered: rows read from the outbox, due, not taken by a lane yet; the ids the
+        # lanes are delivering; when the first row read but not yet due falls due.
+        self._queue: deque[Pending] = deque()
+        self._taken: set[int] = set()
+        self._later_at = math.inf
 
     def reconfigure(self, hook: WebhookConfig) -> None:
         self.hook = hook
@@ -225,46 +230,44 @@ class Worker:
                     break
 
     async def _run_unordered(self) -> None:
-        in_flight: dict[int, asyncio.Task[Outcome]] = {}
-        ready: deque[Pending] = deque()  # read from the outbox, due, not started yet
-        later_at = math.inf  # when the first row read but not yet due falls due
-        limit = self.hook.max_in_flight
-        while not self.stop.is_set():
-            for event_id in [i for i, task in in_flight.items() if task.done()]:
-                in_flight.pop(event_id).result()
-            now = time.time()
-            # The outbox is read once per batch, not once per delivery: again when the
-            # batch is used up, when a row falls due, or when woken (new rows).
-            if self.wake.is_set() or (not ready and len(in_flight) < limit) or now >= later_at:
-                self.wake.clear()
-                self.commit_marks()  # the outbox must not offer a delivered event again
-                rows = [r for r in self.state.next_pending(self.hook.name,
-                                                           _BATCH + len(in_flight))
-                        if r.event_id not in in_flight]
-                ready = deque(r for r in rows if r.next_attempt_at <= now)
-                later_at = min((r.next_attempt_at for r in rows if r.next_attempt_at > now),
-                               default=math.inf)
-            while ready and len(in_flight) < limit:
-                row = ready.popleft()
-                in_flight[row.event_id] = asyncio.create_task(self._deliver(row))
-            if not in_flight and not ready and later_at == math.inf and self.once:
-                return
-            if not in_flight:
-                self.commit_marks()  # nothing will complete while it waits
-            timeout = None if later_at == math.inf else max(0.0, later_at - now)
-            await self._wait_any(list(in_flight.values()), timeout)
-        if in_flight:
-            await asyncio.gather(*in_flight.values(), return_exceptions=True)
+        """`max_in_flight` lanes take rows from one queue, each delivering one at a time,
+        the way a client with N connections would: no task per delivery."""
+        self._queue.clear()
+        self._later_at = math.inf
+        async with asyncio.TaskGroup() as lanes:
+            for _ in range(self.hook.max_in_flight):
+                lanes.create_task(self._lane())
 
-    async def _wait_any(self, tasks: list[asyncio.Task[Outcome]],
-                        timeout_s: float | None) -> None:
-        waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(self.stop.wait())]
-        try:
-            await asyncio.wait([*waiters, *tasks], timeout=timeout_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+    async def _lane(self) -> None:
+        while not self.stop.is_set():
+            row = self._next_row()
+            if row is None:
+                if self.once and self._later_at == math.inf:
+                    return  # nothing left but what other lanes are delivering
+                self.commit_marks()  # nothing more is coming soon
+                timeout = self._later_at - time.time() if self._later_at < math.inf else None
+                await self._wait(timeout if timeout is None else max(0.0, timeout))
+                continue
+            self._taken.add(row.event_id)
+            try:
+                await self._deliver(row)
+            finally:
+                self._taken.discard(row.event_id)
+
+    def _next_row(self) -> Pending | None:
+        """The next due row for an unordered lane. The outbox is read once per batch, not
+        once per delivery: again when the batch is used up or when woken (new rows)."""
+        if self.wake.is_set() or not self._queue:
+            self.wake.clear()
+            self.commit_marks()  # the outbox must not offer a delivered event again
+            now = time.time()
+            rows = [r for r in self.state.next_pending(self.hook.name,
+                                                       _BATCH + len(self._taken))
+                    if r.event_id not in self._taken]
+            self._queue = deque(r for r in rows if r.next_attempt_at <= now)
+            self._later_at = min((r.next_attempt_at for r in rows if r.next_attempt_at > now),
+                                 default=math.inf)
+        return self._queue.popleft() if self._queue else None
 
     def _render_ahead(self, row: Pending | None) -> None:
         """While a request is out: commit the marks if enough are held, render the next
