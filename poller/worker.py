@@ -234,9 +234,14 @@ class Worker:
         the way a client with N connections would: no task per delivery."""
         self._queue.clear()
         self._later_at = math.inf
-        async with asyncio.TaskGroup() as lanes:
-            for _ in range(self.hook.max_in_flight):
-                lanes.create_task(self._lane())
+        try:
+            async with asyncio.TaskGroup() as lanes:
+                for _ in range(self.hook.max_in_flight):
+                    lanes.create_task(self._lane())
+        except BaseExceptionGroup as failed:
+            # One lane failed (the state file, say) and the others were stopped: raise what
+            # it raised, so the daemon reports it as it would from an ordered worker.
+            raise failed.exceptions[0] from None
 
     async def _lane(self) -> None:
         while not self.stop.is_set():

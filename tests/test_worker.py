@@ -318,3 +318,23 @@ def test_unordered_worker_reads_the_outbox_once_per_batch(tmp_path: Path,
     asyncio.run(_drain(config, state))
     assert len(receiver.requests("/a")) == 640
     assert reads <= 640 // 32, reads  # batches of 64; a few more at the tail
+
+
+@pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
+def test_a_state_write_failure_stops_the_worker_with_that_error(
+        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+        in_flight: int) -> None:
+    """A failing state write (a full disk) ends the worker with the database error itself,
+    which the daemon turns into its exit 74 message, not a wrapped group of errors."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
+    state = State.open(config.state.path)
+    _fill(state, ["a"], range(1, 41))
+
+    def disk_full(webhook: str, *event_ids: int) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(state, "delivered", disk_full)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        asyncio.run(_drain(config, state))
+    monkeypatch.undo()
+    assert state.pending_counts() == {"a": 40}  # nothing marked: re-sent, never lost
