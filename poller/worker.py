@@ -33,6 +33,10 @@ _BATCH = 64
 # Delivered events marked per transaction; a kill -9 re-sends at most this many per webhook
 # (plus those in flight). A mark alone costs ~30 us here, eight together ~9 us each.
 MARKS_PER_COMMIT = 8
+# The next body is rendered while a request is out only while renders of this webhook take
+# less than this. The work may run before a request on a new connection has been written,
+# inside that request's timeout, so it must stay small against any timeout.
+_AHEAD_MAX_S = 0.002
 
 
 @dataclass
@@ -161,6 +165,8 @@ class Worker:
         self._headers = request_headers(hook)
         self._unmarked: list[int] = []  # delivered, marks not yet committed
         self._ahead: tuple[int, bytes | Outcome] | None = None  # the next body, rendered
+        self._render_s = math.inf  # how long this webhook's last render took
+        self._side_error: Exception | None = None  # raised by the work done while sending
         # Unordered: rows read from the outbox, due, not taken by a lane yet; the ids the
         # lanes are delivering; when the first row read but not yet due falls due.
         self._queue: deque[Pending] = deque()
@@ -274,17 +280,30 @@ class Worker:
                                  default=math.inf)
         return self._queue.popleft() if self._queue else None
 
+    def _render(self, row: Pending) -> bytes | Outcome:
+        started = time.perf_counter()
+        body = render_body(self.hook, row.body)
+        self._render_s = time.perf_counter() - started
+        return body
+
     def _render_ahead(self, row: Pending | None) -> None:
-        """While a request is out: commit the marks if enough are held, render the next
-        body."""
-        self._commit_marks_if_full()
-        if row is not None:
-            self._ahead = (row.event_id, render_body(self.hook, row.body))
+        """While a request is out: commit the marks if enough are held, and render the
+        next body if renders are quick."""
+        try:
+            self._commit_marks_if_full()
+            if row is not None and self._render_s < _AHEAD_MAX_S:
+                self._ahead = (row.event_id, self._render(row))
+        except Exception as exc:  # noqa: BLE001 - raised in _deliver once the outcome is kept
+            self._side_error = exc
 
     async def _deliver(self, row: Pending, following: Pending | None = None) -> Outcome:
         ahead, self._ahead = self._ahead, None
-        body = ahead[1] if ahead is not None and ahead[0] == row.event_id else None
         ordered = self.hook.ordered
+        body: bytes | Outcome | None = None
+        if ahead is not None and ahead[0] == row.event_id:
+            body = ahead[1]
+        elif ordered:
+            body = self._render(row)  # timed: it decides whether to render ahead
         outcome, attempts, duration_s = await attempt_once(
             self.session, self.hook, self._headers, row.event_id, row.body, row.attempts,
             body=body, while_sending=(lambda: self._render_ahead(following)) if ordered else None)
@@ -302,6 +321,11 @@ class Worker:
                       attempt=attempts, reason=outcome.reason)
         if self._on_outcome is not None:
             self._on_outcome(name, outcome, time.time() - row.enqueued_at, duration_s)
+        if self._side_error is not None:
+            # The state file failed while this request was out: its outcome is recorded
+            # (a delivered event is held for marking), now stop as any state failure does.
+            error, self._side_error = self._side_error, None
+            raise error
         return outcome
 
 

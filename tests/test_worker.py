@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 import threading
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from poller.app import make_session, replay_dead_letters
 from poller.config import Config, WebhookConfig, parse_config
+from poller.render import Renderer
 from poller.state import Pending, State
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
 from tests.support.receiver import Receiver, RecordedRequest
@@ -338,3 +340,25 @@ def test_a_state_write_failure_stops_the_worker_with_that_error(
         asyncio.run(_drain(config, state))
     monkeypatch.undo()
     assert state.pending_counts() == {"a": 40}  # nothing marked: re-sent, never lost
+
+
+def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> None:
+    """Rendering the next body while a request is out must not count against that
+    request's timeout when rendering is slow: a request on a new connection may not be on
+    the wire yet. Renders of 0.3 s, answers after 0.15 s, timeout 0.4 s: each event goes
+    out once, none is dead-lettered."""
+    def slow(event: Mapping[str, object]) -> str:
+        time.sleep(0.3)
+        return json.dumps({"id": event["id"]})
+
+    with Receiver(on_request=lambda _: time.sleep(0.15)) as receiver:
+        config = _config(tmp_path, _hook("a", receiver.url("/a"),
+                                         "timeout_s = 0.4\nretry_schedule_s = [0.1]"))
+        hook = dataclasses.replace(config.webhooks[0], renderer=Renderer("slow", slow))
+        config = dataclasses.replace(config, webhooks=(hook,))
+        state = State.open(config.state.path)
+        _fill(state, ["a"], range(1, 5))
+        asyncio.run(_drain(config, state))
+        got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
+    assert got == [1, 2, 3, 4]
+    assert state.dead_letters() == []
