@@ -73,6 +73,9 @@ class App:
         self.stop = asyncio.Event()
         self.workers: dict[str, Worker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        # Workers being stopped by a reload, and the webhooks to start once they are done.
+        self.retiring: dict[str, Worker] = {}
+        self._start_after_retire: dict[str, WebhookConfig] = {}
         self.delivered = 0
         self.dead_lettered = 0
         self._crash: BaseException | None = None
@@ -128,7 +131,7 @@ class App:
                 log.warning("app.forced_exit", signal=signame)
                 # State is transactional; what was in flight is re-sent after restart, what
                 # was delivered is not.
-                for worker in self.workers.values():
+                for worker in [*self.workers.values(), *self.retiring.values()]:
                     with contextlib.suppress(Exception):
                         worker.commit_marks()
                 os._exit(1)
@@ -156,10 +159,20 @@ class App:
             self._request_stop()
 
     async def _retire(self, name: str) -> None:
-        """Stop one worker after its in-flight delivery (a webhook removed on reload)."""
+        """Stop one worker after its in-flight delivery (a webhook removed, or changed so
+        that its worker is replaced); then start its replacement, if one is due. Until the
+        old worker is done no other worker runs for that webhook: two at once would send
+        the old one's request in flight and its uncommitted marks again."""
         worker, task = self.workers.pop(name), self.tasks.pop(name)
+        self.retiring[name] = worker
         worker.stop.set()
-        await drain([worker], [task], self.config.drain_timeout_s)
+        try:
+            await drain([worker], [task], self.config.drain_timeout_s)
+        finally:
+            del self.retiring[name]
+        hook = self._start_after_retire.pop(name, None)
+        if hook is not None and not self.stop.is_set():
+            self._start_worker(hook, self.session)
 
     # -- reload ------------------------------------------------------------------------
 
@@ -200,25 +213,23 @@ class App:
         self.source.reconfigure(new.unleash)
         self.ingest.reconfigure(new)
         for name in old_hooks.keys() - new_hooks.keys():
-            asyncio.get_running_loop().create_task(self._retire(name))
+            self._start_after_retire.pop(name, None)
+            if name in self.workers:
+                asyncio.get_running_loop().create_task(self._retire(name))
         for name, hook in new_hooks.items():
             worker = self.workers.get(name)
-            if worker is None:
+            if name in self.retiring:
+                self._start_after_retire[name] = hook  # once the old worker is done
+            elif worker is None:
                 self._start_worker(hook, self.session)
             elif worker.hook.max_in_flight != hook.max_in_flight:
-                self._restart_worker(name, hook)
+                self._start_after_retire[name] = hook
+                asyncio.get_running_loop().create_task(self._retire(name))
             else:
                 worker.reconfigure(hook)
         log.info("config.reloaded", webhooks=sorted(new_hooks),
                  added=sorted(new_hooks.keys() - old_hooks.keys()),
                  removed=sorted(old_hooks.keys() - new_hooks.keys()))
-
-    def _restart_worker(self, name: str, hook: WebhookConfig) -> None:
-        async def restart() -> None:
-            await self._retire(name)
-            if not self.stop.is_set():
-                self._start_worker(hook, self.session)
-        asyncio.get_running_loop().create_task(restart())
 
     # -- running -----------------------------------------------------------------------
 

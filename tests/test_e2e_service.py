@@ -183,3 +183,37 @@ def test_secrets_never_reach_logs_state_or_output(
     for secret in secrets:
         assert secret.encode() not in produced, secret
         assert secret.split("-", 1)[-1].encode() not in produced, secret
+
+
+def test_reloads_while_a_worker_is_replaced_never_run_two_at_once(
+        tmp_path: Path, unleash: UnleashServer, admin: AdminClient, receiver: Receiver,
+        poller_config: PollerConfigFactory) -> None:
+    """A reload that changes max_in_flight replaces the webhook's worker after its request
+    in flight; a second reload meanwhile must wait for that too, or a second worker would
+    send the in-flight event again. Every event arrives exactly once."""
+    path = f"/replace-{uuid.uuid4().hex[:8]}"
+    receiver.respond(path, delay_s=1.5)
+
+    def write(max_in_flight: int) -> Path:
+        return poller_config(webhooks=[{"name": "a", "url": receiver.url(path),
+                                        "max_in_flight": max_in_flight}],
+                             poll_interval_s=0.2, start_from=admin.latest_event_id())
+
+    config = write(1)
+    daemon = Daemon(config, tmp_path / "daemon.log")
+    try:
+        daemon.wait_for_log("unleash.api_detected")
+        ids = unleash.db.insert_events(3)
+        receiver.wait_for(1, path, timeout_s=30)  # the first one is in flight for 1.5 s
+        for reloads, max_in_flight in enumerate((2, 4), start=1):
+            write(max_in_flight)
+            daemon.process.send_signal(signal.SIGHUP)
+            daemon.wait_for_log("config.reloaded", count=reloads)
+        receiver.respond(path)
+        receiver.wait_for(3, path, timeout_s=30)
+        time.sleep(1.0)  # a second worker would have re-sent by now
+        got = receiver.requests(path)
+        assert sorted(json.loads(r.body)["id"] for r in got) == ids
+    finally:
+        code = daemon.stop()
+    assert code == 0
