@@ -51,6 +51,12 @@ def _retry_after_s(value: str | None, now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
+@functools.cache
+def _delivered(status: int) -> Outcome:
+    """One shared (frozen) outcome per 2xx status: made after every delivery."""
+    return Outcome("delivered", f"HTTP {status}")
+
+
 def decide(attempt: Attempt, attempts_made: int, delays: Sequence[float],
            jitter: float = 0.0, now: float = 0.0) -> Outcome:
     """Classify a delivery attempt.
@@ -60,7 +66,7 @@ def decide(attempt: Attempt, attempts_made: int, delays: Sequence[float],
     by up to +20% so a recovering receiver is not hit by every sender at once.
     """
     if attempt.status is not None and 200 <= attempt.status < 300:
-        return Outcome("delivered", f"HTTP {attempt.status}")
+        return _delivered(attempt.status)
     if attempt.status is None:
         reason, retryable = attempt.error or "no response", True
     elif 300 <= attempt.status < 400:
@@ -121,8 +127,9 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
                                 timeout=_timeout(hook.timeout_s)) as resp:
             # Read (a bounded amount of) the answer so the connection can be reused.
             await resp.content.read(_RESPONSE_READ_LIMIT)
-            return Attempt(resp.status, None, resp.headers.get("Retry-After"),
-                           time.monotonic() - started)
+            status = resp.status
+            retry_after = None if status < 300 else resp.headers.get("Retry-After")
+            return Attempt(status, None, retry_after, time.monotonic() - started)
     except TimeoutError:
         error = f"timed out after {hook.timeout_s:g}s"
     except aiohttp.ClientHttpProxyError as exc:
