@@ -15,7 +15,6 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import aiohttp
 from multidict import CIMultiDict
@@ -39,14 +38,6 @@ MARKS_PER_COMMIT = 8
 _AHEAD_MAX_S = 0.002
 
 
-@dataclass
-class HookCounters:
-    delivered: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    latency_s: list[float] = field(default_factory=list)
-
-
 def delivery_id(event_id: int) -> str:
     """Stable across retries, replays and re-deliveries after a crash, so receivers can
     de-duplicate (sent as `webhook-id`)."""
@@ -64,7 +55,8 @@ def render_body(hook: WebhookConfig, body_json: str) -> bytes | Outcome:
 
 class _WhileSending:
     """Runs `work` once a request has been sent, while the receiver handles it, so that the
-    work costs no time between two in-order deliveries.
+    work costs no time between two in-order deliveries. `work` must not raise: it runs as
+    a loop callback, where an exception would only be logged by asyncio.
 
     Two loop turns after the request coroutine first yields: the first lets aiohttp's body
     writer (a task of its own before Python 3.12) be scheduled, the second runs after it
@@ -74,7 +66,6 @@ class _WhileSending:
     def __init__(self, work: Callable[[], None]) -> None:
         self._work = work
         self._ran = False
-        self._error: Exception | None = None
         self._loop = asyncio.get_running_loop()
         self._handle = self._loop.call_soon(self._hop)
 
@@ -83,21 +74,16 @@ class _WhileSending:
 
     def _run(self) -> None:
         self._ran = True
-        try:
-            self._work()
-        except Exception as exc:  # noqa: BLE001 - raised again in finish(), in the worker
-            self._error = exc
+        self._work()
 
     def cancel(self) -> None:
         self._handle.cancel()
 
     def finish(self) -> None:
-        """After the response: run the work now if it has not run; raise what it raised."""
+        """After the response: run the work now if it has not run yet."""
         self._handle.cancel()
         if not self._ran:
             self._run()
-        if self._error is not None:
-            raise self._error
 
 
 async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig,
