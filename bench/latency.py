@@ -2,11 +2,11 @@
 
 One real Unleash, one lean receiver, Unleash's own webhook integration (posting to
 /unleash, probed until it delivers) and the daemon at default settings (poll_interval_s
-= 1, posting to /poller). 200 single events are inserted one at a time through a
-long-lived psql session; after each, the script waits until both sides have received it,
-then sleeps a random 0.1-1.1 s so inserts do not fall in step with either side's
-one-second loop. Latency = receipt (receiver's monotonic clock) - commit (the insert's
-answer; the same clock).
+= 0.4 unless `--poll-interval-s` sets another, posting to /poller). 200 single events
+are inserted one at a time through a long-lived psql session; after each, the script
+waits until both sides have received it, then sleeps a random 0.1-1.1 s so inserts do
+not fall in step with either side's loop. Latency = receipt (receiver's monotonic
+clock) - commit (the insert's answer; the same clock).
 Target: poller p50 <= 0.5 x Unleash's p50.
 
     .venv/bin/python -m bench.latency [--events 200] [--json out.json]
@@ -23,8 +23,10 @@ from bench.lib import (
     Inserter,
     LeanReceiver,
     Report,
+    add_poll_interval,
     arguments,
     percentile,
+    poll_interval_setting,
     say,
     unleash,
     workdir,
@@ -44,10 +46,9 @@ def wait_for_id(receiver: LeanReceiver, paths: list[str], seen: dict[str, int],
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200)
-    parser.add_argument("--poll-interval-s", type=float,
-                        help="set the daemon's unleash.poll_interval_s (default: its default)")
+    add_poll_interval(parser)
     args = parser.parse_args()
-    extra = {} if args.poll_interval_s is None else {"poll_interval_s": args.poll_interval_s}
+    extra = poll_interval_setting(args)
     report = Report("5 latency")
     rng = random.Random(7)
     inserted: dict[int, float] = {}

@@ -88,6 +88,16 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_poll_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--poll-interval-s", type=float,
+                        help="set the daemon's unleash.poll_interval_s (default: its default)")
+
+
+def poll_interval_setting(args: argparse.Namespace) -> dict[str, float]:
+    """The config setting `--poll-interval-s` asks for: none means the daemon's default."""
+    return {} if args.poll_interval_s is None else {"poll_interval_s": args.poll_interval_s}
+
+
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 

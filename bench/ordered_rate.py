@@ -14,44 +14,34 @@ Target: b's rate at the receiver >= 90 % of a's.
 
 from __future__ import annotations
 
-import statistics
-
-from bench.lib import LeanReceiver, Report, arguments, say, unleash, workdir
+from bench.lib import Report, say
 from bench.rates import (
     RateRun,
-    bodies_file,
-    make_backlog,
+    add_rounds,
+    median_rate,
     median_run,
+    rate_arguments,
+    rate_bench,
     report_run,
-    run_baseline,
-    run_poller,
 )
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = rate_arguments(__doc__.splitlines()[0]).parse_args()
     report = Report("2 ordered rate")
     baselines: list[RateRun] = []
     ordered: list[RateRun] = []
-    with workdir("ordered", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
-        backlog = make_backlog(server, args.events)
-        bodies = bodies_file(server, backlog, work / "bodies.jsonl")
+    with rate_bench("ordered", args.events, args.keep) as bench:
         for round_ in range(1, args.rounds + 1):
-            baselines.append(run_baseline(receiver, bodies, backlog, tag=f"-{round_}"))
-            ordered.append(run_poller(server, receiver, work, backlog, f"ordered-{round_}", {}))
+            baselines.append(bench.baseline(tag=f"-{round_}"))
+            ordered.append(bench.poller(f"ordered-{round_}", {}))
     print(f"\n2. ordered rate, {args.events:,} events, one webhook, "
           f"median of {args.rounds} alternating rounds")
     report_run(report, median_run(baselines), args.events)
     report_run(report, median_run(ordered), args.events)
-    report.add("baseline rates, each round", " ".join(f"{r.rate:.0f}" for r in baselines),
-               "ev/s")
-    report.add("ordered rates, each round", " ".join(f"{r.rate:.0f}" for r in ordered), "ev/s")
-    ratio = statistics.median(r.rate for r in ordered) / statistics.median(
-        r.rate for r in baselines)
+    add_rounds(report, "baseline", baselines)
+    add_rounds(report, "ordered", ordered)
+    ratio = median_rate(ordered) / median_rate(baselines)
     report.add("ordered / baseline (medians)", ratio * 100, "%", ">= 90 %", ratio >= 0.9)
     in_order = all(r.lost == 0 and r.out_of_order == 0 for r in ordered)
     report.add("ordered: all delivered, in id order", "yes" if in_order else "NO", met=in_order)

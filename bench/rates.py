@@ -3,9 +3,13 @@ backlog, one lean receiver, and a sequence of senders measured against the same 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import resource
+import statistics
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +21,15 @@ from bench.lib import (
     Daemon,
     LeanReceiver,
     Report,
+    arguments,
     delivery,
     insert_events,
     last_event_id,
     proc_stat,
     rate,
     say,
+    unleash,
+    workdir,
     write_config,
 )
 
@@ -132,3 +139,43 @@ def report_run(report: Report, run: RateRun, count: int) -> None:
     report.add(f"{run.name}: receiver CPU time / event", run.receiver_cpu_s / count * 1e6, "us")
     report.add(f"{run.name}: lost / out of order / dup",
                f"{run.lost} / {run.out_of_order} / {run.duplicates}")
+
+
+def rate_arguments(description: str) -> argparse.ArgumentParser:
+    parser = arguments(description)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    return parser
+
+
+@dataclass
+class RateBench:
+    """One Unleash with a backlog and one lean receiver, for runs against the same events."""
+
+    server: UnleashServer
+    receiver: LeanReceiver
+    work: Path
+    backlog: Backlog
+    bodies: Path
+
+    def baseline(self, concurrency: int = 1, tag: str = "") -> RateRun:
+        return run_baseline(self.receiver, self.bodies, self.backlog, concurrency, tag)
+
+    def poller(self, name: str, hook: dict[str, object]) -> RateRun:
+        return run_poller(self.server, self.receiver, self.work, self.backlog, name, hook)
+
+
+@contextlib.contextmanager
+def rate_bench(name: str, events: int, keep: bool) -> Iterator[RateBench]:
+    with workdir(name, keep) as work, unleash(work) as server, LeanReceiver() as receiver:
+        backlog = make_backlog(server, events)
+        bodies = bodies_file(server, backlog, work / "bodies.jsonl")
+        yield RateBench(server, receiver, work, backlog, bodies)
+
+
+def median_rate(runs: list[RateRun]) -> float:
+    return statistics.median(r.rate for r in runs)
+
+
+def add_rounds(report: Report, label: str, runs: list[RateRun]) -> None:
+    report.add(f"{label} rates, each round", " ".join(f"{r.rate:.0f}" for r in runs), "ev/s")

@@ -13,52 +13,42 @@ Target: unordered rate >= 2 x ordered rate (both measured at the receiver).
 
 from __future__ import annotations
 
-import statistics
-
-from bench.lib import LeanReceiver, Report, arguments, say, unleash, workdir
+from bench.lib import Report, say
 from bench.rates import (
     RateRun,
-    bodies_file,
-    make_backlog,
+    add_rounds,
+    median_rate,
     median_run,
+    rate_arguments,
+    rate_bench,
     report_run,
-    run_baseline,
-    run_poller,
 )
 
 
 def main() -> None:
-    parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=20_000)
+    parser = rate_arguments(__doc__.splitlines()[0])
     parser.add_argument("--max-in-flight", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     report = Report("3 unordered rate")
     ordered: list[RateRun] = []
     unordered: list[RateRun] = []
-    with workdir("unordered", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
-        backlog = make_backlog(server, args.events)
-        bodies = bodies_file(server, backlog, work / "bodies.jsonl")
-        baseline = run_baseline(receiver, bodies, backlog, args.max_in_flight)
+    with rate_bench("unordered", args.events, args.keep) as bench:
+        baseline = bench.baseline(args.max_in_flight)
         for round_ in range(1, args.rounds + 1):
-            ordered.append(run_poller(server, receiver, work, backlog, f"ordered-{round_}", {}))
-            unordered.append(run_poller(server, receiver, work, backlog,
-                                        f"unordered-{round_}",
-                                        {"max_in_flight": args.max_in_flight}))
+            ordered.append(bench.poller(f"ordered-{round_}", {}))
+            unordered.append(bench.poller(f"unordered-{round_}",
+                                          {"max_in_flight": args.max_in_flight}))
     print(f"\n3. unordered rate (max_in_flight = {args.max_in_flight}), "
           f"{args.events:,} events, median of {args.rounds} alternating rounds")
     report_run(report, baseline, args.events)
     report_run(report, median_run(ordered), args.events)
     report_run(report, median_run(unordered), args.events)
-    report.add("ordered rates, each round", " ".join(f"{r.rate:.0f}" for r in ordered), "ev/s")
-    report.add("unordered rates, each round", " ".join(f"{r.rate:.0f}" for r in unordered),
-               "ev/s")
-    ratio = statistics.median(r.rate for r in unordered) / statistics.median(
-        r.rate for r in ordered)
+    add_rounds(report, "ordered", ordered)
+    add_rounds(report, "unordered", unordered)
+    ratio = median_rate(unordered) / median_rate(ordered)
     report.add("unordered / ordered (medians)", ratio, "x", ">= 2 x", ratio >= 2)
     report.add(f"baseline x{args.max_in_flight} / ordered (median)",
-               baseline.rate / statistics.median(r.rate for r in ordered), "x")
+               baseline.rate / median_rate(ordered), "x")
     lost = sum(r.lost for r in unordered)
     report.add("unordered: all delivered", "yes" if lost == 0 else "NO", met=lost == 0)
     report.save(args.json)
