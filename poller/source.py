@@ -181,6 +181,7 @@ class UnleashSource:
     def reconfigure(self, config: UnleashConfig) -> None:
         """Take new settings (a reload); a new URL or token takes effect on the next request."""
         self._config = config
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_s)  # built once, not per poll
         self._headers = {
             "Authorization": config.token.reveal(),
             "Accept": "application/json",
@@ -195,10 +196,9 @@ class UnleashSource:
         if etag:
             headers["If-None-Match"] = etag
         url = self._config.url + path
-        timeout = aiohttp.ClientTimeout(total=self._config.timeout_s)
         try:
             async with self._session.request(method, url, params=params, json=json_body,
-                                             headers=headers, timeout=timeout,
+                                             headers=headers, timeout=self._timeout,
                                              allow_redirects=False, proxy=self._config.proxy,
                                              ssl=self._config.ssl_context or True) as resp:
                 body = await _read_capped(resp, self._config.max_page_bytes)
