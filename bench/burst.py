@@ -39,9 +39,9 @@ from bench.lib import (
     write_config,
 )
 
-PROBE_TYPE = "feature-updated"        # the integration is subscribed to this type only
+PROBE_TYPE = "feature-updated"  # the integration is subscribed to this type only
 ALONE_TYPE = "feature-metadata-updated"
-SETTLE_S = 15.0                       # no new receipt for this long: that side is done
+SETTLE_S = 15.0  # no new receipt for this long: that side is done
 
 
 def wait_for_integration(server: UnleashServer, receiver: LeanReceiver) -> float:
@@ -72,8 +72,9 @@ def wait_settled(receiver: LeanReceiver, path: str, ids: range, timeout_s: float
         time.sleep(0.1)
 
 
-def burst_figures(receiver: LeanReceiver, path: str, ids: range, committed_at: float
-                  ) -> tuple[float, int, int, int]:
+def burst_figures(
+    receiver: LeanReceiver, path: str, ids: range, committed_at: float
+) -> tuple[float, int, int, int]:
     """(seconds to the last receipt, lost, out of order, duplicates)."""
     received, times = receiver.stats(path)
     in_burst = [(i, t) for i, t in zip(received, times, strict=True) if i in ids]
@@ -87,8 +88,7 @@ def insert_burst(server: UnleashServer, count: int, type_: str) -> tuple[range, 
     before = time.monotonic()
     ids = server.db.insert_events(count, type=type_)
     committed_at, wall = time.monotonic(), time.time()
-    say(f"inserted {count} events (ids {ids[0]}..{ids[-1]}) in "
-        f"{committed_at - before:.2f} s")
+    say(f"inserted {count} events (ids {ids[0]}..{ids[-1]}) in {committed_at - before:.2f} s")
     return range(ids[0], ids[-1] + 1), committed_at, wall
 
 
@@ -104,19 +104,22 @@ def taken_in_s(daemon: Daemon, ids: range, committed_wall: float) -> float:
 def main() -> None:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument("--bursts", type=int, default=3,
-                        help="bursts both sides deliver (the figure is the median)")
+    parser.add_argument(
+        "--bursts", type=int, default=3, help="bursts both sides deliver (the figure is the median)"
+    )
     args = parser.parse_args()
     report = Report("1 burst")
-    with workdir("burst", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with workdir("burst", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         admin = server.admin()
         admin.create_webhook(receiver.url("/unleash"), events=[PROBE_TYPE])
         waited = wait_for_integration(server, receiver)
         say(f"Unleash's integration delivers (after {waited:.0f} s of probes)")
-        config = write_config(work / "poller.toml", server,
-                              [{"name": "burst", "url": receiver.url("/poller")}],
-                              start_from="latest")
+        config = write_config(
+            work / "poller.toml",
+            server,
+            [{"name": "burst", "url": receiver.url("/poller")}],
+            start_from="latest",
+        )
         daemon = Daemon(config)
         polled: list[tuple[float, int, int, int]] = []
         own: list[tuple[float, int, int, int]] = []
@@ -135,8 +138,10 @@ def main() -> None:
                 polled.append(burst_figures(receiver, "/poller", ids, committed_at))
                 own.append(burst_figures(receiver, "/unleash", ids, committed_at))
                 taken_in.append(taken_in_s(daemon, ids, wall))
-                say(f"burst {n + 1}: Unleash {own[-1][0]:.2f} s, poller {polled[-1][0]:.2f} s "
-                    f"(taken in after {taken_in[-1]:.2f} s)")
+                say(
+                    f"burst {n + 1}: Unleash {own[-1][0]:.2f} s, poller {polled[-1][0]:.2f} s "
+                    f"(taken in after {taken_in[-1]:.2f} s)"
+                )
                 time.sleep(rng.uniform(3.0, 4.0))  # no fixed phase to either side's loop
 
             alone_ids, alone_at, alone_wall = insert_burst(server, args.events, ALONE_TYPE)
@@ -145,27 +150,40 @@ def main() -> None:
             alone_taken_in = taken_in_s(daemon, alone_ids, alone_wall)
         finally:
             daemon.stop()
-    print(f"\n1. {args.bursts} bursts of {args.events:,} events, each inserted in one "
-          "statement (medians; each burst listed)")
+    print(
+        f"\n1. {args.bursts} bursts of {args.events:,} events, each inserted in one "
+        "statement (medians; each burst listed)"
+    )
     own_s = statistics.median(o[0] for o in own)
     polled_s = statistics.median(p[0] for p in polled)
     report.add("Unleash's own integration: insert -> last receipt", own_s, "s")
     report.add("  each burst", " ".join(f"{o[0]:.2f}" for o in own), "s")
     report.add("unleash-poller (same bursts, same time): ditto", polled_s, "s")
     report.add("  each burst", " ".join(f"{p[0]:.2f}" for p in polled), "s")
-    report.add("  of which insert -> taken in (cursor.advanced)",
-               " ".join(f"{t:.2f}" for t in taken_in), "s")
+    report.add(
+        "  of which insert -> taken in (cursor.advanced)",
+        " ".join(f"{t:.2f}" for t in taken_in),
+        "s",
+    )
     ratio = polled_s / own_s
     report.add("poller / Unleash's own (medians)", ratio, "x", "<= 0.25", ratio <= 0.25)
     report.add("Unleash's own: out of order, each burst", " ".join(str(o[2]) for o in own))
     poller_disorder = sum(p[2] for p in polled)
-    report.add("unleash-poller: out of order, all bursts", poller_disorder, "", "0",
-               poller_disorder == 0)
-    report.add("Unleash's own: lost / duplicates, all bursts",
-               f"{sum(o[1] for o in own)} / {sum(o[3] for o in own)}")
+    report.add(
+        "unleash-poller: out of order, all bursts", poller_disorder, "", "0", poller_disorder == 0
+    )
+    report.add(
+        "Unleash's own: lost / duplicates, all bursts",
+        f"{sum(o[1] for o in own)} / {sum(o[3] for o in own)}",
+    )
     poller_lost = sum(p[1] for p in polled)
-    report.add("unleash-poller: lost / duplicates, all bursts",
-               f"{poller_lost} / {sum(p[3] for p in polled)}", "", "0 lost", poller_lost == 0)
+    report.add(
+        "unleash-poller: lost / duplicates, all bursts",
+        f"{poller_lost} / {sum(p[3] for p in polled)}",
+        "",
+        "0 lost",
+        poller_lost == 0,
+    )
     report.add("unleash-poller alone (last burst): insert -> last", alone[0], "s")
     report.add("  of which insert -> taken in (cursor.advanced)", alone_taken_in, "s")
     report.add("unleash-poller alone: lost / out of order", f"{alone[1]} / {alone[2]}")

@@ -44,14 +44,21 @@ HOOKS = 10
 
 @dataclass
 class Fanout:
-    combined: float   # healthy webhooks' deliveries per second, first to last receipt
+    combined: float  # healthy webhooks' deliveries per second, first to last receipt
     per_hook: float
     lost: int
     out_of_order: int
 
 
-def run_once(server: UnleashServer, receiver: LeanReceiver, work: Path, name: str,
-             hung: bool, before: int, ids: range) -> Fanout:
+def run_once(
+    server: UnleashServer,
+    receiver: LeanReceiver,
+    work: Path,
+    name: str,
+    hung: bool,
+    before: int,
+    ids: range,
+) -> Fanout:
     paths = [f"/{name}/{i}" for i in range(HOOKS)]
     if hung:
         paths[-1] = f"/hang/{name}"
@@ -72,8 +79,10 @@ def run_once(server: UnleashServer, receiver: LeanReceiver, work: Path, name: st
         lost += result.lost
         out_of_order += result.out_of_order
     combined = rate(times)
-    say(f"{name}: {combined:,.0f} deliveries/s over {len(healthy)} webhooks"
-        + (f"; the hung one was tried {receiver.count(paths[-1])} times" if hung else ""))
+    say(
+        f"{name}: {combined:,.0f} deliveries/s over {len(healthy)} webhooks"
+        + (f"; the hung one was tried {receiver.count(paths[-1])} times" if hung else "")
+    )
     return Fanout(combined, combined / len(healthy), lost, out_of_order)
 
 
@@ -84,29 +93,37 @@ def main() -> None:
     args = parser.parse_args()
     report = Report("4 fan-out")
     results: dict[str, list[Fanout]] = {"healthy": [], "one-hung": []}
-    with workdir("fanout", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with workdir("fanout", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         before = last_event_id(server.db)
         first, last = insert_events(server.db, args.events)
         ids = range(first, last + 1)
         for round_ in range(1, args.rounds + 1):
             for run, hung in (("healthy", False), ("one-hung", True)):
-                results[run].append(run_once(server, receiver, work, f"{run}-{round_}", hung,
-                                             before, ids))
-    print(f"\n4. fan-out: {HOOKS} webhooks x {args.events:,} events, "
-          f"median of {args.rounds} alternating rounds")
+                results[run].append(
+                    run_once(server, receiver, work, f"{run}-{round_}", hung, before, ids)
+                )
+    print(
+        f"\n4. fan-out: {HOOKS} webhooks x {args.events:,} events, "
+        f"median of {args.rounds} alternating rounds"
+    )
     medians: dict[str, float] = {}
     for run, rounds in results.items():
         medians[run] = statistics.median(r.combined for r in rounds)
         report.add(f"{run}: healthy webhooks combined (median)", medians[run], "ev/s")
         report.add(f"{run}: each round", " ".join(f"{r.combined:.0f}" for r in rounds), "ev/s")
-        report.add(f"{run}: per healthy webhook (median)",
-                   statistics.median(r.per_hook for r in rounds), "ev/s")
-        report.add(f"{run}: lost / out of order", f"{sum(r.lost for r in rounds)} / "
-                   f"{sum(r.out_of_order for r in rounds)}")
+        report.add(
+            f"{run}: per healthy webhook (median)",
+            statistics.median(r.per_hook for r in rounds),
+            "ev/s",
+        )
+        report.add(
+            f"{run}: lost / out of order",
+            f"{sum(r.lost for r in rounds)} / {sum(r.out_of_order for r in rounds)}",
+        )
     ratio = medians["one-hung"] / medians["healthy"]
-    report.add("nine beside a hung one / all ten healthy", ratio * 100, "%", ">= 90 %",
-               ratio >= 0.9)
+    report.add(
+        "nine beside a hung one / all ten healthy", ratio * 100, "%", ">= 90 %", ratio >= 0.9
+    )
     report.save(args.json)
     say("done")
 

@@ -60,11 +60,16 @@ def _when(entry: dict[str, object]) -> float:
     return dt.datetime.fromisoformat(stamp).timestamp()
 
 
-def run_from_earliest(server: UnleashServer, receiver: LeanReceiver, work: Path, name: str,
-                      events: int) -> HistoryRun:
+def run_from_earliest(
+    server: UnleashServer, receiver: LeanReceiver, work: Path, name: str, events: int
+) -> HistoryRun:
     path = f"/{name}"
-    config = write_config(work / f"{name}.toml", server,
-                          [{"name": name, "url": receiver.url(path)}], start_from="earliest")
+    config = write_config(
+        work / f"{name}.toml",
+        server,
+        [{"name": name, "url": receiver.url(path)}],
+        start_from="earliest",
+    )
     started = time.time()
     daemon = Daemon(config, once=True)
     done = daemon.wait(timeout_s=3600)
@@ -80,10 +85,21 @@ def run_from_earliest(server: UnleashServer, receiver: LeanReceiver, work: Path,
     every_id = [int(i) for i in server.db.psql("SELECT id FROM events ORDER BY id;")]
     result = delivery(ids, every_id)
     kinds = collections.Counter(str(e.get("event")) for e in entries)
-    say(f"{name}: {events} events in {done.wall_s:.1f} s, peak RSS {done.max_rss_kb / 1024:.1f} "
-        f"MB, longest log silence {silence:.1f} s")
-    return HistoryRun(events, done.wall_s, taken_in, done.max_rss_kb, result.lost,
-                      result.out_of_order, len(entries), dict(kinds), silence)
+    say(
+        f"{name}: {events} events in {done.wall_s:.1f} s, peak RSS {done.max_rss_kb / 1024:.1f} "
+        f"MB, longest log silence {silence:.1f} s"
+    )
+    return HistoryRun(
+        events,
+        done.wall_s,
+        taken_in,
+        done.max_rss_kb,
+        result.lost,
+        result.out_of_order,
+        len(entries),
+        dict(kinds),
+        silence,
+    )
 
 
 def main() -> None:
@@ -93,8 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     report = Report("7 history")
     runs: list[HistoryRun] = []
-    with workdir("history", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with workdir("history", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         insert_events(server.db, args.small)
         total = int(server.db.psql("SELECT count(*) FROM events;")[0])
         runs.append(run_from_earliest(server, receiver, work, "small", total))
@@ -110,10 +125,17 @@ def main() -> None:
         report.add(f"{tag}: peak RSS (VmHWM)", run.max_rss_kb / 1024, "MB")
         report.add(f"{tag}: lost / out of order", f"{run.lost} / {run.out_of_order}")
         report.add(f"{tag}: log lines while it ran", run.log_lines)
-        report.note(f"{tag}: log events: " + ", ".join(f"{k} x{v}" for k, v in
-                                                         sorted(run.log_kinds.items())))
-        report.add(f"{tag}: longest silence in the log", run.longest_silence_s, "s",
-                   f"<= {MAX_SILENCE_S:g} s", run.longest_silence_s <= MAX_SILENCE_S)
+        report.note(
+            f"{tag}: log events: "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(run.log_kinds.items()))
+        )
+        report.add(
+            f"{tag}: longest silence in the log",
+            run.longest_silence_s,
+            "s",
+            f"<= {MAX_SILENCE_S:g} s",
+            run.longest_silence_s <= MAX_SILENCE_S,
+        )
     small, large = runs
     growth = large.max_rss_kb / small.max_rss_kb
     report.add("peak RSS large / small", growth, "x", "<= 1.1", growth <= 1.1)

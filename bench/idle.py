@@ -52,11 +52,14 @@ def main() -> None:
     extra = poll_interval_setting(args)
     report = Report("6 idle")
     window = args.seconds
-    with workdir("idle", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with workdir("idle", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         node_pid = server._process.pid  # type: ignore[union-attr]
-        proxy = subprocess.Popen([PYTHON, "-m", "bench.proxy", server.url], cwd=REPO_ROOT,
-                                 stdout=subprocess.PIPE, text=True)
+        proxy = subprocess.Popen(
+            [PYTHON, "-m", "bench.proxy", server.url],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert proxy.stdout is not None
             proxy_url = f"http://127.0.0.1:{int(proxy.stdout.readline())}"
@@ -64,21 +67,25 @@ def main() -> None:
             say(f"Unleash alone for {window:.0f} s")
             unleash_alone_s = cpu_over(node_pid, window)
             config = write_poller_config(
-                work / "poller.toml", server,
+                work / "poller.toml",
+                server,
                 [{"name": "idle", "url": receiver.url("/idle")}],
-                start_from="latest", unleash_url=proxy_url, unleash_extra=extra)
+                start_from="latest",
+                unleash_url=proxy_url,
+                unleash_extra=extra,
+            )
             daemon = Daemon(config)
             try:
                 daemon.wait_log("cursor.initialised")
                 time.sleep(5.0)
-                urllib.request.urlopen(urllib.request.Request(  # noqa: S310
-                    f"{proxy_url}/_bench/reset", method="POST"), timeout=10).close()
+                reset = urllib.request.Request(f"{proxy_url}/_bench/reset", method="POST")  # noqa: S310
+                urllib.request.urlopen(reset, timeout=10).close()  # noqa: S310
                 say(f"daemon idle for {window:.0f} s")
                 before = proc_stat(daemon.pid)
                 unleash_with_s = cpu_over(node_pid, window)
                 after = proc_stat(daemon.pid)
-                with urllib.request.urlopen(f"{proxy_url}/_bench/requests",  # noqa: S310
-                                            timeout=10) as resp:
+                requests_url = f"{proxy_url}/_bench/requests"
+                with urllib.request.urlopen(requests_url, timeout=10) as resp:  # noqa: S310
                     requests = json.loads(resp.read())
             finally:
                 stopped = daemon.stop()
@@ -89,18 +96,22 @@ def main() -> None:
     cpu_pct = cpu_s / window * 100
     kinds = collections.Counter(
         (r["method"], r["path"], r["query"].split("&")[0], r["status"], r["conditional"])
-        for r in requests)
+        for r in requests
+    )
     probes = sum(1 for r in requests if r["status"] == 304)
     interval = "the default" if args.poll_interval_s is None else f"a {args.poll_interval_s} s"
     print(f"\n6. idle cost over {window:.0f} s at {interval} poll interval")
     report.add("daemon CPU (schedstat)", cpu_pct, "% core", "<= 0.3 %", cpu_pct <= 0.3)
-    report.add("daemon CPU (stat ticks)", (after.cpu_s - before.cpu_s) / window * 100,
-               "% core")
+    report.add("daemon CPU (stat ticks)", (after.cpu_s - before.cpu_s) / window * 100, "% core")
     report.add("daemon CPU per poll", cpu_s / max(1, len(requests)) * 1000, "ms")
-    report.add("daemon RSS at the end", after.rss_kb / 1024, "MB", "<= 40 MB",
-               after.rss_kb <= 40 * 1024)
-    report.add("  of which RssAnon / RssFile",
-               f"{after.anon_kb / 1024:.1f} / {after.file_kb / 1024:.1f}", "MB")
+    report.add(
+        "daemon RSS at the end", after.rss_kb / 1024, "MB", "<= 40 MB", after.rss_kb <= 40 * 1024
+    )
+    report.add(
+        "  of which RssAnon / RssFile",
+        f"{after.anon_kb / 1024:.1f} / {after.file_kb / 1024:.1f}",
+        "MB",
+    )
     report.add("daemon peak RSS (VmHWM)", after.hwm_kb / 1024, "MB")
     report.add("requests to Unleash", len(requests))
     report.add("requests per second", len(requests) / window, "/s")
@@ -110,13 +121,17 @@ def main() -> None:
     if requests:
         mean_ms = sum(float(r["ms"]) for r in requests) / len(requests)
         report.add("Unleash answer time per poll (mean)", mean_ms, "ms")
-        report.add("bytes per answer (mean)",
-                   sum(int(r["bytes"]) for r in requests) / len(requests), "B")
+        report.add(
+            "bytes per answer (mean)", sum(int(r["bytes"]) for r in requests) / len(requests), "B"
+        )
     report.add("Unleash CPU, no poller", unleash_alone_s / window * 100, "% core")
     report.add("Unleash CPU, polled", unleash_with_s / window * 100, "% core")
     if probes:
-        report.add("Unleash CPU per poll (difference)",
-                   (unleash_with_s - unleash_alone_s) / probes * 1000, "ms")
+        report.add(
+            "Unleash CPU per poll (difference)",
+            (unleash_with_s - unleash_alone_s) / probes * 1000,
+            "ms",
+        )
     report.note(f"daemon exit code {stopped.code} after SIGTERM")
     if extra:
         report.note(f"poll_interval_s = {args.poll_interval_s} set in the config")

@@ -34,8 +34,9 @@ from bench.lib import (
 )
 
 
-def wait_for_id(receiver: LeanReceiver, paths: list[str], seen: dict[str, int],
-                timeout_s: float) -> None:
+def wait_for_id(
+    receiver: LeanReceiver, paths: list[str], seen: dict[str, int], timeout_s: float
+) -> None:
     deadline = time.monotonic() + timeout_s
     for path in paths:
         while receiver.count(path) <= seen[path] and time.monotonic() < deadline:
@@ -52,13 +53,16 @@ def main() -> None:
     report = Report("5 latency")
     rng = random.Random(7)
     inserted: dict[int, float] = {}
-    with workdir("latency", args.keep) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with workdir("latency", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         server.admin().create_webhook(receiver.url("/unleash"), events=[PROBE_TYPE])
         wait_for_integration(server, receiver)
-        config = write_config(work / "poller.toml", server,
-                              [{"name": "latency", "url": receiver.url("/poller")}],
-                              start_from="latest", unleash_extra=extra)
+        config = write_config(
+            work / "poller.toml",
+            server,
+            [{"name": "latency", "url": receiver.url("/poller")}],
+            start_from="latest",
+            unleash_extra=extra,
+        )
         daemon = Daemon(config)
         inserter = Inserter(server.db)
         try:
@@ -84,16 +88,18 @@ def main() -> None:
             first_receipt: dict[int, float] = {}
             for event_id, received_at in zip(ids, times, strict=True):
                 first_receipt.setdefault(event_id, received_at)
-            latencies[path] = [first_receipt[i] - t for i, t in inserted.items()
-                               if i in first_receipt]
+            latencies[path] = [
+                first_receipt[i] - t for i, t in inserted.items() if i in first_receipt
+            ]
             missing[path] = sum(1 for i in inserted if i not in first_receipt)
     print(f"\n5. latency, insert -> receipt, {args.events} single events")
     for path, label in (("/unleash", "Unleash's own"), ("/poller", "unleash-poller")):
         values = latencies[path]
         report.add(f"{label}: p50", percentile(values, 50) * 1000, "ms")
         report.add(f"{label}: p99", percentile(values, 99) * 1000, "ms")
-        report.add(f"{label}: min / max",
-                   f"{min(values) * 1000:.0f} / {max(values) * 1000:.0f}", "ms")
+        report.add(
+            f"{label}: min / max", f"{min(values) * 1000:.0f} / {max(values) * 1000:.0f}", "ms"
+        )
         report.add(f"{label}: not received", missing[path])
     ratio = percentile(latencies["/poller"], 50) / percentile(latencies["/unleash"], 50)
     report.add("poller p50 / Unleash's p50", ratio, "x", "<= 0.5", ratio <= 0.5)

@@ -60,8 +60,14 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    def add(self, figure: str, value: float | str, unit: str = "", target: str = "",
-            met: bool | None = None) -> None:
+    def add(
+        self,
+        figure: str,
+        value: float | str,
+        unit: str = "",
+        target: str = "",
+        met: bool | None = None,
+    ) -> None:
         row = Row(self.bench, figure, value, unit, target, met)
         self.rows.append(row)
         shown = f"{value:,.3f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
@@ -75,22 +81,33 @@ class Report:
 
     def save(self, path: Path | None) -> None:
         if path is not None:
-            path.write_text(json.dumps({"bench": self.bench,
-                                        "rows": [asdict(r) for r in self.rows],
-                                        "notes": self.notes}, indent=1))
+            path.write_text(
+                json.dumps(
+                    {
+                        "bench": self.bench,
+                        "rows": [asdict(r) for r in self.rows],
+                        "notes": self.notes,
+                    },
+                    indent=1,
+                )
+            )
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", type=Path, help="also write the figures here (for run_all)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work directory (configs, logs, state files)")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the work directory (configs, logs, state files)"
+    )
     return parser
 
 
 def add_poll_interval(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--poll-interval-s", type=float,
-                        help="set the daemon's unleash.poll_interval_s (default: its default)")
+    parser.add_argument(
+        "--poll-interval-s",
+        type=float,
+        help="set the daemon's unleash.poll_interval_s (default: its default)",
+    )
 
 
 def poll_interval_setting(args: argparse.Namespace) -> dict[str, float]:
@@ -126,8 +143,12 @@ def machine() -> dict[str, str]:
         for line in meminfo:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
-    return {"nproc": str(os.cpu_count()), "cpu": model,
-            "memory": f"{mem_kb / 1024 / 1024:.1f} GiB", "python": platform.python_version()}
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": model,
+        "memory": f"{mem_kb / 1024 / 1024:.1f} GiB",
+        "python": platform.python_version(),
+    }
 
 
 # --------------------------------------------------------------------------- Unleash
@@ -167,16 +188,22 @@ class Inserter:
 
     def __init__(self, db: PostgresDatabase) -> None:
         command = db._psql_command({})
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, text=True,
-                                         env=db._psql_env())
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=db._psql_env(),
+        )
 
     def insert(self, type_: str = "feature-updated") -> tuple[int, float]:
         assert self._process.stdin is not None
         assert self._process.stdout is not None
         self._process.stdin.write(
             "INSERT INTO events (type, created_by, created_by_user_id, data, tags, project) "
-            f"VALUES ('{type_}', 'bench', -1337, '{{}}', '[]', 'default') RETURNING id;\n")
+            f"VALUES ('{type_}', 'bench', -1337, '{{}}', '[]', 'default') RETURNING id;\n"
+        )
         self._process.stdin.flush()
         line = self._process.stdout.readline()
         # psql prints a row only after the server's ReadyForQuery: the autocommit is done.
@@ -199,14 +226,19 @@ class LeanReceiver:
         self.port = 0
 
     def __enter__(self) -> Self:
-        self._process = subprocess.Popen([PYTHON, "-m", "bench.receiver"], cwd=REPO_ROOT,
-                                         stdout=subprocess.PIPE, text=True)
+        self._process = subprocess.Popen(
+            [PYTHON, "-m", "bench.receiver"], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+        )
         assert self._process.stdout is not None
         self.port = int(self._process.stdout.readline())
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._process is not None:
             self._process.send_signal(signal.SIGINT)
             try:
@@ -235,8 +267,9 @@ class LeanReceiver:
         data = self._get("stats", path)
         return data["ids"], data["times"]
 
-    def wait_for(self, paths: Sequence[str], count: int, timeout_s: float,
-                 *, poll_s: float = 0.05) -> bool:
+    def wait_for(
+        self, paths: Sequence[str], count: int, timeout_s: float, *, poll_s: float = 0.05
+    ) -> bool:
         """Until every path has `count` requests; False on timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -261,14 +294,24 @@ def _toml(value: object) -> str:
     raise TypeError(type(value).__name__)
 
 
-def write_config(path: Path, server: UnleashServer, webhooks: Sequence[Mapping[str, object]],
-                 *, start_from: str | int, unleash_url: str | None = None,
-                 top: Mapping[str, object] | None = None,
-                 unleash_extra: Mapping[str, object] | None = None) -> Path:
+def write_config(
+    path: Path,
+    server: UnleashServer,
+    webhooks: Sequence[Mapping[str, object]],
+    *,
+    start_from: str | int,
+    unleash_url: str | None = None,
+    top: Mapping[str, object] | None = None,
+    unleash_extra: Mapping[str, object] | None = None,
+) -> Path:
     """A poller config that sets only what it is given: everything else stays default."""
     lines = [f"{k} = {_toml(v)}" for k, v in (top or {}).items()]
-    lines += ["[unleash]", f"url = {_toml(unleash_url or server.url)}",
-              f"token = {_toml(server.admin_token)}", f"start_from = {_toml(start_from)}"]
+    lines += [
+        "[unleash]",
+        f"url = {_toml(unleash_url or server.url)}",
+        f"token = {_toml(server.admin_token)}",
+        f"start_from = {_toml(start_from)}",
+    ]
     lines += [f"{k} = {_toml(v)}" for k, v in (unleash_extra or {}).items()]
     lines += ["", "[state]", f"path = {_toml(str(path.with_suffix('.sqlite3')))}"]
     for hook in webhooks:
@@ -281,12 +324,12 @@ def write_config(path: Path, server: UnleashServer, webhooks: Sequence[Mapping[s
 
 @dataclass
 class ProcStat:
-    cpu_s: float       # utime + stime, clock ticks
-    cpu_ns: int        # /proc/PID/schedstat: time on a CPU, nanoseconds
+    cpu_s: float  # utime + stime, clock ticks
+    cpu_ns: int  # /proc/PID/schedstat: time on a CPU, nanoseconds
     rss_kb: int
     hwm_kb: int
-    anon_kb: int = 0   # RssAnon: the process's own heap and stacks
-    file_kb: int = 0   # RssFile: mapped files (shared libraries, extension modules)
+    anon_kb: int = 0  # RssAnon: the process's own heap and stacks
+    file_kb: int = 0  # RssFile: mapped files (shared libraries, extension modules)
 
 
 def proc_stat(pid: int) -> ProcStat:
@@ -302,9 +345,14 @@ def proc_stat(pid: int) -> ProcStat:
             key, _, rest = line.partition(":")
             if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 fields_kb[key] = int(rest.split()[0])
-    return ProcStat((utime + stime) / CLK_TCK, cpu_ns, fields_kb.get("VmRSS", 0),
-                    fields_kb.get("VmHWM", 0), fields_kb.get("RssAnon", 0),
-                    fields_kb.get("RssFile", 0))
+    return ProcStat(
+        (utime + stime) / CLK_TCK,
+        cpu_ns,
+        fields_kb.get("VmRSS", 0),
+        fields_kb.get("VmHWM", 0),
+        fields_kb.get("RssAnon", 0),
+        fields_kb.get("RssFile", 0),
+    )
 
 
 @dataclass
@@ -318,8 +366,7 @@ class Exit:
 class Daemon:
     """`python -m poller run -c CONFIG [--once]` as a child process, logs to a file."""
 
-    def __init__(self, config: Path, *, once: bool = False,
-                 prefix: Sequence[str] = ()) -> None:
+    def __init__(self, config: Path, *, once: bool = False, prefix: Sequence[str] = ()) -> None:
         self.config = config
         self.log_path = config.with_suffix(".log")
         self._log = self.log_path.open("wb")
@@ -327,8 +374,13 @@ class Daemon:
         if once:
             argv.append("--once")
         self.started = time.monotonic()
-        self._process = subprocess.Popen(argv, cwd=POLLER_DIR, stdin=subprocess.DEVNULL,
-                                         stdout=self._log, stderr=subprocess.STDOUT)
+        self._process = subprocess.Popen(
+            argv,
+            cwd=POLLER_DIR,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         self.pid = self._process.pid
         self.exit: Exit | None = None
 
@@ -350,8 +402,10 @@ class Daemon:
             if not self.running():
                 break
             time.sleep(0.05)
-        raise RuntimeError(f"daemon did not log {event!r}; log {self.log_path}:\n"
-                           + self.log_path.read_text(errors="replace")[-3000:])
+        raise RuntimeError(
+            f"daemon did not log {event!r}; log {self.log_path}:\n"
+            + self.log_path.read_text(errors="replace")[-3000:]
+        )
 
     def running(self) -> bool:
         """Without reaping it (wait4 in `wait` must get its resource usage)."""
@@ -376,8 +430,12 @@ class Daemon:
             time.sleep(0.02)
         self._process.returncode = os.waitstatus_to_exitcode(status)
         self._log.close()
-        self.exit = Exit(self._process.returncode, time.monotonic() - self.started,
-                         usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+        self.exit = Exit(
+            self._process.returncode,
+            time.monotonic() - self.started,
+            usage.ru_utime + usage.ru_stime,
+            usage.ru_maxrss,
+        )
         return self.exit
 
     def stop(self, timeout_s: float = 60.0) -> Exit:
@@ -395,7 +453,7 @@ class Delivery:
     distinct: int
     lost: int
     duplicates: int
-    out_of_order: int   # received after an event with a higher id
+    out_of_order: int  # received after an event with a higher id
 
 
 def delivery(ids: Sequence[int], expected: range | Sequence[int]) -> Delivery:

@@ -35,8 +35,10 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             baselines.append(bench.baseline(tag=f"-{round_}"))
             ordered.append(bench.poller(f"ordered-{round_}", {}))
-    print(f"\n2. ordered rate, {args.events:,} events, one webhook, "
-          f"median of {args.rounds} alternating rounds")
+    print(
+        f"\n2. ordered rate, {args.events:,} events, one webhook, "
+        f"median of {args.rounds} alternating rounds"
+    )
     report_run(report, median_run(baselines), args.events)
     report_run(report, median_run(ordered), args.events)
     add_rounds(report, "baseline", baselines)

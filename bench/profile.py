@@ -83,44 +83,77 @@ def summarise(raw: Path, top: int = 25) -> str:
 
 
 def profile_backlog(out: Path, events: int, hook: dict[str, object]) -> None:
-    with workdir("profile-ordered", False) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
+    with (
+        workdir("profile-ordered", False) as work,
+        unleash(work) as server,
+        LeanReceiver() as receiver,
+    ):
         backlog = make_backlog(server, events)
-        config = write_config(work / "ordered.toml", server,
-                              [{"name": "ordered", "url": receiver.url("/backlog"), **hook}],
-                              start_from=backlog.before)
+        config = write_config(
+            work / "ordered.toml",
+            server,
+            [{"name": "ordered", "url": receiver.url("/backlog"), **hook}],
+            start_from=backlog.before,
+        )
         for fmt, name in (("raw", "raw.txt"), ("speedscope", "ordered.speedscope.json")):
             # A fresh state file per recording: each one delivers the whole backlog.
             config.with_suffix(".sqlite3").unlink(missing_ok=True)
-            daemon = Daemon(config, once=True, prefix=[
-                py_spy(), "record", "-r", RATE_HZ, "-f", fmt, "-o", str(out / name), "--"])
+            daemon = Daemon(
+                config,
+                once=True,
+                prefix=[py_spy(), "record", "-r", RATE_HZ, "-f", fmt, "-o", str(out / name), "--"],
+            )
             done = daemon.wait()
-            say(f"{fmt}: exit {done.code} in {done.wall_s:.1f} s; "
-                f"receiver has {receiver.count('/backlog')}")
+            say(
+                f"{fmt}: exit {done.code} in {done.wall_s:.1f} s; "
+                f"receiver has {receiver.count('/backlog')}"
+            )
 
 
 def profile_burst(out: Path, events: int) -> None:
-    with workdir("profile-burst", False) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
-        config = write_config(work / "burst.toml", server,
-                              [{"name": "burst", "url": receiver.url("/burst")}],
-                              start_from="latest")
+    with (
+        workdir("profile-burst", False) as work,
+        unleash(work) as server,
+        LeanReceiver() as receiver,
+    ):
+        config = write_config(
+            work / "burst.toml",
+            server,
+            [{"name": "burst", "url": receiver.url("/burst")}],
+            start_from="latest",
+        )
         daemon = Daemon(config)
         try:
             daemon.wait_log("cursor.initialised")
             time.sleep(1.5)
-            recorders = [subprocess.Popen([py_spy(), "record", "-r", RATE_HZ, "-f", fmt,
-                                           "-o", str(out / name), "--pid", str(daemon.pid)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                         for fmt, name in (("raw", "raw.txt"),
-                                           ("speedscope", "burst.speedscope.json"))]
+            recorders = [
+                subprocess.Popen(
+                    [
+                        py_spy(),
+                        "record",
+                        "-r",
+                        RATE_HZ,
+                        "-f",
+                        fmt,
+                        "-o",
+                        str(out / name),
+                        "--pid",
+                        str(daemon.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for fmt, name in (("raw", "raw.txt"), ("speedscope", "burst.speedscope.json"))
+            ]
             time.sleep(1.0)
             before = last_event_id(server.db)
             server.db.insert_events(events)
             inserted_at = time.monotonic()
             receiver.wait_for(["/burst"], events, 300)
-            say(f"burst delivered {time.monotonic() - inserted_at:.2f} s after the insert "
-                f"(events after id {before})")
+            say(
+                f"burst delivered {time.monotonic() - inserted_at:.2f} s after the insert "
+                f"(events after id {before})"
+            )
             for recorder in recorders:
                 recorder.send_signal(signal.SIGINT)
             for recorder in recorders:
@@ -133,19 +166,42 @@ def profile_burst(out: Path, events: int) -> None:
 def profile_idle(out: Path, seconds: int) -> None:
     """An idle Unleash polled every 10 ms: the same work as a default idle poll, a hundred
     times as often, so a short recording holds enough samples of it."""
-    with workdir("profile-idle", False) as work, unleash(work) as server, \
-            LeanReceiver() as receiver:
-        config = write_config(work / "idle.toml", server,
-                              [{"name": "idle", "url": receiver.url("/idle")}],
-                              start_from="latest", unleash_extra={"poll_interval_s": 0.01})
+    with (
+        workdir("profile-idle", False) as work,
+        unleash(work) as server,
+        LeanReceiver() as receiver,
+    ):
+        config = write_config(
+            work / "idle.toml",
+            server,
+            [{"name": "idle", "url": receiver.url("/idle")}],
+            start_from="latest",
+            unleash_extra={"poll_interval_s": 0.01},
+        )
         daemon = Daemon(config)
         try:
             daemon.wait_log("cursor.initialised")
             time.sleep(1.0)
             for fmt, name in (("raw", "raw.txt"), ("speedscope", "idle.speedscope.json")):
-                subprocess.run([py_spy(), "record", "-r", RATE_HZ, "-f", fmt, "-o",
-                                str(out / name), "-d", str(seconds), "--pid", str(daemon.pid)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+                subprocess.run(
+                    [
+                        py_spy(),
+                        "record",
+                        "-r",
+                        RATE_HZ,
+                        "-f",
+                        fmt,
+                        "-o",
+                        str(out / name),
+                        "-d",
+                        str(seconds),
+                        "--pid",
+                        str(daemon.pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    check=True,
+                )
         finally:
             daemon.stop()
 

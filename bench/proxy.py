@@ -16,8 +16,18 @@ import time
 import aiohttp
 from aiohttp import web
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host",
-              "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-authorization",
+    "proxy-authenticate",
+}
 
 
 def make_app(upstream: str) -> web.Application:
@@ -34,17 +44,31 @@ def make_app(upstream: str) -> web.Application:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         body = await request.read()
         started = time.monotonic()
-        async with app["client"].request(request.method, upstream + request.path_qs,
-                                         headers=headers, data=body or None,
-                                         allow_redirects=False) as resp:
+        async with app["client"].request(
+            request.method,
+            upstream + request.path_qs,
+            headers=headers,
+            data=body or None,
+            allow_redirects=False,
+        ) as resp:
             payload = await resp.read()
-            answer = web.Response(status=resp.status, body=payload, headers={
-                k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP})
-        seen.append({"method": request.method, "path": request.path,
-                     "query": request.query_string,
-                     "conditional": "If-None-Match" in request.headers,
-                     "status": resp.status, "bytes": len(payload),
-                     "ms": (time.monotonic() - started) * 1000, "at": started})
+            answer = web.Response(
+                status=resp.status,
+                body=payload,
+                headers={k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP},
+            )
+        seen.append(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "conditional": "If-None-Match" in request.headers,
+                "status": resp.status,
+                "bytes": len(payload),
+                "ms": (time.monotonic() - started) * 1000,
+                "at": started,
+            }
+        )
         return answer
 
     async def requests(_request: web.Request) -> web.StreamResponse:
@@ -68,8 +92,7 @@ def main() -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     print(sock.getsockname()[1], flush=True)
-    web.run_app(make_app(upstream), sock=sock, access_log=None, print=None,
-                shutdown_timeout=1)
+    web.run_app(make_app(upstream), sock=sock, access_log=None, print=None, shutdown_timeout=1)
 
 
 if __name__ == "__main__":

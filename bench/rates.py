@@ -40,14 +40,14 @@ UNLEASH_ONLY_FIELDS = ("label", "summary")  # added by the search endpoint, not 
 class RateRun:
     name: str
     received: int
-    rate: float          # receiver-side: (n - 1) / (last receipt - first receipt)
-    wall_s: float        # the sender process from start to exit
+    rate: float  # receiver-side: (n - 1) / (last receipt - first receipt)
+    wall_s: float  # the sender process from start to exit
     cpu_s: float | None
     max_rss_kb: int | None
     lost: int
     out_of_order: int
     duplicates: int
-    receiver_cpu_s: float = 0.0   # the lean receiver's CPU time during this run
+    receiver_cpu_s: float = 0.0  # the lean receiver's CPU time during this run
 
 
 @dataclass
@@ -80,22 +80,43 @@ def bodies_file(server: UnleashServer, backlog: Backlog, path: Path) -> Path:
     return path
 
 
-def _measure(receiver: LeanReceiver, path: str, name: str, backlog: Backlog, wall_s: float,
-             cpu_s: float | None, max_rss_kb: int | None) -> RateRun:
+def _measure(
+    receiver: LeanReceiver,
+    path: str,
+    name: str,
+    backlog: Backlog,
+    wall_s: float,
+    cpu_s: float | None,
+    max_rss_kb: int | None,
+) -> RateRun:
     ids, times = receiver.stats(path)
     result = delivery(ids, backlog.ids)
-    return RateRun(name, len(ids), rate(times), wall_s, cpu_s, max_rss_kb, result.lost,
-                   result.out_of_order, result.duplicates)
+    return RateRun(
+        name,
+        len(ids),
+        rate(times),
+        wall_s,
+        cpu_s,
+        max_rss_kb,
+        result.lost,
+        result.out_of_order,
+        result.duplicates,
+    )
 
 
-def run_baseline(receiver: LeanReceiver, bodies: Path, backlog: Backlog,
-                 concurrency: int = 1, tag: str = "") -> RateRun:
+def run_baseline(
+    receiver: LeanReceiver, bodies: Path, backlog: Backlog, concurrency: int = 1, tag: str = ""
+) -> RateRun:
     path = f"/baseline-{concurrency}{tag}"
     receiver_cpu = proc_stat(receiver.pid).cpu_ns
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    completed = subprocess.run([PYTHON, "-m", "bench.baseline_client", receiver.url(path),
-                                str(bodies), str(concurrency)], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True)
+    completed = subprocess.run(
+        [PYTHON, "-m", "bench.baseline_client", receiver.url(path), str(bodies), str(concurrency)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     summary = json.loads(completed.stdout)
     name = "baseline" if concurrency == 1 else f"baseline x{concurrency}"
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -106,21 +127,33 @@ def run_baseline(receiver: LeanReceiver, bodies: Path, backlog: Backlog,
     return run
 
 
-def run_poller(server: UnleashServer, receiver: LeanReceiver, work: Path, backlog: Backlog,
-               name: str, hook: dict[str, object], prefix: tuple[str, ...] = ()) -> RateRun:
+def run_poller(
+    server: UnleashServer,
+    receiver: LeanReceiver,
+    work: Path,
+    backlog: Backlog,
+    name: str,
+    hook: dict[str, object],
+    prefix: tuple[str, ...] = (),
+) -> RateRun:
     """`run --once` from the id before the backlog: fetch, take in, deliver, exit."""
     path = f"/{name}"
     config_path = work / f"{name}.toml"
-    write_config(config_path, server, [{"name": name, "url": receiver.url(path), **hook}],
-                 start_from=backlog.before)
+    write_config(
+        config_path,
+        server,
+        [{"name": name, "url": receiver.url(path), **hook}],
+        start_from=backlog.before,
+    )
     receiver_cpu = proc_stat(receiver.pid).cpu_ns
     daemon = Daemon(config_path, once=True, prefix=prefix)
     done = daemon.wait()
     receiver_cpu_s = (proc_stat(receiver.pid).cpu_ns - receiver_cpu) / 1e9
     if done.code != 0:
         raise RuntimeError(f"poller exited {done.code}; log {daemon.log_path}")
-    run = _measure(receiver, path, f"poller {name}", backlog, done.wall_s, done.cpu_s,
-                   done.max_rss_kb)
+    run = _measure(
+        receiver, path, f"poller {name}", backlog, done.wall_s, done.cpu_s, done.max_rss_kb
+    )
     run.receiver_cpu_s = receiver_cpu_s
     say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s")
     return run
@@ -137,8 +170,10 @@ def report_run(report: Report, run: RateRun, count: int) -> None:
     if run.cpu_s is not None:
         report.add(f"{run.name}: CPU time / event", run.cpu_s / count * 1e6, "us")
     report.add(f"{run.name}: receiver CPU time / event", run.receiver_cpu_s / count * 1e6, "us")
-    report.add(f"{run.name}: lost / out of order / dup",
-               f"{run.lost} / {run.out_of_order} / {run.duplicates}")
+    report.add(
+        f"{run.name}: lost / out of order / dup",
+        f"{run.lost} / {run.out_of_order} / {run.duplicates}",
+    )
 
 
 def rate_arguments(description: str) -> argparse.ArgumentParser:

@@ -61,8 +61,9 @@ def make_app(recorder: Recorder) -> web.Application:
 
     async def stats(request: web.Request) -> web.StreamResponse:
         path = request.query.get("path", "/")
-        return web.json_response({"ids": list(recorder.ids.get(path, ())),
-                                  "times": list(recorder.times.get(path, ()))})
+        return web.json_response(
+            {"ids": list(recorder.ids.get(path, ())), "times": list(recorder.times.get(path, ()))}
+        )
 
     async def reset(_request: web.Request) -> web.StreamResponse:
         recorder.ids.clear()
@@ -86,8 +87,14 @@ def main() -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
     print(sock.getsockname()[1], flush=True)
-    web.run_app(make_app(Recorder()), sock=sock, access_log=None, print=None,
-                handle_signals=True, shutdown_timeout=1)
+    web.run_app(
+        make_app(Recorder()),
+        sock=sock,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+        shutdown_timeout=1,
+    )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,10 @@ def main() -> None:
     args = parser.parse_args()
     chosen = set(args.only.split(",")) if args.only else None
     info = machine()
-    print(f"machine: {info['nproc']} cores, {info['cpu']}, {info['memory']}, "
-          f"Python {info['python']}", flush=True)
+    print(
+        f"machine: {info['nproc']} cores, {info['cpu']}, {info['memory']}, Python {info['python']}",
+        flush=True,
+    )
     rows: list[dict[str, object]] = []
     failed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-results-") as tmp:
@@ -56,11 +58,14 @@ def main() -> None:
             started = time.monotonic()
             load = Path("/proc/loadavg").read_text().split()[:3]
             # Other work on the machine skews every figure: say how busy it was.
-            print(f"\n==> {number}: python -m {module}   (load average {' '.join(load)})",
-                  flush=True)
+            print(
+                f"\n==> {number}: python -m {module}   (load average {' '.join(load)})", flush=True
+            )
             completed = subprocess.run(
                 [PYTHON, "-m", module, *(quick if args.quick else full), "--json", str(out)],
-                cwd=REPO_ROOT, check=False)
+                cwd=REPO_ROOT,
+                check=False,
+            )
             print(f"==> {number} took {time.monotonic() - started:.0f} s", flush=True)
             if completed.returncode != 0 or not out.exists():
                 failed.append(f"{number} ({module}, exit {completed.returncode})")
@@ -71,8 +76,10 @@ def main() -> None:
         if not row["target"]:
             continue
         met = {True: "yes", False: "**no**", None: ""}[row["met"]]  # type: ignore[index]
-        lines.append(f"| {row['bench']} | {row['figure']} | "
-                     f"{_value(row['value'], str(row['unit']))} | {row['target']} | {met} |")
+        lines.append(
+            f"| {row['bench']} | {row['figure']} | "
+            f"{_value(row['value'], str(row['unit']))} | {row['target']} | {met} |"
+        )
     table = "\n".join(lines)
     print("\nSummary (figures with a target)\n" + table)
     if args.markdown:

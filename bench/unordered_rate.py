@@ -36,10 +36,13 @@ def main() -> None:
         baseline = bench.baseline(args.max_in_flight)
         for round_ in range(1, args.rounds + 1):
             ordered.append(bench.poller(f"ordered-{round_}", {}))
-            unordered.append(bench.poller(f"unordered-{round_}",
-                                          {"max_in_flight": args.max_in_flight}))
-    print(f"\n3. unordered rate (max_in_flight = {args.max_in_flight}), "
-          f"{args.events:,} events, median of {args.rounds} alternating rounds")
+            unordered.append(
+                bench.poller(f"unordered-{round_}", {"max_in_flight": args.max_in_flight})
+            )
+    print(
+        f"\n3. unordered rate (max_in_flight = {args.max_in_flight}), "
+        f"{args.events:,} events, median of {args.rounds} alternating rounds"
+    )
     report_run(report, baseline, args.events)
     report_run(report, median_run(ordered), args.events)
     report_run(report, median_run(unordered), args.events)
@@ -47,8 +50,11 @@ def main() -> None:
     add_rounds(report, "unordered", unordered)
     ratio = median_rate(unordered) / median_rate(ordered)
     report.add("unordered / ordered (medians)", ratio, "x", ">= 2 x", ratio >= 2)
-    report.add(f"baseline x{args.max_in_flight} / ordered (median)",
-               baseline.rate / median_rate(ordered), "x")
+    report.add(
+        f"baseline x{args.max_in_flight} / ordered (median)",
+        baseline.rate / median_rate(ordered),
+        "x",
+    )
     lost = sum(r.lost for r in unordered)
     report.add("unordered: all delivered", "yes" if lost == 0 else "NO", met=lost == 0)
     report.save(args.json)

@@ -33,18 +33,35 @@ from poller.worker import Worker
 
 def _event(i: int) -> str:
     """A feature-updated event about as large as the ones the other benchmarks insert."""
-    return json.dumps({
-        "id": i, "type": "feature-updated", "createdBy": "admin",
-        "createdAt": "2026-11-28T10:00:00.000Z", "createdByUserId": 1,
-        "data": {"name": f"flag-{i}", "description": "x" * 60, "type": "release",
-                 "project": "default", "stale": False},
-        "preData": None, "tags": [], "featureName": f"flag-{i}", "project": "default",
-        "environment": "production", "label": "Flag updated", "summary": "**admin** updated",
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "id": i,
+            "type": "feature-updated",
+            "createdBy": "admin",
+            "createdAt": "2026-11-28T10:00:00.000Z",
+            "createdByUserId": 1,
+            "data": {
+                "name": f"flag-{i}",
+                "description": "x" * 60,
+                "type": "release",
+                "project": "default",
+                "stale": False,
+            },
+            "preData": None,
+            "tags": [],
+            "featureName": f"flag-{i}",
+            "project": "default",
+            "environment": "production",
+            "label": "Flag updated",
+            "summary": "**admin** updated",
+        },
+        separators=(",", ":"),
+    )
 
 
-async def _answer_at_once(session: object, hook: WebhookConfig, headers: CIMultiDict[str],
-                          body: bytes, delivery_id: str) -> Attempt:
+async def _answer_at_once(
+    session: object, hook: WebhookConfig, headers: CIMultiDict[str], body: bytes, delivery_id: str
+) -> Attempt:
     return Attempt(200, None, None, 0.0)
 
 
@@ -64,10 +81,13 @@ def main() -> None:
     log.configure("info")
     worker_module.post = _answer_at_once  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as work:
-        config = parse_config(tomllib.loads(
-            '[unleash]\nurl = "http://127.0.0.1:1"\ntoken = "t"\n[state]\n'
-            'path = "s.sqlite3"\n[[webhooks]]\nname = "a"\nurl = "http://127.0.0.1:9/"\n'),
-            Path(work))
+        config = parse_config(
+            tomllib.loads(
+                '[unleash]\nurl = "http://127.0.0.1:1"\ntoken = "t"\n[state]\n'
+                'path = "s.sqlite3"\n[[webhooks]]\nname = "a"\nurl = "http://127.0.0.1:9/"\n'
+            ),
+            Path(work),
+        )
         state = State.open(config.state.path)
         ids = range(1, args.events + 1)
         state.ingest([(i, _event(i)) for i in ids], [("a", i) for i in ids], args.events)
@@ -79,8 +99,10 @@ def main() -> None:
             elapsed = asyncio.run(_drain(config, state))
         left = sum(state.pending_counts().values())
         state.close()
-    print(f"worker's own work: {elapsed / args.events * 1e6:.1f} us per event over "
-          f"{args.events:,} events ({left} left in the outbox)")
+    print(
+        f"worker's own work: {elapsed / args.events * 1e6:.1f} us per event over "
+        f"{args.events:,} events ({left} left in the outbox)"
+    )
 
 
 if __name__ == "__main__":

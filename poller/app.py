@@ -32,25 +32,30 @@ log = get_logger()
 
 EX_OK = 0
 EX_UNAVAILABLE = 69  # --once: Unleash could not be read
-EX_IOERR = 74        # the state file cannot be written
+EX_IOERR = 74  # the state file cannot be written
 PROGRESS_EVERY_S = 10.0
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
     """The one HTTP session of the process. No total connection limit: each webhook's
     worker bounds its own concurrency, so a hung receiver cannot starve the others."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60,
-                                     enable_cleanup_closed=True)
-    return aiohttp.ClientSession(connector=connector, trust_env=False,
-                                 timeout=aiohttp.ClientTimeout(total=config.unleash.timeout_s),
-                                 auto_decompress=True)
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=True
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        trust_env=False,
+        timeout=aiohttp.ClientTimeout(total=config.unleash.timeout_s),
+        auto_decompress=True,
+    )
 
 
 class NullMetrics:
     """What the daemon reports to when no [metrics] listener is configured: nothing."""
 
-    def on_delivery(self, webhook: str, outcome: str, duration_s: float | None,
-                    lag_s: float) -> None:
+    def on_delivery(
+        self, webhook: str, outcome: str, duration_s: float | None, lag_s: float
+    ) -> None:
         pass
 
     def on_poll_ok(self, new_events: int, cursor: int | None, gaps: int) -> None:
@@ -90,8 +95,7 @@ class App:
             # memory a daemon without a metrics listener has no use for.
             from poller.metrics import Metrics  # noqa: PLC0415
 
-            self.metrics = Metrics([h.name for h in config.webhooks],
-                                   pending=state.pending_counts)
+            self.metrics = Metrics([h.name for h in config.webhooks], pending=state.pending_counts)
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -108,17 +112,22 @@ class App:
     def health(self) -> tuple[bool, dict[str, object]]:
         from poller.metrics import poll_health  # noqa: PLC0415 - see __init__
 
-        ok, details = poll_health(self.ingest.counters.last_poll_ok_at, self.started_at,
-                                  self.config.unleash.poll_interval_s, self.config.state.path)
+        ok, details = poll_health(
+            self.ingest.counters.last_poll_ok_at,
+            self.started_at,
+            self.config.unleash.poll_interval_s,
+            self.config.state.path,
+        )
         details["cursor"] = self.ingest.high_water
         return ok, details
 
     def status_line(self) -> str:
         pending = sum(self.state.pending_counts().values())
-        head = (f"Unleash unreachable ({self._unleash_error})" if self._unleash_error
-                else "polling")
-        return (f"{head}; cursor {self.ingest.high_water}, {pending} pending, "
-                f"{self.delivered} delivered, {self.dead_lettered} dead-lettered")
+        head = f"Unleash unreachable ({self._unleash_error})" if self._unleash_error else "polling"
+        return (
+            f"{head}; cursor {self.ingest.high_water}, {pending} pending, "
+            f"{self.delivered} delivered, {self.dead_lettered} dead-lettered"
+        )
 
     def _request_stop(self) -> None:
         self.stop.set()
@@ -145,8 +154,9 @@ class App:
     # -- workers -----------------------------------------------------------------------
 
     def _start_worker(self, hook: WebhookConfig, session: aiohttp.ClientSession) -> None:
-        worker = Worker(hook, self.state, session, asyncio.Event(), once=self._once,
-                        on_outcome=self._count)
+        worker = Worker(
+            hook, self.state, session, asyncio.Event(), once=self._once, on_outcome=self._count
+        )
         task = asyncio.create_task(worker.run(), name=f"worker:{hook.name}")
         task.add_done_callback(self._worker_done)
         self.workers[hook.name] = worker
@@ -191,20 +201,34 @@ class App:
         try:
             new = load_config(source_path)
         except ConfigError as exc:
-            log.error("config.reload_failed", problems=exc.problems,
-                      detail="keeping the running configuration")
+            log.error(
+                "config.reload_failed",
+                problems=exc.problems,
+                detail="keeping the running configuration",
+            )
             return
         if problem := check_private(new):
-            log.error("config.reload_failed", problems=[problem],
-                      detail="keeping the running configuration")
+            log.error(
+                "config.reload_failed",
+                problems=[problem],
+                detail="keeping the running configuration",
+            )
             return
         if new.metrics != self.config.metrics:
-            log.warning("config.reload_partial", detail="[metrics] listen changes take effect "
-                        "after a restart; the rest of the new config is applied")
+            log.warning(
+                "config.reload_partial",
+                detail="[metrics] listen changes take effect "
+                "after a restart; the rest of the new config is applied",
+            )
             new = dataclasses.replace(new, metrics=self.config.metrics)
         if new.state.path != self.config.state.path:
-            log.error("config.reload_failed", problems=["state.path: cannot change on reload; "
-                      "restart the service to move the state file"])
+            log.error(
+                "config.reload_failed",
+                problems=[
+                    "state.path: cannot change on reload; "
+                    "restart the service to move the state file"
+                ],
+            )
             return
         old_hooks = {h.name: h for h in self.config.webhooks}
         new_hooks = {h.name: h for h in new.webhooks}
@@ -227,9 +251,12 @@ class App:
                 asyncio.get_running_loop().create_task(self._retire(name))
             else:
                 worker.reconfigure(hook)
-        log.info("config.reloaded", webhooks=sorted(new_hooks),
-                 added=sorted(new_hooks.keys() - old_hooks.keys()),
-                 removed=sorted(old_hooks.keys() - new_hooks.keys()))
+        log.info(
+            "config.reloaded",
+            webhooks=sorted(new_hooks),
+            added=sorted(new_hooks.keys() - old_hooks.keys()),
+            removed=sorted(old_hooks.keys() - new_hooks.keys()),
+        )
 
     # -- running -----------------------------------------------------------------------
 
@@ -248,10 +275,14 @@ class App:
                 code = await self._run_once()
             else:
                 code = await self._run_forever()
-        log.info("app.stopped", delivered=self.delivered, dead_lettered=self.dead_lettered,
-                 cursor=self.ingest.high_water,
-                 pending=sum(self.state.pending_counts().values()),
-                 uptime_s=round(time.monotonic() - started, 1))
+        log.info(
+            "app.stopped",
+            delivered=self.delivered,
+            dead_lettered=self.dead_lettered,
+            cursor=self.ingest.high_water,
+            pending=sum(self.state.pending_counts().values()),
+            uptime_s=round(time.monotonic() - started, 1),
+        )
         if self._crash is not None:
             raise self._crash
         return code
@@ -260,9 +291,13 @@ class App:
         known = {h.name for h in self.config.webhooks}
         for name, count in self.state.pending_counts().items():
             if name not in known:
-                log.warning("outbox.orphaned", webhook=name, pending=count,
-                            detail="webhook no longer configured; its pending events are "
-                            "kept until it is configured again")
+                log.warning(
+                    "outbox.orphaned",
+                    webhook=name,
+                    pending=count,
+                    detail="webhook no longer configured; its pending events are "
+                    "kept until it is configured again",
+                )
 
     async def _detect(self) -> None:
         caps = await self.source.detect()
@@ -308,8 +343,9 @@ class App:
             self._start_worker(hook, self.session)
         poller = asyncio.create_task(self._poll_loop(), name="poller")
         stopper = asyncio.create_task(self.stop.wait())
-        watchdog = asyncio.create_task(systemd.watchdog_loop(self.stop, self.status_line),
-                                       name="systemd")
+        watchdog = asyncio.create_task(
+            systemd.watchdog_loop(self.stop, self.status_line), name="systemd"
+        )
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
         done, _ = await asyncio.wait([poller, stopper], return_when=asyncio.FIRST_COMPLETED)
         self._request_stop()
@@ -317,11 +353,15 @@ class App:
         if poller in done and poller.exception() is not None and self._crash is None:
             self._crash = poller.exception()
         poller.cancel()
-        cancelled = await drain(list(self.workers.values()), list(self.tasks.values()),
-                                self.config.drain_timeout_s)
+        cancelled = await drain(
+            list(self.workers.values()), list(self.tasks.values()), self.config.drain_timeout_s
+        )
         if cancelled:
-            log.warning("app.drain_timeout", workers_cancelled=cancelled,
-                        detail="in-flight deliveries are re-sent after restart")
+            log.warning(
+                "app.drain_timeout",
+                workers_cancelled=cancelled,
+                detail="in-flight deliveries are re-sent after restart",
+            )
         return EX_OK
 
     def _report_progress(self) -> None:
@@ -332,10 +372,13 @@ class App:
             return
         done = (self.delivered, self.dead_lettered)
         if done != self._progress_done:
-            log.info("delivery.progress", delivered=self.delivered - self._progress_done[0],
-                     dead_lettered=self.dead_lettered - self._progress_done[1],
-                     pending=self.state.pending_counts(),
-                     seconds=round(now - self._progress_at, 1))
+            log.info(
+                "delivery.progress",
+                delivered=self.delivered - self._progress_done[0],
+                dead_lettered=self.dead_lettered - self._progress_done[1],
+                pending=self.state.pending_counts(),
+                seconds=round(now - self._progress_at, 1),
+            )
         self._progress_at, self._progress_done = now, done
 
     async def _poll_loop(self) -> None:
@@ -367,10 +410,15 @@ class App:
                 self.metrics.on_poll_error(exc.kind)
                 self._unleash_error = exc.kind
                 source.forget_probe()
-                delay = _backoff(interval, failures, self.config.unleash.backoff_max_s,
-                                 random.random())  # noqa: S311
-                log.error("unleash.unreachable", kind=exc.kind, error=str(exc),
-                          failures=failures, retry_in_s=round(delay, 2))
+                jitter = random.random()  # noqa: S311 - jitter, not a secret
+                delay = _backoff(interval, failures, self.config.unleash.backoff_max_s, jitter)
+                log.error(
+                    "unleash.unreachable",
+                    kind=exc.kind,
+                    error=str(exc),
+                    failures=failures,
+                    retry_in_s=round(delay, 2),
+                )
             if self.state.written_elsewhere():
                 self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
             next_gap = ingest.next_gap_check()
@@ -387,9 +435,12 @@ def _backoff(interval: float, failures: int, cap: float, jitter: float) -> float
     return base / 2 + base / 2 * jitter
 
 
-async def replay_dead_letters(config: Config, state: State, webhook: str | None,
-                              progress: Callable[[int, int], None] | None = None
-                              ) -> tuple[int, int]:
+async def replay_dead_letters(
+    config: Config,
+    state: State,
+    webhook: str | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
     """With no daemon running: re-deliver dead letters in id order, removing each one
     that succeeds; one that fails again stays, with the new reason. Returns (ok, failed)."""
     ok = failed = 0
@@ -407,21 +458,22 @@ async def replay_dead_letters(config: Config, state: State, webhook: str | None,
                         state.remove_dead_letter(name, letter.event_id)
                         ok += 1
                     else:
-                        state.dead_letter(name, letter.event_id, letter.attempts + 1,
-                                          outcome.reason)
+                        state.dead_letter(
+                            name, letter.event_id, letter.attempts + 1, outcome.reason
+                        )
                         failed += 1
                     if progress:
                         progress(ok + failed, total)
     return ok, failed
 
 
-async def _replay_one(session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int,
-                      body: str) -> Outcome:
+async def _replay_one(
+    session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int, body: str
+) -> Outcome:
     attempts = 0
     headers = request_headers(hook)
     while True:
-        outcome, attempts, _ = await attempt_once(session, hook, headers, event_id, body,
-                                                  attempts)
+        outcome, attempts, _ = await attempt_once(session, hook, headers, event_id, body, attempts)
         if outcome.kind != "retry":
             return outcome
         await asyncio.sleep(outcome.delay_s)

@@ -25,31 +25,44 @@ DEFAULT_CONFIG = Path("/etc/unleash-poller/config.toml")
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unleash-poller",
-        description="Deliver an Unleash server's events to webhooks, in order, at least once.")
+        description="Deliver an Unleash server's events to webhooks, in order, at least once.",
+    )
     parser.add_argument("--version", action="version", version=f"unleash-poller {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("-c", "--config", type=Path, default=DEFAULT_CONFIG,
-                         help=f"TOML config file (default {DEFAULT_CONFIG})")
+        sub.add_argument(
+            "-c",
+            "--config",
+            type=Path,
+            default=DEFAULT_CONFIG,
+            help=f"TOML config file (default {DEFAULT_CONFIG})",
+        )
         return sub
 
     run = command("run", "poll Unleash and deliver until stopped (SIGTERM/SIGINT drain)")
-    run.add_argument("--once", action="store_true",
-                     help="poll until caught up, deliver everything due (retries included), "
-                     "save and exit")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="poll until caught up, deliver everything due (retries included), save and exit",
+    )
     command("check", "validate the config; print one line per problem")
     render = command("render", "print the body a webhook would receive for an event")
     render.add_argument("--webhook", required=True, help="webhook name")
-    render.add_argument("--event", required=True, type=Path,
-                        help="event JSON file, as the Unleash admin API returns it")
+    render.add_argument(
+        "--event",
+        required=True,
+        type=Path,
+        help="event JSON file, as the Unleash admin API returns it",
+    )
     status = command("status", "cursor, pending and dead letters per webhook (no daemon needed)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     cursor = command("cursor", "move the cursor by hand (the daemon must be stopped)")
     cursor.add_argument("action", choices=("set",))
-    cursor.add_argument("event_id", type=int,
-                        help="deliver events with an id greater than this from now on")
+    cursor.add_argument(
+        "event_id", type=int, help="deliver events with an id greater than this from now on"
+    )
     dead = command("dead-letters", "list or replay deliveries that failed for good")
     dead.add_argument("action", choices=("list", "replay"))
     dead.add_argument("--webhook", help="only this webhook")
@@ -72,9 +85,11 @@ def _cmd_run(config: Config, once: bool) -> int:
         # Disk full, read-only file system, permissions or the file damaged under us: stop where we
         # are. Nothing is lost: the cursor never moved past what was written.
         log.get().critical("state.write_failed", error=str(exc), path=str(config.state.path))
-        print(f"unleash-poller: {config.state.path}: state file failed ({exc}); stopped "
-              "without losing anything: fix the cause (disk space, permissions) and start again",
-              file=sys.stderr)
+        print(
+            f"unleash-poller: {config.state.path}: state file failed ({exc}); stopped "
+            "without losing anything: fix the cause (disk space, permissions) and start again",
+            file=sys.stderr,
+        )
         return EX_IOERR
     finally:
         state.close()
@@ -101,8 +116,7 @@ def _cmd_render(config: Config, webhook: str, event_path: Path) -> int:
         print(f"unleash-poller: {event_path}: not valid JSON: {exc}", file=sys.stderr)
         return EX_DATAERR
     if not isinstance(event, dict):
-        print(f"unleash-poller: {event_path}: must hold one event (a JSON object)",
-              file=sys.stderr)
+        print(f"unleash-poller: {event_path}: must hold one event (a JSON object)", file=sys.stderr)
         return EX_DATAERR
     try:
         body = hook.renderer.render(event)
@@ -123,25 +137,36 @@ def _cmd_status(config: Config, as_json: bool) -> int:
         now = time.time()
         hooks = sorted({h.name for h in config.webhooks} | set(pending) | set(dead))
         cursor = state.high_water()
-        per_hook: dict[str, dict[str, object]] = {name: {
+        per_hook: dict[str, dict[str, object]] = {
+            name: {
                 "pending": pending.get(name, 0),
                 "dead_letters": dead.get(name, 0),
                 "oldest_pending_age_s": round(now - oldest[name], 1) if name in oldest else None,
                 "configured": any(h.name == name for h in config.webhooks),
-            } for name in hooks}
+            }
+            for name in hooks
+        }
     finally:
         state.close()
     if as_json:
-        print(json.dumps({"cursor": cursor, "gaps": [g.id for g in gaps], "webhooks": per_hook},
-                         indent=2))
+        print(
+            json.dumps(
+                {"cursor": cursor, "gaps": [g.id for g in gaps], "webhooks": per_hook}, indent=2
+            )
+        )
         return 0
-    print(f"cursor: {cursor}   gaps: {len(gaps)}"
-          + (f" (ids {', '.join(str(g.id) for g in gaps[:10])})" if gaps else ""))
+    print(
+        f"cursor: {cursor}   gaps: {len(gaps)}"
+        + (f" (ids {', '.join(str(g.id) for g in gaps[:10])})" if gaps else "")
+    )
     for name, row in per_hook.items():
         age = row["oldest_pending_age_s"]
         note = "" if row["configured"] else "   (not in config)"
-        print(f"  {name}: pending {row['pending']}, dead letters {row['dead_letters']}"
-              + (f", oldest pending {age}s" if age is not None else "") + note)
+        print(
+            f"  {name}: pending {row['pending']}, dead letters {row['dead_letters']}"
+            + (f", oldest pending {age}s" if age is not None else "")
+            + note
+        )
     return 0
 
 
@@ -160,8 +185,10 @@ def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
                 for d in letters:
                     failed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.failed_at))
                     event = json.loads(d.body)
-                    print(f"{d.webhook}\t{d.event_id}\t{event.get('type')}\t{failed}\t"
-                          f"attempts={d.attempts}\t{d.reason}")
+                    print(
+                        f"{d.webhook}\t{d.event_id}\t{event.get('type')}\t{failed}\t"
+                        f"attempts={d.attempts}\t{d.reason}"
+                    )
                 after = letters[-1].event_id
         finally:
             state.close()
@@ -202,8 +229,11 @@ def _cmd_cursor(config: Config, event_id: int) -> int:
     try:
         state = State.open(config.state.path, create=True, lock=True)
     except StateLockedError:
-        print("unleash-poller: stop the daemon first (systemctl stop unleash-poller); "
-              "the cursor cannot move under a running daemon", file=sys.stderr)
+        print(
+            "unleash-poller: stop the daemon first (systemctl stop unleash-poller); "
+            "the cursor cannot move under a running daemon",
+            file=sys.stderr,
+        )
         return EX_IOERR
     try:
         old = state.high_water()

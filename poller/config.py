@@ -208,16 +208,28 @@ class _Checker:
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-             list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }
     if isinstance(kind, tuple):
         return "a number" if set(kind) == {int, float} else " or ".join(names[k] for k in kind)
     return names.get(kind, kind.__name__)
 
 
 def _toml_type(value: object) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
 
 
 def _positive(value: float) -> str | None:
@@ -251,13 +263,12 @@ _LISTEN = re.compile(r"^(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
-    """"host:port", "[v6]:port" or ":port" (all addresses) → (host, port)."""
+    """ "host:port", "[v6]:port" or ":port" (all addresses) → (host, port)."""
     match = _LISTEN.match(listen)
     port = int(match["port"]) if match else -1
     if not match or not 0 <= port <= 65535:
         raise ValueError('must be "host:port" (e.g. "127.0.0.1:9464" or "[::1]:9464")')
     return match["v6"] or match["host"] or "", port
-
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -267,13 +278,43 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _TLS_KEYS = {"ca_file", "client_cert_file", "client_key_file"}
 _SIGNATURE_HEADERS = {"webhook-id", "webhook-timestamp", "webhook-signature"}
 _UNLEASH_KEYS = _TLS_KEYS | {
-    "url", "token", "token_file", "token_env", "public_url", "poll_interval_s", "start_from",
-    "timeout_s", "page_size", "gap_grace_s", "backoff_max_s", "max_page_bytes"}
+    "url",
+    "token",
+    "token_file",
+    "token_env",
+    "public_url",
+    "poll_interval_s",
+    "start_from",
+    "timeout_s",
+    "page_size",
+    "gap_grace_s",
+    "backoff_max_s",
+    "max_page_bytes",
+}
 _WEBHOOK_KEYS = _TLS_KEYS | {
-    "name", "url", "events", "projects", "environments", "content_type", "authorization",
-    "authorization_file", "authorization_env", "headers", "body_template", "template_engine",
-    "escape", "retries", "retry_schedule_s", "timeout_s", "max_in_flight", "signing_secret",
-    "signing_secret_file", "signing_secret_env", "proxy", "max_body_bytes"}
+    "name",
+    "url",
+    "events",
+    "projects",
+    "environments",
+    "content_type",
+    "authorization",
+    "authorization_file",
+    "authorization_env",
+    "headers",
+    "body_template",
+    "template_engine",
+    "escape",
+    "retries",
+    "retry_schedule_s",
+    "timeout_s",
+    "max_in_flight",
+    "signing_secret",
+    "signing_secret_file",
+    "signing_secret_env",
+    "proxy",
+    "max_body_bytes",
+}
 
 
 def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
@@ -297,23 +338,24 @@ def _credentials_file(name: str) -> Path | None:
     return None
 
 
-def _tls(check: _Checker, table: Mapping[str, object], place: str,
-         base: Path) -> ssl.SSLContext | None:
+def _tls(
+    check: _Checker, table: Mapping[str, object], place: str, base: Path
+) -> ssl.SSLContext | None:
     """Built once at load: aiohttp pools connections per SSL context."""
     paths: dict[str, Path | None] = {}
     for key in sorted(_TLS_KEYS):
         text = check.get(table, place, key, str, "")
         paths[key] = (Path(text) if Path(text).is_absolute() else base / text) if text else None
     try:
-        return client_ssl_context(paths["ca_file"], paths["client_cert_file"],
-                                  paths["client_key_file"])
+        return client_ssl_context(
+            paths["ca_file"], paths["client_cert_file"], paths["client_key_file"]
+        )
     except TlsConfigError as exc:
         check.fail(f"{place}.{exc.field}", str(exc))
         return None
 
 
-def _signer(check: _Checker, table: Mapping[str, object], place: str,
-            base: Path) -> Signer | None:
+def _signer(check: _Checker, table: Mapping[str, object], place: str, base: Path) -> Signer | None:
     secret = _secret(check, table, place, "signing_secret", base)
     if secret is None:
         return None
@@ -324,8 +366,9 @@ def _signer(check: _Checker, table: Mapping[str, object], place: str,
         return None
 
 
-def _secret(check: _Checker, table: Mapping[str, object], place: str, key: str,
-            base: Path) -> Secret | None:
+def _secret(
+    check: _Checker, table: Mapping[str, object], place: str, key: str, base: Path
+) -> Secret | None:
     """A secret written inline (`key`), read from a file (`key_file`) or from an
     environment variable (`key_env`); at most one of them."""
     given = [k for k in (key, f"{key}_file", f"{key}_env") if k in table]
@@ -357,16 +400,17 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
         url=url.rstrip("/"),
         token=token or Secret(""),
         public_url=check.get(table, "unleash", "public_url", str, url, _http_url).rstrip("/"),
-        poll_interval_s=check.get(table, "unleash", "poll_interval_s", (int, float), 0.4,
-                                  _positive),
+        poll_interval_s=check.get(
+            table, "unleash", "poll_interval_s", (int, float), 0.4, _positive
+        ),
         start_from=start_from,
         timeout_s=check.get(table, "unleash", "timeout_s", (int, float), 10.0, _positive),
         page_size=page_size,
         gap_grace_s=check.get(table, "unleash", "gap_grace_s", (int, float), 300.0, _positive),
-        backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0,
-                                _positive),
-        max_page_bytes=check.get(table, "unleash", "max_page_bytes", int, 32 * 1024 * 1024,
-                                 _between(64 * 1024, 1024**3)),
+        backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0, _positive),
+        max_page_bytes=check.get(
+            table, "unleash", "max_page_bytes", int, 32 * 1024 * 1024, _between(64 * 1024, 1024**3)
+        ),
         ssl_context=_tls(check, table, "unleash", base),
         proxy=proxy_for(url, None, trust_env) if url else None,
     )
@@ -382,8 +426,11 @@ def _unleash_token(check: _Checker, table: Mapping[str, object], base: Path) -> 
         return Secret(env)
     if credential := _credentials_file("unleash-token"):
         return _read_secret_file(check, "unleash.token", str(credential), base)
-    check.fail("unleash.token", f"is required (token, token_file, token_env, ${TOKEN_ENV}, "
-               "or the systemd credential 'unleash-token')")
+    check.fail(
+        "unleash.token",
+        f"is required (token, token_file, token_env, ${TOKEN_ENV}, "
+        "or the systemd credential 'unleash-token')",
+    )
     return None
 
 
@@ -397,8 +444,9 @@ def _start_from(check: _Checker, table: Mapping[str, object]) -> StartFrom:
     return "latest"
 
 
-def _headers(check: _Checker, table: Mapping[str, object], place: str
-             ) -> tuple[tuple[str, str], ...]:
+def _headers(
+    check: _Checker, table: Mapping[str, object], place: str
+) -> tuple[tuple[str, str], ...]:
     raw = table.get("headers", {})
     if not isinstance(raw, dict):
         check.fail(f"{place}.headers", "must be a table of header names to strings")
@@ -414,25 +462,47 @@ def _headers(check: _Checker, table: Mapping[str, object], place: str
     return tuple(result)
 
 
-def _webhook(check: _Checker, data: object, index: int, base: Path,
-             public_url: str, trust_env: bool) -> WebhookConfig | None:
+def _webhook(
+    check: _Checker, data: object, index: int, base: Path, public_url: str, trust_env: bool
+) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
     table = check.table(data, place, _WEBHOOK_KEYS)
     problems_before = len(check.problems)
-    name = check.get(table, place, "name", str, "", lambda v: None if _NAME.match(v) else
-                     "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter "
-                     "or digit")
+    name = check.get(
+        table,
+        place,
+        "name",
+        str,
+        "",
+        lambda v: (
+            None
+            if _NAME.match(v)
+            else "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        ),
+    )
     if "name" not in table:
         check.fail(f"{place}.name", "is required")
     url = check.get(table, place, "url", str, "", _http_url)
     if "url" not in table:
         check.fail(f"{place}.url", "is required")
-    engine = check.get(table, place, "template_engine", str, "mustache",
-                       lambda v: None if v in ("mustache", "jinja2")
-                       else 'must be "mustache" or "jinja2"')
-    escape = check.get(table, place, "escape", str, "unleash",
-                       lambda v: None if v in ("unleash", "none", "json")
-                       else 'must be "unleash", "none" or "json"')
+    engine = check.get(
+        table,
+        place,
+        "template_engine",
+        str,
+        "mustache",
+        lambda v: None if v in ("mustache", "jinja2") else 'must be "mustache" or "jinja2"',
+    )
+    escape = check.get(
+        table,
+        place,
+        "escape",
+        str,
+        "unleash",
+        lambda v: (
+            None if v in ("unleash", "none", "json") else 'must be "unleash", "none" or "json"'
+        ),
+    )
     template = check.get(table, place, "body_template", str, "")
     authorization = _authorization(check, table, place, base)
     retry_schedule = _retry_schedule(check, table, place)
@@ -448,33 +518,56 @@ def _webhook(check: _Checker, data: object, index: int, base: Path,
         "events": check.string_list(table, place, "events"),
         "projects": check.string_list(table, place, "projects"),
         "environments": check.string_list(table, place, "environments"),
-        "content_type": check.get(table, place, "content_type", str, "application/json",
-                                  lambda v: None if v and "\n" not in v
-                                  else "must be a non-empty single line"),
+        "content_type": check.get(
+            table,
+            place,
+            "content_type",
+            str,
+            "application/json",
+            lambda v: None if v and "\n" not in v else "must be a non-empty single line",
+        ),
         "headers": headers,
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
     }
-    max_body = check.get(table, place, "max_body_bytes", int, DEFAULT_MAX_BODY_BYTES,
-                         _between(1024, 256 * 1024 * 1024))
+    max_body = check.get(
+        table,
+        place,
+        "max_body_bytes",
+        int,
+        DEFAULT_MAX_BODY_BYTES,
+        _between(1024, 256 * 1024 * 1024),
+    )
     try:
-        renderer = build_renderer(template or None, engine, escape,  # type: ignore[arg-type]
-                                  public_url, max_body)
+        renderer = build_renderer(
+            template or None,
+            engine,  # type: ignore[arg-type]
+            escape,  # type: ignore[arg-type]
+            public_url,
+            max_body,
+        )
     except BadTemplateError as exc:
         check.fail(f"{place}.body_template", str(exc))
         return None
     if len(check.problems) > problems_before:
         return None
-    return WebhookConfig(name=name, url=url, renderer=renderer, authorization=authorization,
-                         retry_schedule_s=retry_schedule, signer=signer,
-                         ssl_context=ssl_context,
-                         proxy=proxy_for(url, proxy or None, trust_env),
-                         **hook_fields)  # type: ignore[arg-type]
+    return WebhookConfig(
+        name=name,
+        url=url,
+        renderer=renderer,
+        authorization=authorization,
+        retry_schedule_s=retry_schedule,
+        signer=signer,
+        ssl_context=ssl_context,
+        proxy=proxy_for(url, proxy or None, trust_env),
+        **hook_fields,  # type: ignore[arg-type]
+    )
 
 
-def _authorization(check: _Checker, table: Mapping[str, object], place: str,
-                   base: Path) -> Secret | None:
+def _authorization(
+    check: _Checker, table: Mapping[str, object], place: str, base: Path
+) -> Secret | None:
     secret = _secret(check, table, place, "authorization", base)
     if secret is not None and ("\n" in secret.reveal() or "\r" in secret.reveal()):
         check.fail(f"{place}.authorization", "must be a single line")
@@ -483,16 +576,17 @@ def _authorization(check: _Checker, table: Mapping[str, object], place: str,
     return secret
 
 
-def _retry_schedule(check: _Checker, table: Mapping[str, object], place: str
-                    ) -> tuple[float, ...]:
+def _retry_schedule(check: _Checker, table: Mapping[str, object], place: str) -> tuple[float, ...]:
     if "retry_schedule_s" not in table:
         return ()
     raw = table["retry_schedule_s"]
     items: list[object] = raw if isinstance(raw, list) else []
     delays = [float(v) for v in items if isinstance(v, int | float) and not isinstance(v, bool)]
     if not delays or len(delays) != len(items) or not all(0 < d <= 7 * 86400 for d in delays):
-        check.fail(f"{place}.retry_schedule_s",
-                   "must be a non-empty list of delays in seconds (each > 0 and <= 604800)")
+        check.fail(
+            f"{place}.retry_schedule_s",
+            "must be a non-empty list of delays in seconds (each > 0 and <= 604800)",
+        )
         return ()
     if "retries" in table:
         check.fail(f"{place}.retry_schedule_s", "give retries or retry_schedule_s, not both")
@@ -502,45 +596,63 @@ def _retry_schedule(check: _Checker, table: Mapping[str, object], place: str
 def parse_config(data: Mapping[str, object], base: Path, source: Path | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError listing every problem."""
     check = _Checker()
-    top = check.table(data, "", {"unleash", "state", "webhooks", "log_level",
-                                 "drain_timeout_s", "trust_env", "metrics"})
+    top = check.table(
+        data,
+        "",
+        {"unleash", "state", "webhooks", "log_level", "drain_timeout_s", "trust_env", "metrics"},
+    )
     if "unleash" not in top:
         check.fail("unleash", "section is required")
     # HTTPS_PROXY / NO_PROXY from the environment apply only when asked for.
     trust_env = check.get(top, "", "trust_env", bool, False)
     unleash = _unleash(check, top.get("unleash", {}), base, trust_env)
     state_table = check.table(top.get("state", {}), "state", {"path"})
-    state_path = check.get(state_table, "state", "path", str,
-                           "/var/lib/unleash-poller/state.sqlite3")
+    state_path = check.get(
+        state_table, "state", "path", str, "/var/lib/unleash-poller/state.sqlite3"
+    )
     raw_hooks = top.get("webhooks", [])
     if not isinstance(raw_hooks, list) or not raw_hooks:
         check.fail("webhooks", "must list at least one [[webhooks]] table")
         raw_hooks = []
     public_url = unleash.public_url if unleash else "http://localhost:4242"
-    hooks = [_webhook(check, raw, i, base, public_url, trust_env)
-             for i, raw in enumerate(raw_hooks)]
+    hooks = [
+        _webhook(check, raw, i, base, public_url, trust_env) for i, raw in enumerate(raw_hooks)
+    ]
     seen: dict[str, int] = {}
     for i, hook in enumerate(hooks):
         if hook is None:
             continue
         if hook.name in seen:
-            check.fail(f"webhooks[{i}].name", f"duplicate name {hook.name!r} "
-                       f"(also webhooks[{seen[hook.name]}])")
+            check.fail(
+                f"webhooks[{i}].name",
+                f"duplicate name {hook.name!r} (also webhooks[{seen[hook.name]}])",
+            )
         seen.setdefault(hook.name, i)
-    log_level = check.get(top, "", "log_level", str, "info",
-                          lambda v: None if v in _LOG_LEVELS
-                          else f"must be one of {', '.join(_LOG_LEVELS)}")
+    log_level = check.get(
+        top,
+        "",
+        "log_level",
+        str,
+        "info",
+        lambda v: None if v in _LOG_LEVELS else f"must be one of {', '.join(_LOG_LEVELS)}",
+    )
     drain = check.get(top, "", "drain_timeout_s", (int, float), 10.0, _positive)
     metrics_table = check.table(top.get("metrics", {}), "metrics", {"listen"})
     listen = check.get(metrics_table, "metrics", "listen", str, "", _listen)
     if check.problems or unleash is None:
         raise ConfigError(check.problems)
     path = Path(state_path)
-    return Config(unleash=unleash, state=StateConfig(path if path.is_absolute() else base / path),
-                  webhooks=tuple(h for h in hooks if h is not None), log_level=log_level,
-                  drain_timeout_s=drain, trust_env=trust_env,
-                  metrics=MetricsConfig(listen or None),
-                  inline_secrets=_inline_secrets(top), source_path=source)
+    return Config(
+        unleash=unleash,
+        state=StateConfig(path if path.is_absolute() else base / path),
+        webhooks=tuple(h for h in hooks if h is not None),
+        log_level=log_level,
+        drain_timeout_s=drain,
+        trust_env=trust_env,
+        metrics=MetricsConfig(listen or None),
+        inline_secrets=_inline_secrets(top),
+        source_path=source,
+    )
 
 
 def _inline_secrets(top: Mapping[str, object]) -> tuple[str, ...]:
@@ -551,8 +663,11 @@ def _inline_secrets(top: Mapping[str, object]) -> tuple[str, ...]:
     hooks = top.get("webhooks")
     for i, hook in enumerate(hooks if isinstance(hooks, list) else []):
         if isinstance(hook, dict):
-            places.extend(f"webhooks[{i}].{key}" for key in ("authorization", "signing_secret")
-                          if hook.get(key))
+            places.extend(
+                f"webhooks[{i}].{key}"
+                for key in ("authorization", "signing_secret")
+                if hook.get(key)
+            )
     return tuple(places)
 
 
@@ -565,9 +680,11 @@ def check_private(config: Config) -> str | None:
     mode = path.stat().st_mode & 0o777
     if mode & 0o044 == 0:
         return None
-    return (f"{path}: holds secrets ({', '.join(config.inline_secrets)}) but is readable by "
-            f"other users (mode {mode:04o}); run `chmod 600 {path}` or move the secrets to "
-            "*_file keys, $UNLEASH_POLLER_TOKEN or the systemd credential")
+    return (
+        f"{path}: holds secrets ({', '.join(config.inline_secrets)}) but is readable by "
+        f"other users (mode {mode:04o}); run `chmod 600 {path}` or move the secrets to "
+        "*_file keys, $UNLEASH_POLLER_TOKEN or the systemd credential"
+    )
 
 
 def load_config(path: Path) -> Config:

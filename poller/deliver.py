@@ -57,8 +57,13 @@ def _delivered(status: int) -> Outcome:
     return Outcome("delivered", f"HTTP {status}")
 
 
-def decide(attempt: Attempt, attempts_made: int, delays: Sequence[float],
-           jitter: float = 0.0, now: float = 0.0) -> Outcome:
+def decide(
+    attempt: Attempt,
+    attempts_made: int,
+    delays: Sequence[float],
+    jitter: float = 0.0,
+    now: float = 0.0,
+) -> Outcome:
     """Classify a delivery attempt.
 
     `attempts_made` counts this one; `delays[i]` is the wait before retry i+1, so
@@ -110,8 +115,13 @@ def _timeout(total_s: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total_s)
 
 
-async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIMultiDict[str],
-               body: bytes, delivery_id: str) -> Attempt:
+async def post(
+    session: aiohttp.ClientSession,
+    hook: WebhookConfig,
+    headers: CIMultiDict[str],
+    body: bytes,
+    delivery_id: str,
+) -> Attempt:
     """POST once. Never raises for network trouble: that is an Attempt with an error."""
     send = headers.copy()
     send.setdefault("webhook-id", delivery_id)
@@ -121,10 +131,16 @@ async def post(session: aiohttp.ClientSession, hook: WebhookConfig, headers: CIM
     started = time.monotonic()
     try:
         # Unleash's integration sends no Accept/Accept-Encoding; neither do we.
-        async with session.post(hook.url, data=body, headers=send, allow_redirects=False,
-                                skip_auto_headers=_SKIP_AUTO_HEADERS,
-                                ssl=hook.ssl_context or True, proxy=hook.proxy,
-                                timeout=_timeout(hook.timeout_s)) as resp:
+        async with session.post(
+            hook.url,
+            data=body,
+            headers=send,
+            allow_redirects=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            ssl=hook.ssl_context or True,
+            proxy=hook.proxy,
+            timeout=_timeout(hook.timeout_s),
+        ) as resp:
             # Read (a bounded amount of) the answer so the connection can be reused.
             await resp.content.read(_RESPONSE_READ_LIMIT)
             status = resp.status

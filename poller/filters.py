@@ -32,5 +32,6 @@ class EventFilter:
         if self.projects is not None and project and project not in self.projects:
             return False
         environment = event.get("environment")
-        return not (self.environments is not None and environment
-                    and environment not in self.environments)
+        return not (
+            self.environments is not None and environment and environment not in self.environments
+        )

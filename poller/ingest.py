@@ -22,9 +22,9 @@ from poller.render import UNREADABLE
 from poller.source import Event, UnleashSource
 from poller.state import Gap, State
 
-FIRST_PAGE = 50           # most polls find a handful of events: ask for a small page first
-STAGE_AT = 5000           # beyond this many new events, spill to the state file, not memory
-MAX_NEW_GAPS = 10000      # a jump this large in the id sequence is not a set of open transactions
+FIRST_PAGE = 50  # most polls find a handful of events: ask for a small page first
+STAGE_AT = 5000  # beyond this many new events, spill to the state file, not memory
+MAX_NEW_GAPS = 10000  # a jump this large in the id sequence is not a set of open transactions
 GAP_RECHECK_MAX_S = 30.0
 PROGRESS_EVERY_PAGES = 10
 
@@ -94,21 +94,28 @@ class Ingest:
         async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
             pages += 1
             # Without re-checks by id, late ids can only be found by reading down to them.
-            floor = (min(self.gaps, default=high) if not self.source.capabilities.id_filter
-                     else high)
+            floor = min(self.gaps, default=high) if not self.source.capabilities.id_filter else high
             for event in page.events:
                 event_id = int(event["id"])  # type: ignore[call-overload]
                 if event_id > high or event_id in self.gaps:
                     collected[event_id] = event
                 elif event_id <= floor:
                     reached_known = True
-            log.debug("poll.page_fetched", events=len(page.events), total=page.total,
-                      new=len(collected) + staged)
+            log.debug(
+                "poll.page_fetched",
+                events=len(page.events),
+                total=page.total,
+                new=len(collected) + staged,
+            )
             crash_point("poll.page_fetched")
             if pages % PROGRESS_EVERY_PAGES == 0:
                 # A long catch-up (a backfill from `earliest`) shows that it is moving.
-                log.info("poll.catching_up", pages=pages, new_events=len(collected) + staged,
-                         total_in_unleash=page.total)
+                log.info(
+                    "poll.catching_up",
+                    pages=pages,
+                    new_events=len(collected) + staged,
+                    total_in_unleash=page.total,
+                )
             if len(collected) >= STAGE_AT:
                 self.state.stage([(i, _dump(e)) for i, e in collected.items()])
                 staged += len(collected)
@@ -131,19 +138,24 @@ class Ingest:
         missing = lowest - high - 1
         if missing > 0:
             self.counters.burst_overflows += 1
-            log.error("poll.burst_overflow", missing_at_least=missing,
-                      detail="the legacy events API returns only the newest 100 events; "
-                      "more arrived between two polls and the older ones cannot be read. "
-                      "Upgrade Unleash or lower poll_interval_s")
+            log.error(
+                "poll.burst_overflow",
+                missing_at_least=missing,
+                detail="the legacy events API returns only the newest 100 events; "
+                "more arrived between two polls and the older ones cannot be read. "
+                "Upgrade Unleash or lower poll_interval_s",
+            )
 
-    def _owed(self, events: Iterable[tuple[int, Event]]) -> tuple[list[tuple[int, str]],
-                                                                   list[tuple[str, int]]]:
+    def _owed(
+        self, events: Iterable[tuple[int, Event]]
+    ) -> tuple[list[tuple[int, str]], list[tuple[str, int]]]:
         rows: list[tuple[int, str]] = []
         owed: list[tuple[str, int]] = []
         for event_id, event in events:
             # An event we could not read cannot be filtered: every webhook dead-letters it.
-            wanted = [name for name, flt in self._filters
-                      if UNREADABLE in event or flt.matches(event)]
+            wanted = [
+                name for name, flt in self._filters if UNREADABLE in event or flt.matches(event)
+            ]
             if wanted:
                 rows.append((event_id, _dump(event)))
                 owed.extend((name, event_id) for name in wanted)
@@ -185,20 +197,27 @@ class Ingest:
             self.wake(hooks)
         return tracker.count
 
-    def _after_take(self, old: int, tracker: _GapTracker, settled: list[int],
-                    owed: int) -> None:
+    def _after_take(self, old: int, tracker: _GapTracker, settled: list[int], owed: int) -> None:
         self.high_water = tracker.high
         self.gaps = {g.id: g for g in self.state.gaps()}
         self.counters.events_taken += tracker.count + len(settled)
         if settled:
             self.counters.gaps_filled += len(settled)
-            log.warning("gap.filled", ids=settled[:20], count=len(settled),
-                        detail="events committed after later ones; delivered now")
+            log.warning(
+                "gap.filled",
+                ids=settled[:20],
+                count=len(settled),
+                detail="events committed after later ones; delivered now",
+            )
         if tracker.missing:
             log.info("gap.opened", ids=tracker.missing[:20], count=len(tracker.missing))
         if tracker.high != old:
-            log.info("cursor.advanced", **{"from": old, "to": tracker.high},
-                     events=tracker.count, deliveries=owed)
+            log.info(
+                "cursor.advanced",
+                **{"from": old, "to": tracker.high},
+                events=tracker.count,
+                deliveries=owed,
+            )
 
     async def recheck_gaps(self, now: float | None = None) -> None:
         """Ask again for missing ids that are due; give up on those past the grace period."""
@@ -210,9 +229,13 @@ class Ingest:
         if failing:
             self.state.give_up_gaps(failing)
             self.counters.gaps_expired += len(failing)
-            log.error("gap.unreadable", ids=failing[:20], count=len(failing),
-                      detail="Unleash answers 500 for these ids (events it cannot format; its "
-                      "own integration skips them too); given up")
+            log.error(
+                "gap.unreadable",
+                ids=failing[:20],
+                count=len(failing),
+                detail="Unleash answers 500 for these ids (events it cannot format; its "
+                "own integration skips them too); given up",
+            )
             due = [g for g in due if g.id not in set(failing)]
         found_by_id = {int(e["id"]): e for e in found if int(e["id"]) in self.gaps}  # type: ignore[call-overload]
         if found_by_id:
@@ -224,16 +247,20 @@ class Ingest:
             if owed:
                 self.wake({name for name, _ in owed})
         grace = self.config.unleash.gap_grace_s
-        expired = [g.id for g in due if g.id not in found_by_id
-                   and now - g.missing_since >= grace]
+        expired = [g.id for g in due if g.id not in found_by_id and now - g.missing_since >= grace]
         if expired:
             self.state.give_up_gaps(expired)
             self.counters.gaps_expired += len(expired)
-            log.warning("gap.expired", ids=expired[:20], count=len(expired), grace_s=grace,
-                        detail="ids never appeared (rolled-back transactions); given up")
+            log.warning(
+                "gap.expired",
+                ids=expired[:20],
+                count=len(expired),
+                grace_s=grace,
+                detail="ids never appeared (rolled-back transactions); given up",
+            )
         waiting = [g for g in due if g.id not in found_by_id and g.id not in set(expired)]
         for checks in {g.checks for g in waiting}:
-            delay = min(2.0 ** checks, GAP_RECHECK_MAX_S)
+            delay = min(2.0**checks, GAP_RECHECK_MAX_S)
             self.state.reschedule_gaps([g.id for g in waiting if g.checks == checks], now + delay)
         self.gaps = {g.id: g for g in self.state.gaps()}
 
@@ -262,8 +289,12 @@ class _GapTracker:
             room = MAX_NEW_GAPS - len(self.missing)
             skipped = range(max(self._last + 1, event_id - room), event_id)
             if len(skipped) < event_id - self._last - 1:
-                log.warning("gap.too_large", from_id=self._last, to_id=event_id,
-                            detail=f"tracking at most {MAX_NEW_GAPS} missing ids")
+                log.warning(
+                    "gap.too_large",
+                    from_id=self._last,
+                    to_id=event_id,
+                    detail=f"tracking at most {MAX_NEW_GAPS} missing ids",
+                )
             self.missing.extend(skipped)
         self._last = event_id
         self.high = event_id

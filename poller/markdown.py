@@ -109,8 +109,7 @@ _ACTION_SOURCES: Final[Mapping[str, str]] = {
         "{{b}}{{event.environment}}{{b}} environment in project {{b}}{{project}}{{b}}"
     ),
     "feature-metadata-updated": (
-        "{{b}}{{user}}{{b}} updated {{b}}{{feature}}{{b}} metadata in project "
-        "{{b}}{{project}}{{b}}"
+        "{{b}}{{user}}{{b}} updated {{b}}{{feature}}{{b}} metadata in project {{b}}{{project}}{{b}}"
     ),
     "feature-completed": (
         "{{b}}{{feature}}{{b}} was marked as completed in project {{b}}{{project}}{{b}}"
@@ -130,8 +129,7 @@ _ACTION_SOURCES: Final[Mapping[str, str]] = {
         "{{b}}{{project}}{{b}}"
     ),
     "feature-stale-on": (
-        "{{b}}{{user}}{{b}} marked {{b}}{{feature}}{{b}} as stale in project "
-        "{{b}}{{project}}{{b}}"
+        "{{b}}{{user}}{{b}} marked {{b}}{{feature}}{{b}} as stale in project {{b}}{{project}}{{b}}"
     ),
     "feature-strategy-add": (
         "{{b}}{{user}}{{b}} added strategy {{b}}{{strategyTitle}}{{b}} to "
@@ -172,12 +170,10 @@ _ACTION_SOURCES: Final[Mapping[str, str]] = {
         "{{b}}{{user}}{{b}} created service account {{b}}{{event.data.name}}{{b}}"
     ),
     "service-account-token-created": (
-        "{{b}}{{user}}{{b}} created a token for service account "
-        "{{b}}{{event.data.ownerId}}{{b}}"
+        "{{b}}{{user}}{{b}} created a token for service account {{b}}{{event.data.ownerId}}{{b}}"
     ),
     "service-account-token-deleted": (
-        "{{b}}{{user}}{{b}} deleted a token for service account "
-        "{{b}}{{event.data.ownerId}}{{b}}"
+        "{{b}}{{user}}{{b}} deleted a token for service account {{b}}{{event.data.ownerId}}{{b}}"
     ),
     "service-account-deleted": (
         "{{b}}{{user}}{{b}} deleted service account {{b}}{{event.preData.name}}{{b}}"
@@ -223,8 +219,7 @@ _ACTION_SOURCES: Final[Mapping[str, str]] = {
 FORMATTED_EVENT_TYPES: Final = frozenset(_ACTION_SOURCES)
 
 _ACTIONS: Final[Mapping[str, mustache.Template]] = {
-    event_type: mustache.compile_template(source)
-    for event_type, source in _ACTION_SOURCES.items()
+    event_type: mustache.compile_template(source) for event_type, source in _ACTION_SOURCES.items()
 }
 
 _OPERATOR_DESCRIPTIONS: Final[Mapping[str, str]] = {
@@ -250,15 +245,37 @@ _OPERATOR_DESCRIPTIONS: Final[Mapping[str, str]] = {
 
 # Unleash looks the type up in a plain object, so these names find Object.prototype's
 # members instead of a missing entry; they have no template and mustache.js throws.
-_OBJECT_PROTOTYPE_NAMES: Final = frozenset({
-    "__defineGetter__", "__defineSetter__", "__lookupGetter__", "__lookupSetter__",
-    "__proto__", "constructor", "hasOwnProperty", "isPrototypeOf", "propertyIsEnumerable",
-    "toLocaleString", "toString", "valueOf",
-})
+_OBJECT_PROTOTYPE_NAMES: Final = frozenset(
+    {
+        "__defineGetter__",
+        "__defineSetter__",
+        "__lookupGetter__",
+        "__lookupSetter__",
+        "__proto__",
+        "constructor",
+        "hasOwnProperty",
+        "isPrototypeOf",
+        "propertyIsEnumerable",
+        "toLocaleString",
+        "toString",
+        "valueOf",
+    }
+)
 
 # The columns Unleash's event store reads; it hands integrations exactly these.
-_COLUMNS: Final = ("id", "type", "createdBy", "createdAt", "createdByUserId", "data",
-                   "preData", "tags", "featureName", "project", "environment")
+_COLUMNS: Final = (
+    "id",
+    "type",
+    "createdBy",
+    "createdAt",
+    "createdByUserId",
+    "data",
+    "preData",
+    "tags",
+    "featureName",
+    "project",
+    "environment",
+)
 _GROUP_COLUMNS: Final = ("groupType", "groupId")
 
 
@@ -384,18 +401,24 @@ class _Links:
         url = f"{self._url}/projects/{_js_string(project)}/change-requests/{request}"
         feature = self.feature()
         environment = held["environment"]
-        return "".join((
-            _bold(f"[#{request}]({url})"),
-            f" for feature flag {_bold(feature)}" if _truthy(feature) else "",
-            f" in the {_bold(environment)} environment" if _truthy(environment) else "",
-            f" in project {_bold(self.project())}",
-        ))
+        return "".join(
+            (
+                _bold(f"[#{request}]({url})"),
+                f" for feature flag {_bold(feature)}" if _truthy(feature) else "",
+                f" in the {_bold(environment)} environment" if _truthy(environment) else "",
+                f" in project {_bold(self.project())}",
+            )
+        )
 
 
 def _strategy_title(held: Mapping[str, object]) -> object:
     before, after = held["preData"], held["data"]
-    candidates = (_optional_read(before, "title"), _optional_read(after, "title"),
-                  _optional_read(before, "name"), _optional_read(after, "name"))
+    candidates = (
+        _optional_read(before, "title"),
+        _optional_read(after, "title"),
+        _optional_read(before, "name"),
+        _optional_read(after, "name"),
+    )
     # JavaScript's `a || b || c || d`: the first truthy operand, else the last one.
     return next((value for value in candidates if _truthy(value)), candidates[-1])
 
@@ -405,8 +428,7 @@ def _strategy_change_text(held: Mapping[str, object]) -> object:
     subject = after if _truthy(after) else before
     if held["type"] != FEATURE_STRATEGY_UPDATE or not _truthy(subject):
         return _UNDEFINED
-    lead = (f"by updating strategy {_bold(_strategy_title(held))}"
-            f" in {_bold(held['environment'])}")
+    lead = f"by updating strategy {_bold(_strategy_title(held))} in {_bold(held['environment'])}"
     strategy = _read(subject, "name")
     if strategy == "flexibleRollout":
         details = _rollout_changes(before, after)

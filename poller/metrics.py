@@ -23,15 +23,31 @@ from poller.config import parse_listen
 
 OutcomeKind = Literal["delivered", "retry", "give_up"]  # poller.deliver.Outcome.kind
 # Outcome kind → the label operators read on a dashboard.
-OUTCOMES: dict[OutcomeKind, str] = {"delivered": "delivered", "retry": "retried",
-                                    "give_up": "dead_lettered"}
+OUTCOMES: dict[OutcomeKind, str] = {
+    "delivered": "delivered",
+    "retry": "retried",
+    "give_up": "dead_lettered",
+}
 POLL_ERROR_KINDS = ("auth", "server", "timeout", "connection", "bad_response")
 # A webhook answers in milliseconds to its timeout (10 s by default, at most minutes).
-DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                      60.0)
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Lag spans one poll interval (a healthy webhook) to hours of retries (a broken one).
-LAG_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-                 4 * 3600.0, 24 * 3600.0)
+LAG_BUCKETS_S = (
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+    4 * 3600.0,
+    24 * 3600.0,
+)
 HEALTH_MIN_AGE_S = 30.0
 
 
@@ -45,49 +61,79 @@ class _HookSeries:
 
 
 class Metrics:
-    def __init__(self, webhooks: Iterable[str] = (),
-                 pending: Callable[[], Mapping[str, int]] | None = None) -> None:
+    def __init__(
+        self, webhooks: Iterable[str] = (), pending: Callable[[], Mapping[str, int]] | None = None
+    ) -> None:
         """`webhooks` get their series at 0 from the start. `pending`, if given, is asked
         for the outbox sizes at each scrape (see `refresh`)."""
         self._pending_source = pending
         self.registry = CollectorRegistry()
         r = self.registry
-        Info("unleash_poller_build", "Version of the running daemon.",
-             registry=r).info({"version": __version__})
+        Info("unleash_poller_build", "Version of the running daemon.", registry=r).info(
+            {"version": __version__}
+        )
         self._events_polled = Counter(
-            "unleash_poller_events_polled", "Events newer than the cursor taken in from "
-            "Unleash (whether or not a webhook wanted them).", registry=r)
+            "unleash_poller_events_polled",
+            "Events newer than the cursor taken in from "
+            "Unleash (whether or not a webhook wanted them).",
+            registry=r,
+        )
         self._deliveries = Counter(
-            "unleash_poller_deliveries", "Delivery attempts by outcome: delivered, retried "
+            "unleash_poller_deliveries",
+            "Delivery attempts by outcome: delivered, retried "
             "(a retry is scheduled) or dead_lettered (given up).",
-            ["webhook", "outcome"], registry=r)
+            ["webhook", "outcome"],
+            registry=r,
+        )
         self._duration = Histogram(
-            "unleash_poller_delivery_duration_seconds", "Time of one HTTP POST to a webhook, "
-            "whatever its outcome.", ["webhook"], buckets=DURATION_BUCKETS_S, registry=r)
+            "unleash_poller_delivery_duration_seconds",
+            "Time of one HTTP POST to a webhook, whatever its outcome.",
+            ["webhook"],
+            buckets=DURATION_BUCKETS_S,
+            registry=r,
+        )
         self._lag = Histogram(
-            "unleash_poller_delivery_lag_seconds", "From an event being taken in from Unleash "
-            "to its successful delivery, retries included.", ["webhook"],
-            buckets=LAG_BUCKETS_S, registry=r)
+            "unleash_poller_delivery_lag_seconds",
+            "From an event being taken in from Unleash "
+            "to its successful delivery, retries included.",
+            ["webhook"],
+            buckets=LAG_BUCKETS_S,
+            registry=r,
+        )
         self._cursor = Gauge(
-            "unleash_poller_cursor", "Highest Unleash event id taken in.", registry=r)
+            "unleash_poller_cursor", "Highest Unleash event id taken in.", registry=r
+        )
         self._pending = Gauge(
-            "unleash_poller_outbox_pending", "Deliveries waiting in the outbox (retries "
-            "included).", ["webhook"], registry=r)
+            "unleash_poller_outbox_pending",
+            "Deliveries waiting in the outbox (retries included).",
+            ["webhook"],
+            registry=r,
+        )
         self._gaps = Gauge(
-            "unleash_poller_gaps_pending", "Event ids below the cursor not seen yet, still "
-            "being asked for.", registry=r)
+            "unleash_poller_gaps_pending",
+            "Event ids below the cursor not seen yet, still being asked for.",
+            registry=r,
+        )
         self._poll_errors = Counter(
-            "unleash_poller_poll_errors", "Failed polls of Unleash by kind.", ["kind"],
-            registry=r)
+            "unleash_poller_poll_errors", "Failed polls of Unleash by kind.", ["kind"], registry=r
+        )
         self._last_poll = Gauge(
             "unleash_poller_last_successful_poll_timestamp_seconds",
-            "Unix time of the last poll Unleash answered.", registry=r)
+            "Unix time of the last poll Unleash answered.",
+            registry=r,
+        )
         self._gaps_expired = Counter(
-            "unleash_poller_gaps_expired", "Missing event ids given up after the grace "
-            "period (almost always rolled-back transactions).", registry=r)
+            "unleash_poller_gaps_expired",
+            "Missing event ids given up after the grace "
+            "period (almost always rolled-back transactions).",
+            registry=r,
+        )
         self._burst_overflows = Counter(
-            "unleash_poller_burst_overflows", "Polls that found more new events than the "
-            "legacy events API returns, so some could not be read.", registry=r)
+            "unleash_poller_burst_overflows",
+            "Polls that found more new events than the "
+            "legacy events API returns, so some could not be read.",
+            registry=r,
+        )
         self._hooks: dict[str, _HookSeries] = {}
         for kind in POLL_ERROR_KINDS:
             self._poll_errors.labels(kind=kind)
@@ -100,16 +146,20 @@ class Metrics:
             # Creating every child up front exports zeros, so rate() and absent-series
             # alerts work before the first delivery.
             series = _HookSeries(
-                outcomes={kind: self._deliveries.labels(webhook=webhook, outcome=label)
-                          for kind, label in OUTCOMES.items()},
+                outcomes={
+                    kind: self._deliveries.labels(webhook=webhook, outcome=label)
+                    for kind, label in OUTCOMES.items()
+                },
                 duration=self._duration.labels(webhook=webhook),
-                lag=self._lag.labels(webhook=webhook))
+                lag=self._lag.labels(webhook=webhook),
+            )
             self._pending.labels(webhook=webhook).set(0)
             self._hooks[webhook] = series
         return series
 
-    def on_delivery(self, webhook: str, outcome_kind: OutcomeKind, duration_s: float | None,
-                    lag_s: float) -> None:
+    def on_delivery(
+        self, webhook: str, outcome_kind: OutcomeKind, duration_s: float | None, lag_s: float
+    ) -> None:
         """One attempt finished. `outcome_kind` is deliver.Outcome.kind; `duration_s` is
         None when no request was made (the body could not be rendered); `lag_s` counts
         only when the event was delivered."""
@@ -152,8 +202,13 @@ class Metrics:
             self._pending.labels(webhook=name).set(pending.get(name, 0))
 
 
-def poll_health(last_poll_ok_at: float, started_at: float, poll_interval_s: float,
-                state_path: Path, now: float | None = None) -> tuple[bool, dict[str, object]]:
+def poll_health(
+    last_poll_ok_at: float,
+    started_at: float,
+    poll_interval_s: float,
+    state_path: Path,
+    now: float | None = None,
+) -> tuple[bool, dict[str, object]]:
     """Healthy while Unleash answered within max(3 polls, 30 s) and the state file can be
     written. Before the first successful poll, the age counts from start-up, so a daemon
     that is still starting is not reported dead."""
@@ -168,8 +223,7 @@ def poll_health(last_poll_ok_at: float, started_at: float, poll_interval_s: floa
     }
     problems = []
     if age_s > max_age_s:
-        problems.append(f"no successful poll of Unleash for {age_s:.0f}s "
-                        f"(limit {max_age_s:g}s)")
+        problems.append(f"no successful poll of Unleash for {age_s:.0f}s (limit {max_age_s:g}s)")
     if not writable:
         problems.append(f"state file {state_path} is not writable")
     if problems:
@@ -182,17 +236,20 @@ def _writable(path: Path) -> bool:
     return os.access(path.parent, os.W_OK) and (not path.exists() or os.access(path, os.W_OK))
 
 
-async def start_http(listen: str, metrics: Metrics,
-                     health: Callable[[], tuple[bool, dict[str, object]]]) -> web.AppRunner:
+async def start_http(
+    listen: str, metrics: Metrics, health: Callable[[], tuple[bool, dict[str, object]]]
+) -> web.AppRunner:
     """Serve GET /metrics and GET /healthz on `listen`; stop it with `await runner.cleanup()`.
     The bound address (useful with port 0) is `runner.addresses[0]`."""
     host, port = parse_listen(listen)
 
     async def healthz(_request: web.Request) -> web.Response:
         ok, details = health()
-        return web.json_response({"status": "ok" if ok else "unhealthy", **details},
-                                 status=200 if ok else 503,
-                                 headers={"Cache-Control": "no-store"})
+        return web.json_response(
+            {"status": "ok" if ok else "unhealthy", **details},
+            status=200 if ok else 503,
+            headers={"Cache-Control": "no-store"},
+        )
 
     expose = make_aiohttp_handler(metrics.registry)
 

@@ -26,8 +26,19 @@ Event = Mapping[str, object]
 
 # The order Unleash's event store builds an event in, which is the order JSON.stringify
 # writes it. The search endpoint's `label`/`summary` are not part of that object.
-_FIELDS = ("id", "type", "createdBy", "createdAt", "createdByUserId", "data", "preData",
-           "tags", "featureName", "project", "environment")
+_FIELDS = (
+    "id",
+    "type",
+    "createdBy",
+    "createdAt",
+    "createdByUserId",
+    "data",
+    "preData",
+    "tags",
+    "featureName",
+    "project",
+    "environment",
+)
 _OPTIONAL_FIELDS = ("groupType", "groupId")
 # Set by the source on an event whose JSON it could not parse (nested too deeply): every
 # webhook dead-letters it with this reason instead of the whole stream stalling on it.
@@ -123,8 +134,9 @@ class Renderer:
         except (RecursionError, ValueError, TypeError, ArithmeticError, LookupError) as exc:
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
         if len(body) > self.max_body_bytes:
-            raise RenderError(f"rendered body is {len(body)} bytes, over max_body_bytes "
-                              f"({self.max_body_bytes})")
+            raise RenderError(
+                f"rendered body is {len(body)} bytes, over max_body_bytes ({self.max_body_bytes})"
+            )
         return body
 
 
@@ -137,8 +149,11 @@ def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[E
         template = mustache.compile_template(source)
     except mustache.TemplateError as exc:
         raise BadTemplateError(f"invalid Mustache: {exc}") from None
-    escape_fn = {"unleash": mustache.escape_html, "none": mustache.escape_none,
-                 "json": mustache.escape_json}[escape]
+    escape_fn = {
+        "unleash": mustache.escape_html,
+        "none": mustache.escape_none,
+        "json": mustache.escape_json,
+    }[escape]
     wants_json = "eventJson" in source
     wants_markdown = "eventMarkdown" in source
     markdown_of = _markdown_formatter(source, public_url)
@@ -190,7 +205,8 @@ def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[E
     if unknown:
         raise BadTemplateError(
             f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
-            "event, eventJson and eventMarkdown")
+            "event, eventJson and eventMarkdown"
+        )
     markdown_of = _markdown_formatter(source, public_url)
 
     def render(event: Event) -> str:
@@ -236,7 +252,11 @@ def build_renderer(
     if not template:
         return Renderer("default JSON", _default_body, max_body_bytes)
     if engine == "jinja2":
-        return Renderer("jinja2", _jinja_renderer(template, public_url, max_body_bytes),
-                        max_body_bytes)
-    return Renderer(f"mustache (escape={escape})",
-                    _mustache_renderer(template, escape, public_url), max_body_bytes)
+        return Renderer(
+            "jinja2", _jinja_renderer(template, public_url, max_body_bytes), max_body_bytes
+        )
+    return Renderer(
+        f"mustache (escape={escape})",
+        _mustache_renderer(template, escape, public_url),
+        max_body_bytes,
+    )

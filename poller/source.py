@@ -54,14 +54,20 @@ class Capabilities:
         if self.api == "search" and self.id_filter:
             return "GET /api/admin/search/events (paged, gap re-check by id)"
         if self.api == "search":
-            return ("GET /api/admin/search/events (paged; this version ignores the id filter "
-                    "and does not order events that share a timestamp, so pages are read "
-                    "whole and ids that commit late are looked for in the newest pages only)")
+            return (
+                "GET /api/admin/search/events (paged; this version ignores the id filter "
+                "and does not order events that share a timestamp, so pages are read "
+                "whole and ids that commit late are looked for in the newest pages only)"
+            )
         if self.api == "post-search":
-            return ("POST /api/admin/events/search (paged; no id filter, so ids that "
-                    "commit late are found only while still in the newest pages)")
-        return ("GET /api/admin/events (newest 100 only: a burst of more than 100 events "
-                "between polls cannot be read in full)")
+            return (
+                "POST /api/admin/events/search (paged; no id filter, so ids that "
+                "commit late are found only while still in the newest pages)"
+            )
+        return (
+            "GET /api/admin/events (newest 100 only: a burst of more than 100 events "
+            "between polls cannot be read in full)"
+        )
 
 
 @dataclass(frozen=True)
@@ -131,10 +137,14 @@ def _parse_deep_page(text: str, total_key: str) -> Page:
             end = _skip_value(text, pos)
             match = _EVENT_ID.match(text, pos)
             if match is None:
-                raise UnleashError("bad_response", "an event is nested too deeply to read "
-                                   "and has no leading id") from None
-            event = {"id": int(match[1]), "type": "unreadable",
-                     UNREADABLE: f"its JSON is nested too deeply ({end - pos} bytes)"}
+                raise UnleashError(
+                    "bad_response", "an event is nested too deeply to read and has no leading id"
+                ) from None
+            event = {
+                "id": int(match[1]),
+                "type": "unreadable",
+                UNREADABLE: f"its JSON is nested too deeply ({end - pos} bytes)",
+            }
             pos = end
         except ValueError as exc:
             raise UnleashError("bad_response", f"answer is not JSON: {exc}") from None
@@ -143,8 +153,9 @@ def _parse_deep_page(text: str, total_key: str) -> Page:
         if text.startswith(",", pos):
             pos += 1
     total = re.search(rf'"{total_key}"\s*:\s*(\d+)', text[pos:])
-    return Page([_check_event(e, i) for i, e in enumerate(events)],
-                int(total[1]) if total else None)
+    return Page(
+        [_check_event(e, i) for i, e in enumerate(events)], int(total[1]) if total else None
+    )
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -189,30 +200,47 @@ class UnleashSource:
         }
         self._etag = None
 
-    async def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                       json_body: object = None, etag: str | None = None
-                       ) -> tuple[int, bytes, str | None]:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json_body: object = None,
+        etag: str | None = None,
+    ) -> tuple[int, bytes, str | None]:
         headers = dict(self._headers)
         if etag:
             headers["If-None-Match"] = etag
         url = self._config.url + path
         try:
-            async with self._session.request(method, url, params=params, json=json_body,
-                                             headers=headers, timeout=self._timeout,
-                                             allow_redirects=False, proxy=self._config.proxy,
-                                             ssl=self._config.ssl_context or True) as resp:
+            async with self._session.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxy=self._config.proxy,
+                ssl=self._config.ssl_context or True,
+            ) as resp:
                 body = await _read_capped(resp, self._config.max_page_bytes)
                 status, new_etag = resp.status, resp.headers.get("ETag")
         except TimeoutError:
-            raise UnleashError("timeout", f"{method} {path}: no answer within "
-                               f"{self._config.timeout_s:g}s") from None
+            raise UnleashError(
+                "timeout", f"{method} {path}: no answer within {self._config.timeout_s:g}s"
+            ) from None
         except aiohttp.ClientConnectionError as exc:
             raise UnleashError("connection", f"{method} {path}: {exc}") from None
         except aiohttp.ClientError as exc:
             raise UnleashError("bad_response", f"{method} {path}: {exc}") from None
         if status in (401, 403):
-            raise UnleashError("auth", f"{method} {path}: {status} — the token is missing, "
-                               "wrong, expired or lacks admin/event access")
+            raise UnleashError(
+                "auth",
+                f"{method} {path}: {status} — the token is missing, "
+                "wrong, expired or lacks admin/event access",
+            )
         if status >= 500:
             raise UnleashError("server", f"{method} {path}: server error {status}")
         return status, body, new_etag
@@ -226,8 +254,9 @@ class UnleashSource:
                 raise
             # The newest events may be ones Unleash cannot serve (see `read`); an empty page
             # far past the end still tells whether the endpoint is there.
-            status, _, _ = await self._request("GET", _SEARCH,
-                                               params={"limit": "1", "offset": "1000000000"})
+            status, _, _ = await self._request(
+                "GET", _SEARCH, params={"limit": "1", "offset": "1000000000"}
+            )
             body = b'{"events": []}'
         if status == 200:
             self.capabilities = Capabilities("search", id_filter=await self._honours_ids(body))
@@ -240,8 +269,10 @@ class UnleashSource:
         if status == 200:
             self.capabilities = Capabilities("legacy", id_filter=False)
             return self.capabilities
-        raise UnleashError("bad_response", f"no events API answered (last status {status}); "
-                           "is this an Unleash server?")
+        raise UnleashError(
+            "bad_response",
+            f"no events API answered (last status {status}); is this an Unleash server?",
+        )
 
     async def _honours_ids(self, sample: bytes) -> bool:
         """Ask for one known id: a server that ignores the filter (6.x) answers others too."""
@@ -250,14 +281,16 @@ class UnleashSource:
             return True  # cannot tell yet; fetch_ids checks every answer anyway
         wanted = int(events[-1]["id"])  # type: ignore[call-overload]
         status, body, _ = await self._request(
-            "GET", _SEARCH, params={"id": f"IS_ANY_OF:{wanted}", "limit": "2"})
+            "GET", _SEARCH, params={"id": f"IS_ANY_OF:{wanted}", "limit": "2"}
+        )
         return status == 200 and [e["id"] for e in _parse_page(body, "total").events] == [wanted]
 
     async def changed(self) -> bool:
         """Cheap "did anything happen?" probe: a conditional one-event read, answered
         304 when nothing changed. Any new event changes the answer's total, so its ETag."""
-        path, params = ((_SEARCH, {"limit": "1"}) if self.capabilities.api == "search"
-                        else (_LEGACY, None))
+        path, params = (
+            (_SEARCH, {"limit": "1"}) if self.capabilities.api == "search" else (_LEGACY, None)
+        )
         try:
             status, _, etag = await self._request("GET", path, params=params, etag=self._etag)
         except UnleashError as exc:
@@ -280,12 +313,15 @@ class UnleashSource:
         api = self.capabilities.api
         if api == "search":
             status, body, _ = await self._request(
-                "GET", _SEARCH, params={"limit": str(limit), "offset": str(offset)})
+                "GET", _SEARCH, params={"limit": str(limit), "offset": str(offset)}
+            )
             return self._ok(status, body, _SEARCH, "total")
         if api == "post-search":
             status, body, _ = await self._request(
-                "POST", _POST_SEARCH,
-                json_body={"limit": min(limit, POST_SEARCH_MAX_LIMIT), "offset": offset})
+                "POST",
+                _POST_SEARCH,
+                json_body={"limit": min(limit, POST_SEARCH_MAX_LIMIT), "offset": offset},
+            )
             return self._ok(status, body, _POST_SEARCH, "totalEvents")
         if offset > 0:
             return Page([], None)
@@ -331,15 +367,21 @@ class UnleashSource:
         if size == 1:
             await self.page(offset + 1, 1)  # fails too when it is Unleash that is failing
             self.unreadable += 1
-            log.error("poll.unreadable_event", offset=offset,
-                      detail="Unleash answers 500 for this one event (its own integration "
-                      "skips it too); skipped, its id stays a gap until given up")
+            log.error(
+                "poll.unreadable_event",
+                offset=offset,
+                detail="Unleash answers 500 for this one event (its own integration "
+                "skips it too); skipped, its id stays a gap until given up",
+            )
             return Page([], None, skipped=1)
         half = size // 2
         first = await self.read(offset, half)
         second = await self.read(offset + half, size - half)
-        return Page(first.events + second.events, first.total or second.total,
-                    first.skipped + second.skipped)
+        return Page(
+            first.events + second.events,
+            first.total or second.total,
+            first.skipped + second.skipped,
+        )
 
     async def fetch_ids(self, ids: Sequence[int]) -> tuple[list[Event], list[int]]:
         """The events among `ids` that exist now (for re-checking gaps), and the ids Unleash
@@ -349,7 +391,7 @@ class UnleashSource:
         found: list[Event] = []
         failing: list[int] = []
         for start in range(0, len(ids), 100):
-            chunk = ids[start:start + 100]
+            chunk = ids[start : start + 100]
             events, bad = await self._fetch_chunk(chunk)
             if not self.capabilities.id_filter:
                 return [], []
@@ -359,25 +401,36 @@ class UnleashSource:
 
     async def _fetch_chunk(self, chunk: Sequence[int]) -> tuple[list[Event], list[int]]:
         try:
-            status, body, _ = await self._request("GET", _SEARCH, params={
-                "id": "IS_ANY_OF:" + ",".join(str(i) for i in chunk),
-                "limit": str(len(chunk))})
+            status, body, _ = await self._request(
+                "GET",
+                _SEARCH,
+                params={
+                    "id": "IS_ANY_OF:" + ",".join(str(i) for i in chunk),
+                    "limit": str(len(chunk)),
+                },
+            )
         except UnleashError as exc:
             if exc.kind != "server" or (len(chunk) == 1 and not await self._serving()):
                 raise
             if len(chunk) == 1:
                 return [], list(chunk)
             half = len(chunk) // 2
-            first, second = (await self._fetch_chunk(chunk[:half]),
-                             await self._fetch_chunk(chunk[half:]))
+            first, second = (
+                await self._fetch_chunk(chunk[:half]),
+                await self._fetch_chunk(chunk[half:]),
+            )
             return first[0] + second[0], first[1] + second[1]
         page = self._ok(status, body, _SEARCH, "total")
         stray = [e["id"] for e in page.events if e["id"] not in set(chunk)]
         if stray:
             self.capabilities = Capabilities(self.capabilities.api, id_filter=False)
-            log.warning("unleash.id_filter_ignored", asked=len(chunk), got_others=stray[:5],
-                        detail="gap re-checks by id are off from now on; late ids are "
-                        "looked for in the newest pages")
+            log.warning(
+                "unleash.id_filter_ignored",
+                asked=len(chunk),
+                got_others=stray[:5],
+                detail="gap re-checks by id are off from now on; late ids are "
+                "looked for in the newest pages",
+            )
             return [], []
         return page.events, []
 
@@ -398,8 +451,9 @@ class UnleashSource:
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
     if resp.content_length is not None and resp.content_length > limit:
-        raise UnleashError("bad_response", f"answer of {resp.content_length} bytes is over "
-                           f"the {limit}-byte limit")
+        raise UnleashError(
+            "bad_response", f"answer of {resp.content_length} bytes is over the {limit}-byte limit"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(65536):

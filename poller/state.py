@@ -167,16 +167,22 @@ class State:
     def _upgrade(self) -> None:
         """Add the indexes and triggers a state file from an earlier build lacks. Without
         the triggers no body was ever dropped, so drop the ones nobody owes now."""
-        names = {row[0] for row in self._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')")}
+        names = {
+            row[0]
+            for row in self._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+            )
+        }
         if {"outbox_event", "dead_letters_event", "outbox_done", "dead_letter_done"} <= names:
             return
         with self._transaction() as conn:
             for statement in _statements(_DERIVED):
                 conn.execute(statement)
             if "outbox_done" not in names:
-                conn.execute("DELETE FROM events WHERE id NOT IN (SELECT event_id FROM outbox) "
-                             "AND id NOT IN (SELECT event_id FROM dead_letters)")
+                conn.execute(
+                    "DELETE FROM events WHERE id NOT IN (SELECT event_id FROM outbox) "
+                    "AND id NOT IN (SELECT event_id FROM dead_letters)"
+                )
 
     def written_elsewhere(self) -> bool:
         """Whether another connection (a `dead-letters replay` beside the daemon) committed
@@ -212,7 +218,8 @@ class State:
 
     def gaps(self) -> list[Gap]:
         rows = self._conn.execute(
-            "SELECT id, missing_since, next_check_at, checks FROM gaps ORDER BY id")
+            "SELECT id, missing_since, next_check_at, checks FROM gaps ORDER BY id"
+        )
         return [Gap(*row) for row in rows]
 
     def ingest(
@@ -244,13 +251,16 @@ class State:
         """Move the cursor by hand (an operator's decision): forget gaps; keep the outbox."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM gaps")
-            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
-                         (high_water,))
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
+            )
 
     def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
         with self._transaction() as conn:
-            conn.executemany("UPDATE gaps SET next_check_at = ?, checks = checks + 1 WHERE id = ?",
-                             ((next_check_at, g) for g in gap_ids))
+            conn.executemany(
+                "UPDATE gaps SET next_check_at = ?, checks = checks + 1 WHERE id = ?",
+                ((next_check_at, g) for g in gap_ids),
+            )
 
     def give_up_gaps(self, gap_ids: Iterable[int]) -> None:
         with self._transaction() as conn:
@@ -267,8 +277,8 @@ class State:
         last = -1
         while True:
             rows = self._conn.execute(
-                "SELECT id, body FROM staging WHERE id > ? ORDER BY id LIMIT ?",
-                (last, batch)).fetchall()
+                "SELECT id, body FROM staging WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ).fetchall()
             if not rows:
                 return
             yield rows
@@ -288,7 +298,8 @@ class State:
             "SELECT o.webhook, o.event_id, e.body, o.attempts, o.next_attempt_at, o.enqueued_at "
             "FROM outbox o JOIN events e ON e.id = o.event_id "
             "WHERE o.webhook = ? AND o.event_id > ? ORDER BY o.event_id LIMIT ?",
-            (webhook, after, limit))
+            (webhook, after, limit),
+        )
         return [Pending(*row) for row in rows]
 
     def delivered(self, webhook: str, *event_ids: int) -> None:
@@ -296,30 +307,40 @@ class State:
         nobody owes it). This runs for every delivery, so one mark is a single statement."""
         if len(event_ids) == 1:
             crash_point("state.before_commit")
-            self._conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                               (webhook, event_ids[0]))
+            self._conn.execute(
+                "DELETE FROM outbox WHERE webhook = ? AND event_id = ?", (webhook, event_ids[0])
+            )
             return
         with self._transaction() as conn:
-            conn.executemany("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                             [(webhook, event_id) for event_id in event_ids])
+            conn.executemany(
+                "DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
+                [(webhook, event_id) for event_id in event_ids],
+            )
 
-    def retry_later(self, webhook: str, event_id: int, attempts: int, next_attempt_at: float,
-                    error: str) -> None:
+    def retry_later(
+        self, webhook: str, event_id: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
         with self._transaction() as conn:
-            conn.execute("UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
-                         "WHERE webhook = ? AND event_id = ?",
-                         (attempts, next_attempt_at, error, webhook, event_id))
+            conn.execute(
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                "WHERE webhook = ? AND event_id = ?",
+                (attempts, next_attempt_at, error, webhook, event_id),
+            )
 
-    def dead_letter(self, webhook: str, event_id: int, attempts: int, reason: str,
-                    now: float | None = None) -> None:
+    def dead_letter(
+        self, webhook: str, event_id: int, attempts: int, reason: str, now: float | None = None
+    ) -> None:
         now = time.time() if now is None else now
         with self._transaction() as conn:
             # The letter first, so the outbox trigger sees the body is still needed.
-            conn.execute("INSERT OR REPLACE INTO dead_letters "
-                         "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
-                         (webhook, event_id, attempts, reason, now))
-            conn.execute("DELETE FROM outbox WHERE webhook = ? AND event_id = ?",
-                         (webhook, event_id))
+            conn.execute(
+                "INSERT OR REPLACE INTO dead_letters "
+                "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
+                (webhook, event_id, attempts, reason, now),
+            )
+            conn.execute(
+                "DELETE FROM outbox WHERE webhook = ? AND event_id = ?", (webhook, event_id)
+            )
 
     def pending_counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT webhook, count(*) FROM outbox GROUP BY webhook")
@@ -331,13 +352,16 @@ class State:
 
     # -- dead letters ------------------------------------------------------------------
 
-    def dead_letters(self, webhook: str | None = None, after: int = -1,
-                     limit: int = 1000) -> list[DeadLetter]:
+    def dead_letters(
+        self, webhook: str | None = None, after: int = -1, limit: int = 1000
+    ) -> list[DeadLetter]:
         rows = self._conn.execute(
             "SELECT d.webhook, d.event_id, e.body, d.attempts, d.reason, d.failed_at "
             "FROM dead_letters d JOIN events e ON e.id = d.event_id "
             "WHERE (?1 IS NULL OR d.webhook = ?1) AND d.event_id > ?2 "
-            "ORDER BY d.event_id, d.webhook LIMIT ?3", (webhook, after, limit))
+            "ORDER BY d.event_id, d.webhook LIMIT ?3",
+            (webhook, after, limit),
+        )
         return [DeadLetter(*row) for row in rows]
 
     def dead_letter_counts(self) -> dict[str, int]:
@@ -346,8 +370,9 @@ class State:
 
     def remove_dead_letter(self, webhook: str, event_id: int) -> None:
         crash_point("state.before_commit")
-        self._conn.execute("DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?",
-                           (webhook, event_id))
+        self._conn.execute(
+            "DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?", (webhook, event_id)
+        )
 
     def requeue_dead_letters(self, webhook: str | None = None) -> int:
         """Move dead letters back into the outbox for a running daemon to deliver."""
@@ -356,9 +381,11 @@ class State:
             conn.execute(
                 "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) "
                 "SELECT webhook, event_id, ? FROM dead_letters WHERE ?2 IS NULL OR webhook = ?2",
-                (now, webhook))
-            cursor = conn.execute("DELETE FROM dead_letters WHERE ?1 IS NULL OR webhook = ?1",
-                                  (webhook,))
+                (now, webhook),
+            )
+            cursor = conn.execute(
+                "DELETE FROM dead_letters WHERE ?1 IS NULL OR webhook = ?1", (webhook,)
+            )
             return cursor.rowcount
 
 
@@ -374,17 +401,21 @@ class IngestBatch:
         self._conn.executemany("INSERT OR IGNORE INTO events (id, body) VALUES (?, ?)", events)
         self._conn.executemany(
             "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) VALUES (?, ?, ?)",
-            ((hook, event_id, self._now) for hook, event_id in owed))
+            ((hook, event_id, self._now) for hook, event_id in owed),
+        )
 
-    def finish(self, high_water: int, new_gaps: Iterable[int] = (),
-               settled_gaps: Iterable[int] = ()) -> None:
+    def finish(
+        self, high_water: int, new_gaps: Iterable[int] = (), settled_gaps: Iterable[int] = ()
+    ) -> None:
         conn = self._conn
         conn.executemany("DELETE FROM gaps WHERE id = ?", ((g,) for g in settled_gaps))
         conn.executemany(
             "INSERT OR IGNORE INTO gaps (id, missing_since, next_check_at) VALUES (?, ?, ?)",
-            ((g, self._now, self._now) for g in new_gaps))
-        conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)",
-                     (high_water,))
+            ((g, self._now, self._now) for g in new_gaps),
+        )
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
+        )
         self.finished = True
 
 
@@ -414,37 +445,46 @@ def _take_lock(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StateLockedError(f"{path}: another unleash-poller is running on this state file "
-                          "(its lock is held); refusing to start a second one") from None
+        raise StateLockedError(
+            f"{path}: another unleash-poller is running on this state file "
+            "(its lock is held); refusing to start a second one"
+        ) from None
     return fd
 
 
 def _connect(path: Path) -> sqlite3.Connection:
     if path.stat().st_size == 0:
-        raise StateError(f"{path}: state file is empty (truncated?); refusing to start "
-                         "over. Restore it from a backup, or move it away to start afresh "
-                         "from start_from")
+        raise StateError(
+            f"{path}: state file is empty (truncated?); refusing to start "
+            "over. Restore it from a backup, or move it away to start afresh "
+            "from start_from"
+        )
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0,
-                               check_same_thread=False)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         check = conn.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.DatabaseError as exc:
-        raise StateError(f"{path}: state file is corrupt or not a state file ({exc}); "
-                         "refusing to start over. Restore it from a backup, or move it "
-                         "away to start afresh from start_from") from None
+        raise StateError(
+            f"{path}: state file is corrupt or not a state file ({exc}); "
+            "refusing to start over. Restore it from a backup, or move it "
+            "away to start afresh from start_from"
+        ) from None
     if app_id != _APP_ID:
         conn.close()
         raise StateError(f"{path}: not an unleash-poller state file; refusing to use it")
     if check != "ok":
         conn.close()
-        raise StateError(f"{path}: state file failed its integrity check ({check}); "
-                         "refusing to start over. Restore it from a backup")
+        raise StateError(
+            f"{path}: state file failed its integrity check ({check}); "
+            "refusing to start over. Restore it from a backup"
+        )
     if version != SCHEMA_VERSION:
         conn.close()
-        raise StateError(f"{path}: state file has schema version {version}, this "
-                         f"unleash-poller understands {SCHEMA_VERSION}")
+        raise StateError(
+            f"{path}: state file has schema version {version}, this "
+            f"unleash-poller understands {SCHEMA_VERSION}"
+        )
     conn.execute("PRAGMA journal_mode=WAL")
     # WAL + NORMAL survives a process crash with every commit; a power cut may undo the
     # last commits, and since cursor and outbox move together that only causes re-fetching.

@@ -55,8 +55,9 @@ def notify(*fields: str) -> bool:
             sock.settimeout(_SEND_TIMEOUT_S)
             sock.sendto("\n".join(fields).encode(), address)
     except OSError as exc:
-        log.warning("systemd.notify_failed", fields=[f.split("=", 1)[0] for f in fields],
-                    error=str(exc))
+        log.warning(
+            "systemd.notify_failed", fields=[f.split("=", 1)[0] for f in fields], error=str(exc)
+        )
         return False
     return True
 

@@ -21,8 +21,9 @@ class TlsConfigError(ValueError):
         self.field = field
 
 
-def client_ssl_context(ca_file: Path | None, client_cert_file: Path | None,
-                       client_key_file: Path | None) -> ssl.SSLContext | None:
+def client_ssl_context(
+    ca_file: Path | None, client_cert_file: Path | None, client_key_file: Path | None
+) -> ssl.SSLContext | None:
     """A verifying client context trusting the system store plus `ca_file`, presenting
     the client certificate when one is given; None when nothing is configured, which
     means aiohttp's own verified default.
@@ -75,18 +76,24 @@ def _load_client_cert(context: ssl.SSLContext, cert_file: Path, key_file: Path |
     except ssl.SSLError:
         raise TlsConfigError("client_cert_file", f"no PEM certificate in {cert_file}") from None
 
-    key_field, key_path = ("client_key_file", key_file) if key_file else ("client_cert_file",
-                                                                         cert_file)
+    key_field, key_path = (
+        ("client_key_file", key_file) if key_file else ("client_cert_file", cert_file)
+    )
 
     def refuse_password() -> bytes:
-        raise TlsConfigError(key_field, f"the private key in {key_path} is encrypted; "
-                             "give it unencrypted and protect it with file permissions")
+        raise TlsConfigError(
+            key_field,
+            f"the private key in {key_path} is encrypted; "
+            "give it unencrypted and protect it with file permissions",
+        )
 
     try:
         context.load_cert_chain(cert_file, key_file, password=refuse_password)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
-            raise TlsConfigError(key_field, f"the private key in {key_path} does not match "
-                                 f"the certificate in {cert_file}") from None
+            raise TlsConfigError(
+                key_field,
+                f"the private key in {key_path} does not match the certificate in {cert_file}",
+            ) from None
         hint = "" if key_file else " (give client_key_file if the key is in another file)"
         raise TlsConfigError(key_field, f"no PEM private key in {key_path}{hint}") from None

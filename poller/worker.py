@@ -86,11 +86,17 @@ class _WhileSending:
             self._run()
 
 
-async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig,
-                       headers: CIMultiDict[str], event_id: int, body_json: str,
-                       attempts_before: int, *, body: bytes | Outcome | None = None,
-                       while_sending: Callable[[], None] | None = None
-                       ) -> tuple[Outcome, int, float | None]:
+async def attempt_once(
+    session: aiohttp.ClientSession,
+    hook: WebhookConfig,
+    headers: CIMultiDict[str],
+    event_id: int,
+    body_json: str,
+    attempts_before: int,
+    *,
+    body: bytes | Outcome | None = None,
+    while_sending: Callable[[], None] | None = None,
+) -> tuple[Outcome, int, float | None]:
     """Render (unless `body` is given) and POST one event once; return what it means, the
     attempt count and the HTTP time (None when nothing was sent). `while_sending` runs
     once the request is out (not at all when nothing is sent)."""
@@ -111,17 +117,31 @@ async def attempt_once(session: aiohttp.ClientSession, hook: WebhookConfig,
             raise
         side.finish()
     crash_point("delivery.after_post")
-    outcome = decide(attempt, attempts, hook.retry_delays, jitter=random.random(),  # noqa: S311
-                     now=time.time())
+    outcome = decide(
+        attempt,
+        attempts,
+        hook.retry_delays,
+        jitter=random.random(),  # noqa: S311
+        now=time.time(),
+    )
     if outcome.kind == "delivered" and not debug_enabled():
         return outcome, attempts, attempt.duration_s
-    fields = {"webhook": hook.name, "event_id": event_id, "attempt": attempts,
-              "status": attempt.status, "duration_ms": round(attempt.duration_s * 1000, 1)}
+    fields = {
+        "webhook": hook.name,
+        "event_id": event_id,
+        "attempt": attempts,
+        "status": attempt.status,
+        "duration_ms": round(attempt.duration_s * 1000, 1),
+    }
     if outcome.kind == "delivered":
         log.debug("delivery.succeeded", **fields)
     elif outcome.kind == "retry":
-        log.warning("delivery.retry_scheduled", **fields, reason=outcome.reason,
-                    retry_in_s=round(outcome.delay_s, 2))
+        log.warning(
+            "delivery.retry_scheduled",
+            **fields,
+            reason=outcome.reason,
+            retry_in_s=round(outcome.delay_s, 2),
+        )
     return outcome, attempts, attempt.duration_s
 
 
@@ -137,10 +157,16 @@ class Worker:
     flight (one in order).
     """
 
-    def __init__(self, hook: WebhookConfig, state: State, session: aiohttp.ClientSession,
-                 stop: asyncio.Event, *, once: bool = False,
-                 on_outcome: Callable[[str, Outcome, float, float | None], None] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        hook: WebhookConfig,
+        state: State,
+        session: aiohttp.ClientSession,
+        stop: asyncio.Event,
+        *,
+        once: bool = False,
+        on_outcome: Callable[[str, Outcome, float, float | None], None] | None = None,
+    ) -> None:
         self.hook = hook
         self.state = state
         self.session = session
@@ -258,12 +284,15 @@ class Worker:
             self.wake.clear()
             self.commit_marks()  # the outbox must not offer a delivered event again
             now = time.time()
-            rows = [r for r in self.state.next_pending(self.hook.name,
-                                                       _BATCH + len(self._taken))
-                    if r.event_id not in self._taken]
+            rows = [
+                r
+                for r in self.state.next_pending(self.hook.name, _BATCH + len(self._taken))
+                if r.event_id not in self._taken
+            ]
             self._queue = deque(r for r in rows if r.next_attempt_at <= now)
-            self._later_at = min((r.next_attempt_at for r in rows if r.next_attempt_at > now),
-                                 default=math.inf)
+            self._later_at = min(
+                (r.next_attempt_at for r in rows if r.next_attempt_at > now), default=math.inf
+            )
         return self._queue.popleft() if self._queue else None
 
     def _render(self, row: Pending) -> bytes | Outcome:
@@ -291,20 +320,33 @@ class Worker:
         elif ordered:
             body = self._render(row)  # timed: it decides whether to render ahead
         outcome, attempts, duration_s = await attempt_once(
-            self.session, self.hook, self._headers, row.event_id, row.body, row.attempts,
-            body=body, while_sending=(lambda: self._render_ahead(following)) if ordered else None)
+            self.session,
+            self.hook,
+            self._headers,
+            row.event_id,
+            row.body,
+            row.attempts,
+            body=body,
+            while_sending=(lambda: self._render_ahead(following)) if ordered else None,
+        )
         name = self.hook.name
         if outcome.kind == "delivered":
             self._unmarked.append(row.event_id)
             if not ordered:
                 self._commit_marks_if_full()
         elif outcome.kind == "retry":
-            self.state.retry_later(name, row.event_id, attempts, time.time() + outcome.delay_s,
-                                   outcome.reason)
+            self.state.retry_later(
+                name, row.event_id, attempts, time.time() + outcome.delay_s, outcome.reason
+            )
         else:
             self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
-            log.error("delivery.dead_lettered", webhook=name, event_id=row.event_id,
-                      attempt=attempts, reason=outcome.reason)
+            log.error(
+                "delivery.dead_lettered",
+                webhook=name,
+                event_id=row.event_id,
+                attempt=attempts,
+                reason=outcome.reason,
+            )
         if self._on_outcome is not None:
             self._on_outcome(name, outcome, time.time() - row.enqueued_at, duration_s)
         if self._side_error is not None:

@@ -13,15 +13,31 @@ import pytest
 from poller import __version__
 from poller.state import State
 
-EVENT = {"id": 5, "type": "feature-created", "createdBy": "ann", "createdAt":
-         "2026-11-28T13:05:31.123Z", "createdByUserId": 1, "data": {"name": "f"},
-         "preData": None, "tags": [], "featureName": "f", "project": "default",
-         "environment": None, "label": "Flag created", "summary": "**ann** created **f**"}
+EVENT = {
+    "id": 5,
+    "type": "feature-created",
+    "createdBy": "ann",
+    "createdAt": "2026-11-28T13:05:31.123Z",
+    "createdByUserId": 1,
+    "data": {"name": "f"},
+    "preData": None,
+    "tags": [],
+    "featureName": "f",
+    "project": "default",
+    "environment": None,
+    "label": "Flag created",
+    "summary": "**ann** created **f**",
+}
 
 
 def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "poller", *map(str, args)],
-                          capture_output=True, text=True, check=False, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "poller", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -60,16 +76,20 @@ def test_render_prints_the_exact_body(config: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
         '{"text": "*ann* created *[f](http://127.0.0.1:1/projects/default/features/f)* in '
-        'project *[default](http://127.0.0.1:1/projects/default)*", "by": "ann"}')
+        'project *[default](http://127.0.0.1:1/projects/default)*", "by": "ann"}'
+    )
     plain = _cli("render", "-c", config, "--webhook", "plain", "--event", event)
     assert plain.stdout.startswith('{"id":5,"type":"feature-created","createdBy":"ann",')
     assert "label" not in plain.stdout
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "must hold one event (a JSON object)"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "must hold one event (a JSON object)"),
+    ],
+)
 def test_render_bad_event_file(config: Path, tmp_path: Path, content: str, message: str) -> None:
     """A bad event file is one clear line and exit 65, not a traceback."""
     event = tmp_path / "e.json"
@@ -96,8 +116,12 @@ def test_status_needs_a_state_file_then_reports(config: Path, tmp_path: Path) ->
     assert missing.returncode == 74
     assert "no state file" in missing.stderr
     state = State.open(tmp_path / "state" / "s.sqlite3")
-    state.ingest([(4, json.dumps(EVENT)), (6, json.dumps(EVENT))],
-                 [("plain", 4), ("chat", 4), ("plain", 6)], 6, [5])
+    state.ingest(
+        [(4, json.dumps(EVENT)), (6, json.dumps(EVENT))],
+        [("plain", 4), ("chat", 4), ("plain", 6)],
+        6,
+        [5],
+    )
     state.dead_letter("chat", 4, 2, "HTTP 500 after 2 attempts")
     state.close()
     text = _cli("status", "-c", config)

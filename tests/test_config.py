@@ -52,56 +52,102 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
 
 
 BAD_CASES = [
-    ('[unleash]\nurl="ftp://x"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"',
-     "unleash.url: must be an http(s) URL"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="nope"',
-     "webhooks[0].url: must be an http(s) URL"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\ncolour="red"\n[[webhooks]]\nname="a"\nurl="http://h"',
-     "unleash.colour: unknown key"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries="2"',
-     "webhooks[0].retries: must be an integer, not a string"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries=true',
-     "webhooks[0].retries: must be an integer, not a boolean"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\npoll_interval_s=0\n[[webhooks]]\nname="a"\nurl="http://h"',
-     "unleash.poll_interval_s: must be greater than 0"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\nstart_from="yesterday"\n[[webhooks]]\nname="a"\n'
-     'url="http://h"', 'unleash.start_from: must be "latest", "earliest" or an event id (>= 0)'),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     '[[webhooks]]\nname="a"\nurl="http://h2"',
-     "webhooks[1].name: duplicate name 'a' (also webhooks[0])"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'body_template="{{#x}}"',
-     'webhooks[0].body_template: invalid Mustache'),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'template_engine="jinja2"\nbody_template="{% if %}"',
-     "webhooks[0].body_template: invalid Jinja2 at line 1"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'template_engine="jinja2"\nbody_template="{{ secrets }}"',
-     "webhooks[0].body_template: unknown name(s) secrets"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'template_engine="handlebars"', 'webhooks[0].template_engine: must be "mustache" or "jinja2"'),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'headers={"Bad Header"="x"}', "webhooks[0].headers.Bad Header: is not a valid HTTP header"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nevents=[]',
-     "webhooks[0].events: must not be empty"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     "retry_schedule_s=[5, -1]", "webhooks[0].retry_schedule_s: must be a non-empty list"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     'escape="xml"', 'webhooks[0].escape: must be "unleash", "none" or "json"'),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
-     "max_in_flight=0", "webhooks[0].max_in_flight: must be between 1 and 256"),
+    (
+        '[unleash]\nurl="ftp://x"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"',
+        "unleash.url: must be an http(s) URL",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="nope"',
+        "webhooks[0].url: must be an http(s) URL",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\ncolour="red"\n[[webhooks]]\nname="a"\nurl="http://h"',
+        "unleash.colour: unknown key",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries="2"',
+        "webhooks[0].retries: must be an integer, not a string",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nretries=true',
+        "webhooks[0].retries: must be an integer, not a boolean",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\npoll_interval_s=0\n[[webhooks]]\nname="a"\nurl="http://h"',
+        "unleash.poll_interval_s: must be greater than 0",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\nstart_from="yesterday"\n[[webhooks]]\nname="a"\n'
+        'url="http://h"',
+        'unleash.start_from: must be "latest", "earliest" or an event id (>= 0)',
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        '[[webhooks]]\nname="a"\nurl="http://h2"',
+        "webhooks[1].name: duplicate name 'a' (also webhooks[0])",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'body_template="{{#x}}"',
+        "webhooks[0].body_template: invalid Mustache",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'template_engine="jinja2"\nbody_template="{% if %}"',
+        "webhooks[0].body_template: invalid Jinja2 at line 1",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'template_engine="jinja2"\nbody_template="{{ secrets }}"',
+        "webhooks[0].body_template: unknown name(s) secrets",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'template_engine="handlebars"',
+        'webhooks[0].template_engine: must be "mustache" or "jinja2"',
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'headers={"Bad Header"="x"}',
+        "webhooks[0].headers.Bad Header: is not a valid HTTP header",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\nevents=[]',
+        "webhooks[0].events: must not be empty",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        "retry_schedule_s=[5, -1]",
+        "webhooks[0].retry_schedule_s: must be a non-empty list",
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        'escape="xml"',
+        'webhooks[0].escape: must be "unleash", "none" or "json"',
+    ),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+        "max_in_flight=0",
+        "webhooks[0].max_in_flight: must be between 1 and 256",
+    ),
     ('[unleash]\nurl="http://u"\ntoken="t"', "webhooks: must list at least one [[webhooks]] table"),
     ('[[webhooks]]\nname="a"\nurl="http://h"', "unleash: section is required"),
-    ('[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nurl="http://h"',
-     "webhooks[0].name: is required"),
-    ('log_level="loud"\n[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\n'
-     'url="http://h"', "log_level: must be one of debug, info, warning, error"),
+    (
+        '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nurl="http://h"',
+        "webhooks[0].name: is required",
+    ),
+    (
+        'log_level="loud"\n[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\n'
+        'url="http://h"',
+        "log_level: must be one of debug, info, warning, error",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD_CASES)
-def test_each_mistake_is_reported_at_its_place(text: str, expected: str, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_mistake_is_reported_at_its_place(
+    text: str, expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A config mistake yields a problem line that starts with its place."""
     monkeypatch.delenv("UNLEASH_POLLER_TOKEN", raising=False)
     problems = _problems(text, tmp_path)
@@ -110,8 +156,10 @@ def test_each_mistake_is_reported_at_its_place(text: str, expected: str, tmp_pat
 
 def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
     """Several mistakes come back together, not one per run."""
-    problems = _problems('[unleash]\nurl="x"\ntoken="t"\nfoo=1\n[[webhooks]]\nname="a"\n'
-                         'url="y"\nretries=-1', tmp_path)
+    problems = _problems(
+        '[unleash]\nurl="x"\ntoken="t"\nfoo=1\n[[webhooks]]\nname="a"\nurl="y"\nretries=-1',
+        tmp_path,
+    )
     assert len(problems) == 4, problems
 
 
@@ -119,28 +167,33 @@ def test_missing_token_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     """No token from any source is a config error naming all the ways to give one."""
     monkeypatch.delenv("UNLEASH_POLLER_TOKEN", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    problems = _problems('[unleash]\nurl="http://u"\n[[webhooks]]\nname="a"\nurl="http://h"',
-                         tmp_path)
+    problems = _problems(
+        '[unleash]\nurl="http://u"\n[[webhooks]]\nname="a"\nurl="http://h"', tmp_path
+    )
     assert problems[0].startswith("unleash.token: is required (token, token_file")
 
 
-def test_token_from_file_env_and_credentials(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_token_from_file_env_and_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The token can come from token_file, the environment, or a systemd credential."""
     base = '[unleash]\nurl="http://u"\n{}\n[[webhooks]]\nname="a"\nurl="http://h"'
     (tmp_path / "tok").write_text("from-file\n")
     config = parse_config(tomllib.loads(base.format('token_file="tok"')), tmp_path)
     assert config.unleash.token.reveal() == "from-file"
     monkeypatch.setenv("UNLEASH_POLLER_TOKEN", "from-env")
-    assert parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal() == \
-        "from-env"
+    assert (
+        parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal() == "from-env"
+    )
     monkeypatch.delenv("UNLEASH_POLLER_TOKEN")
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "unleash-token").write_text("from-credential")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
-    assert parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal() == \
-        "from-credential"
+    assert (
+        parse_config(tomllib.loads(base.format("")), tmp_path).unleash.token.reveal()
+        == "from-credential"
+    )
 
 
 def test_secrets_do_not_show_in_repr(tmp_path: Path) -> None:
@@ -183,31 +236,42 @@ def test_check_command_exits_78_with_one_line_per_problem(tmp_path: Path) -> Non
     """`unleash-poller check` prints each problem on its own line and exits 78, no traceback."""
     path = tmp_path / "c.toml"
     path.write_text('[unleash]\nurl="x"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="y"\n')
-    result = subprocess.run([sys.executable, "-m", "poller", "check", "-c", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "poller", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 78
-    assert result.stderr.splitlines() == ["unleash.url: must be an http(s) URL",
-                                          "webhooks[0].url: must be an http(s) URL"]
+    assert result.stderr.splitlines() == [
+        "unleash.url: must be an http(s) URL",
+        "webhooks[0].url: must be an http(s) URL",
+    ]
     assert "Traceback" not in result.stderr
 
 
 def test_tls_and_signing_mistakes_are_named(tmp_path: Path) -> None:
     """A missing CA file, a bad signing secret and a signature header set by hand are
     reported at their places."""
-    text = GOOD + ('ca_file = "missing.pem"\nsigning_secret = "whsec_%%%"\n'
-                   'headers = { "webhook-signature" = "x" }\n')
+    text = GOOD + (
+        'ca_file = "missing.pem"\nsigning_secret = "whsec_%%%"\n'
+        'headers = { "webhook-signature" = "x" }\n'
+    )
     problems = _problems(text, tmp_path)
     problems += _problems(
-        GOOD + 'signing_secret = "raw"\nheaders = { "webhook-signature" = "x" }\n', tmp_path)
-    assert any(p.startswith("webhooks[0].ca_file: ") and "missing.pem" in p
-               for p in problems), problems
+        GOOD + 'signing_secret = "raw"\nheaders = { "webhook-signature" = "x" }\n', tmp_path
+    )
+    assert any(p.startswith("webhooks[0].ca_file: ") and "missing.pem" in p for p in problems), (
+        problems
+    )
     assert any(p.startswith("webhooks[0].signing_secret: ") for p in problems), problems
     assert "webhooks[0].headers.webhook-signature: is set by signing_secret; remove it" in problems
     assert all("%%%" not in p for p in problems)
 
 
-def test_proxy_from_environment_only_with_trust_env(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_proxy_from_environment_only_with_trust_env(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """HTTPS_PROXY is ignored unless trust_env = true; an explicit proxy always applies."""
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
     assert parse_config(tomllib.loads(GOOD), tmp_path).webhooks[0].proxy is None
@@ -223,33 +287,43 @@ def test_run_refuses_world_readable_file_with_inline_secret(tmp_path: Path) -> N
     path = tmp_path / "c.toml"
     path.write_text(GOOD.replace('path = "state.sqlite3"', f'path = "{tmp_path}/s.sqlite3"'))
     path.chmod(0o644)
-    result = subprocess.run([sys.executable, "-m", "poller", "run", "--once", "-c", str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "poller", "run", "--once", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 78
-    assert "holds secrets (unleash.token) but is readable by other users (mode 0644)" \
-        in result.stderr
+    assert (
+        "holds secrets (unleash.token) but is readable by other users (mode 0644)" in result.stderr
+    )
     assert "secret-token" not in result.stderr
     assert not (tmp_path / "s.sqlite3").exists()
 
 
 def test_signed_webhook_with_headers_keeps_its_name(tmp_path: Path) -> None:
     """Extra headers on a signed webhook do not disturb its other settings."""
-    hook = parse_config(tomllib.loads(GOOD + 'signing_secret = "s"\nheaders = { "X-A" = "1" }\n'),
-                        tmp_path).webhooks[0]
+    hook = parse_config(
+        tomllib.loads(GOOD + 'signing_secret = "s"\nheaders = { "X-A" = "1" }\n'), tmp_path
+    ).webhooks[0]
     assert (hook.name, hook.headers) == ("audit", (("X-A", "1"),))
 
 
-def test_secrets_from_env_keys_and_conflicts(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secrets_from_env_keys_and_conflicts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`*_env` names an environment variable holding the secret; an unset one, or two
     sources for one secret, are errors at their place."""
     monkeypatch.setenv("HOOK_AUTH", "Bearer from-env")
     text = GOOD + 'authorization_env = "HOOK_AUTH"\n'
-    assert parse_config(tomllib.loads(text), tmp_path).webhooks[0].authorization == \
-        Secret("Bearer from-env")
+    assert parse_config(tomllib.loads(text), tmp_path).webhooks[0].authorization == Secret(
+        "Bearer from-env"
+    )
     problems = _problems(GOOD + 'signing_secret_env = "NOT_SET_ANYWHERE"\n', tmp_path)
-    assert problems == ["webhooks[0].signing_secret_env: environment variable NOT_SET_ANYWHERE "
-                        "is not set or empty"]
+    assert problems == [
+        "webhooks[0].signing_secret_env: environment variable NOT_SET_ANYWHERE is not set or empty"
+    ]
     problems = _problems(GOOD + 'authorization = "a"\nauthorization_file = "f"\n', tmp_path)
-    assert problems == ["webhooks[0].authorization: give only one of authorization, "
-                        "authorization_file"]
+    assert problems == [
+        "webhooks[0].authorization: give only one of authorization, authorization_file"
+    ]

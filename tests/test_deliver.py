@@ -19,10 +19,15 @@ CASES = [
     (Attempt(500), 1, ONE_RETRY, "retry", 1.0, "HTTP 500"),
     (Attempt(500), 2, ONE_RETRY, "give_up", 0.0, "HTTP 500 after 2 attempts"),
     (Attempt(502), 1, (), "give_up", 0.0, "HTTP 502 after 1 attempt"),
-    (Attempt(None, "connection failed: refused"), 1, ONE_RETRY, "retry", 1.0,
-     "connection failed"),
-    (Attempt(None, "timed out after 10s"), 2, ONE_RETRY, "give_up", 0.0,
-     "timed out after 10s after 2 attempts"),
+    (Attempt(None, "connection failed: refused"), 1, ONE_RETRY, "retry", 1.0, "connection failed"),
+    (
+        Attempt(None, "timed out after 10s"),
+        2,
+        ONE_RETRY,
+        "give_up",
+        0.0,
+        "timed out after 10s after 2 attempts",
+    ),
     (Attempt(408), 1, ONE_RETRY, "retry", 1.0, "HTTP 408"),
     (Attempt(429), 1, ONE_RETRY, "retry", 1.0, "HTTP 429"),
     (Attempt(400), 1, ONE_RETRY, "give_up", 0.0, "HTTP 400 (not retried) after 1 attempt"),
@@ -40,8 +45,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("attempt", "made", "delays", "kind", "delay", "reason"), CASES)
-def test_decide(attempt: Attempt, made: int, delays: tuple[float, ...], kind: str,
-                delay: float, reason: str) -> None:
+def test_decide(
+    attempt: Attempt, made: int, delays: tuple[float, ...], kind: str, delay: float, reason: str
+) -> None:
     """Each result maps to delivered / retry after N seconds / give up, with its reason."""
     outcome = decide(attempt, made, delays, jitter=0.0, now=1_000_000.0)
     assert outcome.kind == kind
@@ -51,8 +57,9 @@ def test_decide(attempt: Attempt, made: int, delays: tuple[float, ...], kind: st
 
 def test_retry_after_http_date_is_honoured() -> None:
     """Retry-After given as an HTTP date waits until that moment."""
-    outcome = decide(Attempt(429, retry_after="Thu, 01 Jan 1970 00:01:40 GMT"), 1, ONE_RETRY,
-                     now=40.0)
+    outcome = decide(
+        Attempt(429, retry_after="Thu, 01 Jan 1970 00:01:40 GMT"), 1, ONE_RETRY, now=40.0
+    )
     assert outcome.delay_s == pytest.approx(60.0)
 
 
@@ -79,9 +86,11 @@ url = "http://h"
 
 def test_headers_match_unleash(tmp_path: Path) -> None:
     """Content-Type, Authorization when set, then extra headers merged over them."""
-    hook = _hook('content_type="text/plain"\nauthorization="Bearer x"\n'
-                 'headers={"X-Team"="platform", "Content-Type"="application/cloudevents+json"}',
-                 tmp_path)
+    hook = _hook(
+        'content_type="text/plain"\nauthorization="Bearer x"\n'
+        'headers={"X-Team"="platform", "Content-Type"="application/cloudevents+json"}',
+        tmp_path,
+    )
     headers = request_headers(hook)
     assert headers["Content-Type"] == "application/cloudevents+json"
     assert headers["Authorization"] == "Bearer x"

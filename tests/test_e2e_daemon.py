@@ -337,9 +337,15 @@ def test_bodies_and_headers_match_unleash_own_webhook_integration(
     # Left enabled, Unleash would post every later test's events too (bulk inserts
     # included); disabled, not deleted: deleting one mid-delivery crashes Unleash 8.2.0.
     for addon_id, suffix in ((plain, "unleash-plain"), (templated, "unleash-templated")):
-        request.addfinalizer(functools.partial(
-            admin.update_webhook, addon_id, receiver.url(f"{base}/{suffix}"), events=types,
-            enabled=False))
+        request.addfinalizer(
+            functools.partial(
+                admin.update_webhook,
+                addon_id,
+                receiver.url(f"{base}/{suffix}"),
+                events=types,
+                enabled=False,
+            )
+        )
     # Unleash caches its list of integrations for up to 60 s: probe until both are live.
     deadline = time.monotonic() + 90
     while not (
@@ -414,22 +420,38 @@ def test_an_event_unleash_cannot_serve_does_not_stall_the_others(
         path = "/" + unique("poison")
         config = tmp_path / "poller.toml"
         config.touch(mode=0o600)
-        config.write_text(render_poller_config(
-            unleash_url=server.url, token=server.admin_token,
-            state_path=tmp_path / "state.sqlite3", start_from=admin.latest_event_id(),
-            webhooks=[{"name": "all", "url": receiver.url(path)}]))
+        config.write_text(
+            render_poller_config(
+                unleash_url=server.url,
+                token=server.admin_token,
+                state_path=tmp_path / "state.sqlite3",
+                start_from=admin.latest_event_id(),
+                webhooks=[{"name": "all", "url": receiver.url(path)}],
+            )
+        )
         before = unique("before")
         admin.create_feature(before)
         name, password = "eve{{#x}}", "Sup3r-Secret-pass!word"
-        admin.request("POST", "/api/admin/user-admin", {
-            "username": name, "name": "Eve", "rootRole": 1, "password": password,
-            "sendEmail": False})
+        admin.request(
+            "POST",
+            "/api/admin/user-admin",
+            {
+                "username": name,
+                "name": "Eve",
+                "rootRole": 1,
+                "password": password,
+                "sendEmail": False,
+            },
+        )
         opener = urllib.request.build_opener(
-            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+            urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())
+        )
 
         def as_eve(api_path: str, body: dict[str, object]) -> None:
             request = urllib.request.Request(  # noqa: S310 - loopback only
-                server.url + api_path, data=json.dumps(body).encode(), method="POST",
+                server.url + api_path,
+                data=json.dumps(body).encode(),
+                method="POST",
                 headers={"Content-Type": "application/json"},
             )
             opener.open(request, timeout=10).close()

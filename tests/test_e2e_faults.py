@@ -112,7 +112,8 @@ def replays_in_order(ids: Sequence[int], expected: Sequence[int], back: int) -> 
             restarts += 1
             assert frontier - index <= back, (
                 f"request {n}: id {event_id} re-sent {frontier - index} events back "
-                f"(at most {back})")
+                f"(at most {back})"
+            )
         else:
             assert index == previous + 1, f"request {n}: id {event_id} skips ahead"
             assert index <= frontier, f"request {n}: id {event_id} skips ahead"
@@ -427,9 +428,7 @@ class FaultProxy:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self._handle)
         # A short shutdown: requests still hanging or forwarding are cut off at exit.
-        self._runner = web.AppRunner(
-            app, handle_signals=False, access_log=None, shutdown_timeout=1
-        )
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1)
         await self._runner.setup()
         await self._listen()
 
@@ -500,8 +499,9 @@ class FaultProxy:
         response.force_close()
         return response
 
-    async def _forward(self, request: web.Request, body: bytes, *, strip_events: bool
-                       ) -> web.Response:
+    async def _forward(
+        self, request: web.Request, body: bytes, *, strip_events: bool
+    ) -> web.Response:
         if self.on_forward is not None:
             await asyncio.to_thread(self.on_forward, request.path_qs)
         headers = {k: v for k, v in request.headers.items() if k.lower() in self._FORWARDED}
@@ -683,8 +683,10 @@ def test_kill_9_at_any_instant_loses_no_event(
         assert restarts <= kills, f"{name}: {restarts} steps back for {kills} kills"
         duplicates = len(ids) - len(expected)
         assert duplicates <= kills * back, f"{name}: {duplicates} duplicates for {kills} kills"
-        figures.append(f"{name}: {len(expected)} owed, {len(ids)} sent, lost 0, "
-                       f"duplicates {duplicates} after {restarts} re-sends")
+        figures.append(
+            f"{name}: {len(expected)} owed, {len(ids)} sent, lost 0, "
+            f"duplicates {duplicates} after {restarts} re-sends"
+        )
     report(
         capsys,
         f"crash test (seed {SEED}): {len(events)} events after the start, {kills} kills "

@@ -37,9 +37,13 @@ class Daemon:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "poller", "run", "-c", str(config)], cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-            env={**os.environ, **(env or {})})
+            [sys.executable, "-m", "poller", "run", "-c", str(config)],
+            cwd=REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+            env={**os.environ, **(env or {})},
+        )
 
     def events(self) -> list[dict[str, object]]:
         lines = self.log_path.read_text().splitlines()
@@ -87,8 +91,13 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_service_lifecycle_notify_metrics_reload_and_stop(
-        tmp_path: Path, unleash: UnleashServer, admin: AdminClient, receiver: Receiver,
-        poller_config: PollerConfigFactory, notify_socket: socket.socket) -> None:
+    tmp_path: Path,
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    notify_socket: socket.socket,
+) -> None:
     """READY=1 once running, deliveries counted in /metrics, /healthz 200, SIGHUP adds a
     webhook and rejects a broken config without stopping, SIGTERM exits 0 with STOPPING=1."""
     run = uuid.uuid4().hex[:8]
@@ -97,12 +106,14 @@ def test_service_lifecycle_notify_metrics_reload_and_stop(
     hook_a = {"name": "a", "url": receiver.url(first)}
     # An explicit start: with "latest", a flag created before the first poll would count as
     # history (READY=1 means config and state are good, not that Unleash was read yet).
-    config = poller_config(webhooks=[hook_a], poll_interval_s=0.2,
-                           start_from=admin.latest_event_id())
+    config = poller_config(
+        webhooks=[hook_a], poll_interval_s=0.2, start_from=admin.latest_event_id()
+    )
     metrics = f'\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
     config.write_text(config.read_text() + metrics)
-    daemon = Daemon(config, tmp_path / "daemon.log",
-                    env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    daemon = Daemon(
+        config, tmp_path / "daemon.log", env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    )
     try:
         assert "READY=1" in "\n".join(_datagrams_until(notify_socket, "READY=1"))
         admin.create_feature(f"svc-{run}-1")
@@ -114,9 +125,12 @@ def test_service_lifecycle_notify_metrics_reload_and_stop(
         assert (status, json.loads(text)["status"]) == (200, "ok")
 
         # A reload that adds a webhook: the next event reaches both, nothing is re-sent.
-        config.write_text(config.read_text().replace(
-            "\n[metrics]", f'\n[[webhooks]]\nname = "b"\nurl = "{receiver.url(second)}"\n'
-            "\n[metrics]"))
+        config.write_text(
+            config.read_text().replace(
+                "\n[metrics]",
+                f'\n[[webhooks]]\nname = "b"\nurl = "{receiver.url(second)}"\n\n[metrics]',
+            )
+        )
         daemon.process.send_signal(signal.SIGHUP)
         daemon.wait_for_log("config.reloaded")
         admin.create_feature(f"svc-{run}-2")
@@ -144,8 +158,13 @@ def test_service_lifecycle_notify_metrics_reload_and_stop(
 
 
 def test_secrets_never_reach_logs_state_or_output(
-        tmp_path: Path, unleash: UnleashServer, admin: AdminClient, receiver: Receiver,
-        poller_config: PollerConfigFactory, poller_cli: PollerCli) -> None:
+    tmp_path: Path,
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+) -> None:
     """Canary secrets (token, authorization, signing secret, a secret-looking header, a
     secret in a webhook URL path) appear in no log line, state file, status, dead-letter
     list or render output, even when deliveries fail and are retried."""
@@ -158,16 +177,30 @@ def test_secrets_never_reach_logs_state_or_output(
     path = f"/hooks/{canaries['path']}"
     receiver.respond(path, status=500)
     dead_port = _free_port()
-    config = poller_config(webhooks=[
-        {"name": "failing", "url": receiver.url(path), "authorization": canaries["authorization"],
-         "signing_secret": canaries["signing"], "headers": {"X-Api-Key": canaries["header"]}},
-        {"name": "unreachable", "url": f"http://127.0.0.1:{dead_port}/{canaries['path']}",
-         "authorization": canaries["authorization"]},
-    ], start_from=admin.latest_event_id())
+    config = poller_config(
+        webhooks=[
+            {
+                "name": "failing",
+                "url": receiver.url(path),
+                "authorization": canaries["authorization"],
+                "signing_secret": canaries["signing"],
+                "headers": {"X-Api-Key": canaries["header"]},
+            },
+            {
+                "name": "unreachable",
+                "url": f"http://127.0.0.1:{dead_port}/{canaries['path']}",
+                "authorization": canaries["authorization"],
+            },
+        ],
+        start_from=admin.latest_event_id(),
+    )
     admin.create_feature(f"canary-{uuid.uuid4().hex[:8]}")
-    runs = [poller_cli("run", "-c", config, "--once"),
-            poller_cli("status", "-c", config), poller_cli("status", "-c", config, "--json"),
-            poller_cli("dead-letters", "list", "-c", config)]
+    runs = [
+        poller_cli("run", "-c", config, "--once"),
+        poller_cli("status", "-c", config),
+        poller_cli("status", "-c", config, "--json"),
+        poller_cli("dead-letters", "list", "-c", config),
+    ]
     event_file = tmp_path / "event.json"
     event_file.write_text(json.dumps(admin.search_events(limit=1)[0]))
     runs.append(poller_cli("render", "-c", config, "--webhook", "failing", "--event", event_file))
@@ -186,8 +219,12 @@ def test_secrets_never_reach_logs_state_or_output(
 
 
 def test_reloads_while_a_worker_is_replaced_never_run_two_at_once(
-        tmp_path: Path, unleash: UnleashServer, admin: AdminClient, receiver: Receiver,
-        poller_config: PollerConfigFactory) -> None:
+    tmp_path: Path,
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+) -> None:
     """A reload that changes max_in_flight replaces the webhook's worker after its request
     in flight; a second reload meanwhile must wait for that too, or a second worker would
     send the in-flight event again. Every event arrives exactly once."""
@@ -195,9 +232,11 @@ def test_reloads_while_a_worker_is_replaced_never_run_two_at_once(
     receiver.respond(path, delay_s=1.5)
 
     def write(max_in_flight: int) -> Path:
-        return poller_config(webhooks=[{"name": "a", "url": receiver.url(path),
-                                        "max_in_flight": max_in_flight}],
-                             poll_interval_s=0.2, start_from=admin.latest_event_id())
+        return poller_config(
+            webhooks=[{"name": "a", "url": receiver.url(path), "max_in_flight": max_in_flight}],
+            poll_interval_s=0.2,
+            start_from=admin.latest_event_id(),
+        )
 
     config = write(1)
     daemon = Daemon(config, tmp_path / "daemon.log")

@@ -6,8 +6,12 @@ import pytest
 
 from poller.filters import EventFilter
 
-EVENT = {"id": 1, "type": "feature-environment-enabled", "project": "web",
-         "environment": "production"}
+EVENT = {
+    "id": 1,
+    "type": "feature-environment-enabled",
+    "project": "web",
+    "environment": "production",
+}
 
 CASES = [
     (EventFilter(), EVENT, True),
@@ -23,8 +27,11 @@ CASES = [
     (EventFilter(environments=("development",)), EVENT, False),
     # No project / environment on the event: passes those filters, as in Unleash.
     (EventFilter(projects=("api",)), {"id": 2, "type": "api-token-created"}, True),
-    (EventFilter(environments=("development",)),
-     {"id": 3, "type": "feature-created", "project": "web", "environment": None}, True),
+    (
+        EventFilter(environments=("development",)),
+        {"id": 3, "type": "feature-created", "project": "web", "environment": None},
+        True,
+    ),
     (EventFilter(events=("feature-*",)), {"id": 4, "type": None}, False),
 ]
 

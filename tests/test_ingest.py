@@ -31,8 +31,14 @@ class FakeLog:
 
     def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
         for i in ids:
-            self.visible.append({"id": i, "type": kind, "project": project,
-                                 "createdAt": f"2026-01-01T00:00:{i % 60:02d}.000Z"})
+            self.visible.append(
+                {
+                    "id": i,
+                    "type": kind,
+                    "project": project,
+                    "createdAt": f"2026-01-01T00:00:{i % 60:02d}.000Z",
+                }
+            )
 
     def _sorted(self) -> list[Event]:
         if self.order == "created":
@@ -44,7 +50,7 @@ class FakeLog:
 
     async def page(self, offset: int, limit: int) -> Page:
         events = self._sorted()
-        return Page(events[offset:offset + limit], len(events))
+        return Page(events[offset : offset + limit], len(events))
 
     read = page
 
@@ -92,8 +98,9 @@ def log() -> FakeLog:
     return FakeLog()
 
 
-def _ingest(tmp_path: Path, log: FakeLog, start_from: str = '"latest"') -> tuple[Ingest, State,
-                                                                                set[str]]:
+def _ingest(
+    tmp_path: Path, log: FakeLog, start_from: str = '"latest"'
+) -> tuple[Ingest, State, set[str]]:
     state = State.open(tmp_path / "s.sqlite3")
     woken: set[str] = set()
     ingest = Ingest(_config(tmp_path, start_from), state, log, woken.update)  # type: ignore[arg-type]
@@ -135,8 +142,9 @@ def test_explicit_start_id_and_earliest(tmp_path: Path, log: FakeLog) -> None:
     assert [g.id for g in state.gaps()] == [102]
 
 
-def test_burst_across_pages_and_staging(tmp_path: Path, log: FakeLog,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_burst_across_pages_and_staging(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A burst of many pages (spilled to disk) is taken in whole, once, in id order."""
     monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
     log.add(1)
@@ -208,8 +216,9 @@ def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> Non
     assert state.gaps() == []
 
 
-def test_without_id_filter_late_ids_are_found_by_reading_deeper(tmp_path: Path,
-                                                                log: FakeLog) -> None:
+def test_without_id_filter_late_ids_are_found_by_reading_deeper(
+    tmp_path: Path, log: FakeLog
+) -> None:
     """On servers that ignore the id filter (5.x, 6.x) a missing id is looked for further
     down the newest-first pages, and taken in when it shows up there."""
     log.capabilities = Capabilities("search", id_filter=False)

@@ -33,9 +33,16 @@ Outcome = dict[str, str]
 def api_event(event_type: str, **fields: object) -> Event:
     """An event shaped as the admin API serves it: every column present, null when unset."""
     event: Event = {
-        "id": 101, "type": event_type, "createdBy": "alice@example.com",
-        "createdAt": "2026-11-28T13:08:00.123Z", "createdByUserId": 3, "data": None,
-        "preData": None, "tags": [], "featureName": None, "project": None,
+        "id": 101,
+        "type": event_type,
+        "createdBy": "alice@example.com",
+        "createdAt": "2026-11-28T13:08:00.123Z",
+        "createdByUserId": 3,
+        "data": None,
+        "preData": None,
+        "tags": [],
+        "featureName": None,
+        "project": None,
         "environment": None,
     }
     event.update(fields)
@@ -48,68 +55,135 @@ IN_FLAG = {"featureName": "new-feature", "project": "my-project", "environment":
 
 
 def rollout(**parameters: object) -> dict[str, object]:
-    return {"name": "flexibleRollout", "constraints": [], "parameters": {
-        "groupId": "new-feature", "rollout": "67", "stickiness": "default", **parameters}}
+    return {
+        "name": "flexibleRollout",
+        "constraints": [],
+        "parameters": {
+            "groupId": "new-feature",
+            "rollout": "67",
+            "stickiness": "default",
+            **parameters,
+        },
+    }
 
 
 TABLE: list[tuple[str, Event, str]] = [
-    ("flag created", api_event("feature-created", **IN_FLAG),
-     f"*alice@example.com* created *{FLAG}* in project *{PROJECT}*"),
-    ("flag created without project or name", api_event("feature-created"),
-     "*alice@example.com* created ** in project **"),
-    ("flag archived names the flag without a link",
-     api_event("feature-archived", **IN_FLAG),
-     f"*alice@example.com* archived *new-feature* in project *{PROJECT}*"),
-    ("rollout changed", api_event(
-        "feature-strategy-update", data=rollout(rollout="32"), preData=rollout(), **IN_FLAG),
-     f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
-     "*flexibleRollout* in *production* rollout from 67% to 32%"),
-    ("stickiness and groupId changed", api_event(
-        "feature-strategy-update", data=rollout(stickiness="random", groupId="g"),
-        preData=rollout(), **IN_FLAG),
-     f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
-     "*flexibleRollout* in *production* stickiness from default to random;"
-     " groupId from new-feature to g"),
-    ("constraint added to the default strategy", api_event(
-        "feature-strategy-update", preData={"name": "default", "constraints": []},
-        data={"name": "default", "constraints": [
-            {"contextName": "appName", "operator": "IN", "values": ["x", "y"]},
-            {"contextName": "v", "operator": "SEMVER_GT", "value": "1.2.3", "inverted": True},
-        ]}, **IN_FLAG),
-     f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
-     "*default* in *production* constraints from empty set of constraints to "
-     "[appName is one of (x,y), v not is a SemVer greater than 1.2.3]"),
-    ("IPs set for the first time", api_event(
-        "feature-strategy-update", data={"name": "remoteAddress", "parameters": {
-            "IPs": "127.0.0.1"}}, **IN_FLAG),
-     f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
-     "*remoteAddress* in *production* IPs to [127.0.0.1]"),
-    ("segments changed on a strategy without a dedicated text", api_event(
-        "feature-strategy-update", data={"name": "userWithId", "segments": [1, 2]},
-        preData={"name": "userWithId", "title": "Beta users"}, **IN_FLAG),
-     f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
-     "*Beta users* in *production*"),
-    ("change request link with flag and environment", api_event(
-        "change-request-approved", data={"changeRequestId": 12}, **IN_FLAG),
-     f"*alice@example.com* approved change request *[#12]({URL}/projects/my-project/"
-     f"change-requests/12)* for feature flag *{FLAG}* in the *production* environment"
-     f" in project *{PROJECT}*"),
-    ("change request id only in preData, no project: no link", api_event(
-        "change-request-applied", preData={"changeRequestId": 12}),
-     "*alice@example.com* applied change request "),
-    ("unknown type falls back to a generic sentence", api_event("feature-link-added"),
-     "*alice@example.com* triggered *feature-link-added*"),
-    ("the fallback sentence is itself a Mustache template", api_event(
-        "x", createdBy="{{event.project}}/{{#event}}{{project}}{{/event}}", project="p"),
-     "*p/p* triggered *x*"),
-    ("the fallback sees createdAt as a Date", api_event("x", createdBy="{{event.createdAt}}"),
-     "*Sat Nov 28 2026 13:08:00 GMT+0000 (Coordinated Universal Time)* triggered *x*"),
-    ("search-endpoint extras are not part of the event", api_event(
-        "x", createdBy="{{event.label}}{{event.summary}}", label="L", summary="S"),
-     "** triggered *x*"),
-    ("nasty strings pass through unescaped", api_event(
-        "segment-created", createdBy="q\" <t> & /s =e `'", data={"name": "naïve 🚀 \\"}),
-     "*q\" <t> & /s =e `'* created segment *naïve 🚀 \\*"),
+    (
+        "flag created",
+        api_event("feature-created", **IN_FLAG),
+        f"*alice@example.com* created *{FLAG}* in project *{PROJECT}*",
+    ),
+    (
+        "flag created without project or name",
+        api_event("feature-created"),
+        "*alice@example.com* created ** in project **",
+    ),
+    (
+        "flag archived names the flag without a link",
+        api_event("feature-archived", **IN_FLAG),
+        f"*alice@example.com* archived *new-feature* in project *{PROJECT}*",
+    ),
+    (
+        "rollout changed",
+        api_event(
+            "feature-strategy-update", data=rollout(rollout="32"), preData=rollout(), **IN_FLAG
+        ),
+        f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
+        "*flexibleRollout* in *production* rollout from 67% to 32%",
+    ),
+    (
+        "stickiness and groupId changed",
+        api_event(
+            "feature-strategy-update",
+            data=rollout(stickiness="random", groupId="g"),
+            preData=rollout(),
+            **IN_FLAG,
+        ),
+        f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
+        "*flexibleRollout* in *production* stickiness from default to random;"
+        " groupId from new-feature to g",
+    ),
+    (
+        "constraint added to the default strategy",
+        api_event(
+            "feature-strategy-update",
+            preData={"name": "default", "constraints": []},
+            data={
+                "name": "default",
+                "constraints": [
+                    {"contextName": "appName", "operator": "IN", "values": ["x", "y"]},
+                    {
+                        "contextName": "v",
+                        "operator": "SEMVER_GT",
+                        "value": "1.2.3",
+                        "inverted": True,
+                    },
+                ],
+            },
+            **IN_FLAG,
+        ),
+        f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
+        "*default* in *production* constraints from empty set of constraints to "
+        "[appName is one of (x,y), v not is a SemVer greater than 1.2.3]",
+    ),
+    (
+        "IPs set for the first time",
+        api_event(
+            "feature-strategy-update",
+            data={"name": "remoteAddress", "parameters": {"IPs": "127.0.0.1"}},
+            **IN_FLAG,
+        ),
+        f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
+        "*remoteAddress* in *production* IPs to [127.0.0.1]",
+    ),
+    (
+        "segments changed on a strategy without a dedicated text",
+        api_event(
+            "feature-strategy-update",
+            data={"name": "userWithId", "segments": [1, 2]},
+            preData={"name": "userWithId", "title": "Beta users"},
+            **IN_FLAG,
+        ),
+        f"*alice@example.com* updated *{FLAG}* in project *{PROJECT}* by updating strategy "
+        "*Beta users* in *production*",
+    ),
+    (
+        "change request link with flag and environment",
+        api_event("change-request-approved", data={"changeRequestId": 12}, **IN_FLAG),
+        f"*alice@example.com* approved change request *[#12]({URL}/projects/my-project/"
+        f"change-requests/12)* for feature flag *{FLAG}* in the *production* environment"
+        f" in project *{PROJECT}*",
+    ),
+    (
+        "change request id only in preData, no project: no link",
+        api_event("change-request-applied", preData={"changeRequestId": 12}),
+        "*alice@example.com* applied change request ",
+    ),
+    (
+        "unknown type falls back to a generic sentence",
+        api_event("feature-link-added"),
+        "*alice@example.com* triggered *feature-link-added*",
+    ),
+    (
+        "the fallback sentence is itself a Mustache template",
+        api_event("x", createdBy="{{event.project}}/{{#event}}{{project}}{{/event}}", project="p"),
+        "*p/p* triggered *x*",
+    ),
+    (
+        "the fallback sees createdAt as a Date",
+        api_event("x", createdBy="{{event.createdAt}}"),
+        "*Sat Nov 28 2026 13:08:00 GMT+0000 (Coordinated Universal Time)* triggered *x*",
+    ),
+    (
+        "search-endpoint extras are not part of the event",
+        api_event("x", createdBy="{{event.label}}{{event.summary}}", label="L", summary="S"),
+        "** triggered *x*",
+    ),
+    (
+        "nasty strings pass through unescaped",
+        api_event("segment-created", createdBy="q\" <t> & /s =e `'", data={"name": "naïve 🚀 \\"}),
+        "*q\" <t> & /s =e `'* created segment *naïve 🚀 \\*",
+    ),
 ]
 
 
@@ -120,13 +194,24 @@ def test_formats_like_unleash(event: Event, expected: str) -> None:
 
 
 UNFORMATTABLE: list[tuple[str, Event]] = [
-    ("IPs strategy without parameters", api_event(
-        "feature-strategy-update", data={"name": "remoteAddress"}, preData={"name": "x"})),
-    ("constraints that are null", api_event(
-        "feature-strategy-update", data={"name": "default", "constraints": None})),
-    ("constraint values that are a string", api_event(
-        "feature-strategy-update", data={"name": "default", "constraints": [
-            {"contextName": "a", "operator": "IN", "values": "x"}]})),
+    (
+        "IPs strategy without parameters",
+        api_event("feature-strategy-update", data={"name": "remoteAddress"}, preData={"name": "x"}),
+    ),
+    (
+        "constraints that are null",
+        api_event("feature-strategy-update", data={"name": "default", "constraints": None}),
+    ),
+    (
+        "constraint values that are a string",
+        api_event(
+            "feature-strategy-update",
+            data={
+                "name": "default",
+                "constraints": [{"contextName": "a", "operator": "IN", "values": "x"}],
+            },
+        ),
+    ),
     ("type that names an Object.prototype member", api_event("constructor")),
     ("fallback text that is not a valid template", api_event("x", createdBy="{{oops")),
 ]
@@ -177,30 +262,84 @@ process.stdout.write(JSON.stringify({ eventMapTypes: Object.keys(EVENT_MAP), res
 """
 
 NASTY = [
-    "q\" <t> & /s =e `'", "naïve café — 日本語", "🚀 👩‍💻", "back\\slash\nnew line\ttab",
-    "{{b}}{{user}}", "", "0", " ", "lone \ud800 surrogate", "<script>alert('x')</script>",
+    "q\" <t> & /s =e `'",
+    "naïve café — 日本語",
+    "🚀 👩‍💻",
+    "back\\slash\nnew line\ttab",
+    "{{b}}{{user}}",
+    "",
+    "0",
+    " ",
+    "lone \ud800 surrogate",
+    "<script>alert('x')</script>",
 ]
 UNKNOWN_TYPES = [
-    "", "some-future-event", "FEATURE-CREATED", "feature-created ", "null", "undefined",
-    "{{b}}", "{{#event}}{{project}}{{/event}}", "{{event.createdAt}}", "{{", "{{=<% %>=}}",
-    "constructor", "__proto__", "toString", "valueOf", "hasOwnProperty", "🚀",
+    "",
+    "some-future-event",
+    "FEATURE-CREATED",
+    "feature-created ",
+    "null",
+    "undefined",
+    "{{b}}",
+    "{{#event}}{{project}}{{/event}}",
+    "{{event.createdAt}}",
+    "{{",
+    "{{=<% %>=}}",
+    "constructor",
+    "__proto__",
+    "toString",
+    "valueOf",
+    "hasOwnProperty",
+    "🚀",
 ]
 FALLBACK_USERS = [
-    "{{event.project}}", "{{#event}}{{project}}{{/event}}", "{{event.data}}", "{{event.tags}}",
-    "{{{event.preData.name}}}", "{{& feature}}", "{{^event.data}}none{{/event.data}}",
-    "{{event.groupType}}", "{{! comment }}x", "{{unclosed", "{{/event}}", None, "",
+    "{{event.project}}",
+    "{{#event}}{{project}}{{/event}}",
+    "{{event.data}}",
+    "{{event.tags}}",
+    "{{{event.preData.name}}}",
+    "{{& feature}}",
+    "{{^event.data}}none{{/event.data}}",
+    "{{event.groupType}}",
+    "{{! comment }}x",
+    "{{unclosed",
+    "{{/event}}",
+    None,
+    "",
 ]
 SCALARS: list[object] = [
-    None, True, False, 0, 1, 67, -0.0, 1.5, 1e21, 2**60, "", "0", "32", "default", *NASTY,
+    None,
+    True,
+    False,
+    0,
+    1,
+    67,
+    -0.0,
+    1.5,
+    1e21,
+    2**60,
+    "",
+    "0",
+    "32",
+    "default",
+    *NASTY,
 ]
-COMPOUNDS: list[object] = [[], ["x", "y"], [1, None, ["a", [2]]], {}, {"name": "n"},
-                           {"length": 0}]
+COMPOUNDS: list[object] = [[], ["x", "y"], [1, None, ["a", [2]]], {}, {"name": "n"}, {"length": 0}]
 RICH = {
-    "name": "my-name", "title": "My title", "provider": "webhook", "username": "ci-token",
-    "message": "Maintenance tonight", "email": "bob@example.com", "ownerId": 42,
-    "type": "simple", "value": "tag-value", "oldProject": "old-project",
-    "scheduledDate": "2026-12-01T10:00:00.000Z", "reason": "Its author was deleted.",
-    "milestoneName": "Canary", "changeRequestId": 7,
+    "name": "my-name",
+    "title": "My title",
+    "provider": "webhook",
+    "username": "ci-token",
+    "message": "Maintenance tonight",
+    "email": "bob@example.com",
+    "ownerId": 42,
+    "type": "simple",
+    "value": "tag-value",
+    "oldProject": "old-project",
+    "scheduledDate": "2026-12-01T10:00:00.000Z",
+    "reason": "Its author was deleted.",
+    "milestoneName": "Canary",
+    "changeRequestId": 7,
 }
 
 
@@ -226,9 +365,15 @@ def shapes_for(event_type: str) -> Iterator[Event]:
     yield api_event(event_type, createdBy=None)
     yield api_event(event_type, data={}, preData={}, project="p")
     yield api_event(event_type, preData={"changeRequestId": 3}, project="p", environment="e")
-    yield api_event(event_type, data=nastied(RICH, nasty), preData=nastied(RICH, nasty),
-                    createdBy=next(nasty), featureName=next(nasty), project=next(nasty),
-                    environment=next(nasty))
+    yield api_event(
+        event_type,
+        data=nastied(RICH, nasty),
+        preData=nastied(RICH, nasty),
+        createdBy=next(nasty),
+        featureName=next(nasty),
+        project=next(nasty),
+        environment=next(nasty),
+    )
     for odd in ["text", 42, [1, 2], True, 0, ""]:
         yield api_event(event_type, data=odd, preData=odd, **IN_FLAG)
     for request_id in [0, "0", "12", 1.5, 2**60, NASTY[0], [], {}, True]:
@@ -243,26 +388,50 @@ def fallback_events() -> Iterator[Event]:
 
 def strategy_events(rng: random.Random, count: int) -> Iterator[Event]:
     for index in range(count):
-        event_type = "feature-strategy-update" if index % 5 else rng.choice(
-            ["feature-strategy-add", "feature-strategy-remove"])
+        event_type = (
+            "feature-strategy-update"
+            if index % 5
+            else rng.choice(["feature-strategy-add", "feature-strategy-remove"])
+        )
         before = random_strategy(rng)
         after = mutated(rng, before) if rng.random() < 0.6 else random_strategy(rng)
         if rng.random() < 0.1:
             before = None
-        yield api_event(event_type, data=after, preData=before,
-                        featureName=rng.choice(["f", None, NASTY[1]]),
-                        project=rng.choice(["p", None, NASTY[0]]),
-                        environment=rng.choice(["production", None, ""]))
+        yield api_event(
+            event_type,
+            data=after,
+            preData=before,
+            featureName=rng.choice(["f", None, NASTY[1]]),
+            project=rng.choice(["p", None, NASTY[0]]),
+            environment=rng.choice(["production", None, ""]),
+        )
 
 
-STRATEGY_NAMES = ["flexibleRollout", "default", "remoteAddress", "applicationHostname",
-                  "userWithId", NASTY[2]]
+STRATEGY_NAMES = [
+    "flexibleRollout",
+    "default",
+    "remoteAddress",
+    "applicationHostname",
+    "userWithId",
+    NASTY[2],
+]
 PARAMETER_POOLS: dict[str, list[object]] = {
     "rollout": ["0", "32", "67", "100", 0, 32, 32.0, 67.5, None, "", True],
     "stickiness": ["default", "random", "userId", "", None, 0],
     "groupId": ["new-feature", "other", "", None, NASTY[0]],
-    "IPs": ["", "127.0.0.1", "10.0.0.1,10.0.0.2", [], ["a", "b"], None, 0, 5,
-            {"length": 0}, {}, NASTY[2]],
+    "IPs": [
+        "",
+        "127.0.0.1",
+        "10.0.0.1,10.0.0.2",
+        [],
+        ["a", "b"],
+        None,
+        0,
+        5,
+        {"length": 0},
+        {},
+        NASTY[2],
+    ],
     "hostNames": ["", "unleash.com", [], ["a", None], None, {"length": 1}],
 }
 
@@ -281,21 +450,43 @@ def random_strategy(rng: random.Random) -> object:
         strategy["constraints"] = random_constraints(rng)
     if rng.random() < 0.6:
         strategy["segments"] = rng.choice(
-            [[], [1, 2], [3], None, "1,2", [None, [1, 2]], {"length": 0}, 5])
+            [[], [1, 2], [3], None, "1,2", [None, [1, 2]], {"length": 0}, 5]
+        )
     return strategy
 
 
 def random_parameters(rng: random.Random) -> object:
     if rng.random() < 0.08:
         return rng.choice([None, "s", [], 0, {}])
-    return {name: rng.choice(pool) for name, pool in PARAMETER_POOLS.items()
-            if rng.random() < 0.8}
+    return {name: rng.choice(pool) for name, pool in PARAMETER_POOLS.items() if rng.random() < 0.8}
 
 
-OPERATORS = ["IN", "NOT_IN", "STR_CONTAINS", "STR_STARTS_WITH", "STR_ENDS_WITH", "NUM_EQ",
-             "NUM_GT", "NUM_GTE", "NUM_LT", "NUM_LTE", "DATE_BEFORE", "DATE_AFTER",
-             "SEMVER_EQ", "SEMVER_GT", "SEMVER_LT", "SEMVER_GTE", "SEMVER_LTE", "REGEX",
-             "UNKNOWN_OP", None, ["IN"], "constructor", "toString", 7]
+OPERATORS = [
+    "IN",
+    "NOT_IN",
+    "STR_CONTAINS",
+    "STR_STARTS_WITH",
+    "STR_ENDS_WITH",
+    "NUM_EQ",
+    "NUM_GT",
+    "NUM_GTE",
+    "NUM_LT",
+    "NUM_LTE",
+    "DATE_BEFORE",
+    "DATE_AFTER",
+    "SEMVER_EQ",
+    "SEMVER_GT",
+    "SEMVER_LT",
+    "SEMVER_GTE",
+    "SEMVER_LTE",
+    "REGEX",
+    "UNKNOWN_OP",
+    None,
+    ["IN"],
+    "constructor",
+    "toString",
+    7,
+]
 
 
 def random_constraints(rng: random.Random) -> object:
@@ -316,7 +507,8 @@ def random_constraint(rng: random.Random) -> object:
         constraint["value"] = rng.choice([*SCALARS, *COMPOUNDS])
     if rng.random() < 0.6:
         constraint["values"] = rng.choice(
-            [["x", "y"], [], ["4"], [None, ["a", "b"], 1.5], None, "x", {"a": 1}, 5])
+            [["x", "y"], [], ["4"], [None, ["a", "b"], 1.5], None, "x", {"a": 1}, 5]
+        )
     if rng.random() < 0.7:
         constraint["inverted"] = rng.choice([True, False, 1, 0, "", None])
     if rng.random() < 0.5:
@@ -370,8 +562,11 @@ def unleash_formatted(tmp_path_factory: pytest.TempPathFactory) -> UnleashRun:
     runner = tmp_path_factory.mktemp("markdown") / "format-events.mjs"
     runner.write_text(NODE_RUNNER, encoding="utf-8")
     events = generated_events()
-    output = run_json(node, [str(runner), FORMATTER_JS.as_uri(), EVENT_MAP_JS.as_uri()],
-                      {"unleashUrl": URL, "events": events})
+    output = run_json(
+        node,
+        [str(runner), FORMATTER_JS.as_uri(), EVENT_MAP_JS.as_uri()],
+        {"unleashUrl": URL, "events": events},
+    )
     assert isinstance(output, dict)
     return UnleashRun(output["eventMapTypes"], events, output["results"])
 
@@ -396,7 +591,6 @@ def test_identical_to_unleash_formatter(unleash_formatted: UnleashRun) -> None:
         ours = our_outcome(event)
         if ours.get("text") != expected.get("text") or ("error" in ours) != ("error" in expected):
             mismatches.append({"event": event, "unleash": expected, "ours": ours})
-    assert not mismatches, (
-        f"{len(mismatches)} of {len(events)} differ; first ones:\n"
-        + "\n".join(json.dumps(m, ensure_ascii=False) for m in mismatches[:5])
+    assert not mismatches, f"{len(mismatches)} of {len(events)} differ; first ones:\n" + "\n".join(
+        json.dumps(m, ensure_ascii=False) for m in mismatches[:5]
     )

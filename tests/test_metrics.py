@@ -27,16 +27,21 @@ def _healthy() -> tuple[bool, dict[str, object]]:
     return True, {"cursor": 7}
 
 
-async def _scrape(metrics: Metrics, path: str = "/metrics",
-                  health: Callable[[], tuple[bool, dict[str, object]]] = _healthy,
-                  headers: dict[str, str] | None = None,
-                  listen: str = "127.0.0.1:0") -> tuple[int, str, str]:
+async def _scrape(
+    metrics: Metrics,
+    path: str = "/metrics",
+    health: Callable[[], tuple[bool, dict[str, object]]] = _healthy,
+    headers: dict[str, str] | None = None,
+    listen: str = "127.0.0.1:0",
+) -> tuple[int, str, str]:
     runner = await start_http(listen, metrics, health)
     try:
         host, port = runner.addresses[0][:2]
         url_host = f"[{host}]" if ":" in host else host
-        async with aiohttp.ClientSession() as session, \
-                session.get(f"http://{url_host}:{port}{path}", headers=headers) as resp:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{url_host}:{port}{path}", headers=headers) as resp,
+        ):
             return resp.status, resp.headers["Content-Type"], await resp.text()
     finally:
         await runner.cleanup()
@@ -50,8 +55,11 @@ def samples(metrics: Metrics) -> Samples:
     """Every sample of a real scrape, keyed by (name, labels)."""
     status, _, text = scrape(metrics)
     assert status == 200
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
@@ -71,29 +79,32 @@ def test_configured_webhooks_export_zeros_before_any_delivery() -> None:
     assert got[key("unleash_poller_build_info", version=__version__)] == 1
 
 
-@pytest.mark.parametrize(("kind", "outcome", "duration_s", "lag_counted"), [
-    ("delivered", "delivered", 0.2, True),
-    ("retry", "retried", 0.2, False),
-    ("give_up", "dead_lettered", 0.2, False),
-    ("give_up", "dead_lettered", None, False),  # the body could not be rendered: no request
-])
-def test_on_delivery(kind: Any, outcome: str, duration_s: float | None,
-                     lag_counted: bool) -> None:
+@pytest.mark.parametrize(
+    ("kind", "outcome", "duration_s", "lag_counted"),
+    [
+        ("delivered", "delivered", 0.2, True),
+        ("retry", "retried", 0.2, False),
+        ("give_up", "dead_lettered", 0.2, False),
+        ("give_up", "dead_lettered", None, False),  # the body could not be rendered: no request
+    ],
+)
+def test_on_delivery(kind: Any, outcome: str, duration_s: float | None, lag_counted: bool) -> None:
     """Each outcome kind counts under its label; HTTP time is observed when a request was
     made; lag only when the event was delivered."""
     metrics = Metrics(["ops"])
     metrics.on_delivery("ops", kind, duration_s, 42.0)
     got = samples(metrics)
     assert got[key("unleash_poller_deliveries_total", webhook="ops", outcome=outcome)] == 1
-    assert sum(v for (name, _), v in got.items()
-               if name == "unleash_poller_deliveries_total") == 1
+    assert sum(v for (name, _), v in got.items() if name == "unleash_poller_deliveries_total") == 1
     duration = key("unleash_poller_delivery_duration_seconds_bucket", webhook="ops", le="0.25")
     assert got[duration] == (0 if duration_s is None else 1)
     assert got[key("unleash_poller_delivery_lag_seconds_sum", webhook="ops")] == (
-        42.0 if lag_counted else 0)
+        42.0 if lag_counted else 0
+    )
     assert got[key("unleash_poller_delivery_lag_seconds_bucket", webhook="ops", le="30.0")] == 0
     assert got[key("unleash_poller_delivery_lag_seconds_bucket", webhook="ops", le="60.0")] == (
-        1 if lag_counted else 0)
+        1 if lag_counted else 0
+    )
 
 
 def test_unconfigured_webhook_gets_series_on_first_use() -> None:
@@ -122,8 +133,9 @@ def test_poll_metrics() -> None:
     assert got[key("unleash_poller_events_polled_total")] == 3
     assert got[key("unleash_poller_cursor")] == 120
     assert got[key("unleash_poller_gaps_pending")] == 1
-    assert before <= got[key("unleash_poller_last_successful_poll_timestamp_seconds")] <= (
-        time.time())
+    assert (
+        before <= got[key("unleash_poller_last_successful_poll_timestamp_seconds")] <= (time.time())
+    )
     assert got[key("unleash_poller_poll_errors_total", kind="timeout")] == 2
     assert got[key("unleash_poller_poll_errors_total", kind="something_new")] == 1
     assert got[key("unleash_poller_gaps_expired_total")] == 4
@@ -174,8 +186,10 @@ def test_on_delivery_is_cheap() -> None:
         metrics.on_delivery("ops", "delivered", 0.05, float(i % 100))
     elapsed = time.perf_counter() - started
     assert elapsed < 1.0, f"{elapsed:.3f}s"
-    assert samples(metrics)[key("unleash_poller_deliveries_total", webhook="ops",
-                                outcome="delivered")] == 10_000
+    assert (
+        samples(metrics)[key("unleash_poller_deliveries_total", webhook="ops", outcome="delivered")]
+        == 10_000
+    )
 
 
 def test_metrics_content_type_is_prometheus_text() -> None:
@@ -190,13 +204,16 @@ def test_openmetrics_is_negotiated() -> None:
     metrics = Metrics(["ops"])
     metrics.on_delivery("ops", "delivered", 0.05, 1.0)
     status, content_type, text = scrape(
-        metrics, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        metrics, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
     assert status == 200
     assert content_type.startswith("application/openmetrics-text")
     families = {f.name: f for f in openmetrics_families(text)}
-    [delivered] = [s for s in families["unleash_poller_deliveries"].samples
-                   if s.labels == {"webhook": "ops", "outcome": "delivered"}
-                   and s.name.endswith("_total")]
+    [delivered] = [
+        s
+        for s in families["unleash_poller_deliveries"].samples
+        if s.labels == {"webhook": "ops", "outcome": "delivered"} and s.name.endswith("_total")
+    ]
     assert delivered.value == 1
 
 
@@ -210,13 +227,15 @@ def test_healthz_ok() -> None:
 
 def test_healthz_unhealthy() -> None:
     """Unhealthy: 503 with the reason as JSON."""
+
     def health() -> tuple[bool, dict[str, object]]:
         return False, {"reason": "no successful poll of Unleash for 95s (limit 30s)"}
 
     status, _, text = scrape(Metrics(), "/healthz", health=health)
     assert status == 503
-    assert text == ('{"status": "unhealthy", '
-                    '"reason": "no successful poll of Unleash for 95s (limit 30s)"}')
+    assert text == (
+        '{"status": "unhealthy", "reason": "no successful poll of Unleash for 95s (limit 30s)"}'
+    )
 
 
 def test_unknown_path_is_404() -> None:
@@ -255,23 +274,35 @@ def test_port_in_use_raises() -> None:
             asyncio.run(main())
 
 
-@pytest.mark.parametrize(("listen", "expected"), [
-    ("127.0.0.1:9464", ("127.0.0.1", 9464)),
-    ("[::1]:9464", ("::1", 9464)),
-    ("[::]:80", ("::", 80)),
-    ("localhost:0", ("localhost", 0)),
-    (":9464", ("", 9464)),
-    ("0.0.0.0:65535", ("0.0.0.0", 65535)),
-])
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:9464", ("127.0.0.1", 9464)),
+        ("[::1]:9464", ("::1", 9464)),
+        ("[::]:80", ("::", 80)),
+        ("localhost:0", ("localhost", 0)),
+        (":9464", ("", 9464)),
+        ("0.0.0.0:65535", ("0.0.0.0", 65535)),
+    ],
+)
 def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
     """host:port, [v6]:port and :port are understood."""
     assert parse_listen(listen) == expected
 
 
-@pytest.mark.parametrize("listen", [
-    "9464", "127.0.0.1", "::1:9464", "[::1]", "127.0.0.1:65536", "127.0.0.1:http",
-    "host:-1", "",
-])
+@pytest.mark.parametrize(
+    "listen",
+    [
+        "9464",
+        "127.0.0.1",
+        "::1:9464",
+        "[::1]",
+        "127.0.0.1:65536",
+        "127.0.0.1:http",
+        "host:-1",
+        "",
+    ],
+)
 def test_parse_listen_rejects(listen: str) -> None:
     """Anything else is refused with a message that shows the expected form."""
     with pytest.raises(ValueError, match=r"host:port"):
@@ -281,21 +312,31 @@ def test_parse_listen_rejects(listen: str) -> None:
 NOW = 1_000_000.0
 
 
-@pytest.mark.parametrize(("last_ok_ago", "started_ago", "interval", "healthy", "reason"), [
-    (1, 3600, 1.0, True, None),
-    (29, 3600, 1.0, True, None),
-    (31, 3600, 1.0, False, "no successful poll of Unleash for 31s (limit 30s)"),
-    (50, 3600, 20.0, True, None),  # three 20 s intervals are the limit
-    (61, 3600, 20.0, False, "no successful poll of Unleash for 61s (limit 60s)"),
-    (None, 10, 1.0, True, None),  # still starting: Unleash not answered yet
-    (None, 45, 1.0, False, "no successful poll of Unleash for 45s (limit 30s)"),
-])
-def test_poll_health(tmp_path: Path, last_ok_ago: float | None, started_ago: float,
-                     interval: float, healthy: bool, reason: str | None) -> None:
+@pytest.mark.parametrize(
+    ("last_ok_ago", "started_ago", "interval", "healthy", "reason"),
+    [
+        (1, 3600, 1.0, True, None),
+        (29, 3600, 1.0, True, None),
+        (31, 3600, 1.0, False, "no successful poll of Unleash for 31s (limit 30s)"),
+        (50, 3600, 20.0, True, None),  # three 20 s intervals are the limit
+        (61, 3600, 20.0, False, "no successful poll of Unleash for 61s (limit 60s)"),
+        (None, 10, 1.0, True, None),  # still starting: Unleash not answered yet
+        (None, 45, 1.0, False, "no successful poll of Unleash for 45s (limit 30s)"),
+    ],
+)
+def test_poll_health(
+    tmp_path: Path,
+    last_ok_ago: float | None,
+    started_ago: float,
+    interval: float,
+    healthy: bool,
+    reason: str | None,
+) -> None:
     """Healthy while the last successful poll (or start-up) is within max(3 polls, 30 s)."""
     last_ok = 0.0 if last_ok_ago is None else NOW - last_ok_ago
-    ok, details = poll_health(last_ok, NOW - started_ago, interval,
-                              tmp_path / "state.sqlite3", now=NOW)
+    ok, details = poll_health(
+        last_ok, NOW - started_ago, interval, tmp_path / "state.sqlite3", now=NOW
+    )
     assert ok is healthy
     assert details.get("reason") == reason
     assert details["last_successful_poll_age_s"] == last_ok_ago
@@ -309,4 +350,3 @@ def test_poll_health_state_not_writable(tmp_path: Path) -> None:
     assert not ok
     assert details["state_writable"] is False
     assert details["reason"] == f"state file {state} is not writable"
-

@@ -56,19 +56,29 @@ RENDERS = [
     ("booleans print as JavaScript", "{{yes}} {{no}}", "true false"),
     ("null and missing print nothing", "[{{null}}{{missing}}{{missing.deeper}}]", "[]"),
     ("arrays join, objects hide", "{{list}}|{{obj}}|{{none}}", "1,,2,,a|[object Object]|"),
-    ("dates print like Date.toString", "{{at}}",
-     "Sat Nov 28 2026 13:05:31 GMT+0000 (Coordinated Universal Time)"),
+    (
+        "dates print like Date.toString",
+        "{{at}}",
+        "Sat Nov 28 2026 13:05:31 GMT+0000 (Coordinated Universal Time)",
+    ),
     ("sections iterate arrays", "{{#tags}}<{{value}}>{{/tags}}", "<x><y>"),
     ("dot is each element", "{{#list}}[{{.}}]{{/list}}", "[1][][2,][a]"),
     ("objects are pushed", "{{#event}}{{project}}{{/event}}", "p"),
     ("strings are pushed", "{{#emoji}}{{.}}{{/emoji}}", "😀a"),
     ("true is not pushed", "{{#yes}}{{.}}{{/yes}}", "[object Object]"),
-    ("JavaScript falsy values skip", "{{#empty}}a{{/empty}}{{#zero}}b{{/zero}}{{#no}}c{{/no}}"
-     "{{#null}}d{{/null}}{{#missing}}e{{/missing}}{{#nan}}f{{/nan}}", ""),
+    (
+        "JavaScript falsy values skip",
+        "{{#empty}}a{{/empty}}{{#zero}}b{{/zero}}{{#no}}c{{/no}}"
+        "{{#null}}d{{/null}}{{#missing}}e{{/missing}}{{#nan}}f{{/nan}}",
+        "",
+    ),
     ("empty list renders nothing", "{{#none}}x{{/none}}", ""),
     ("{} and '0' are truthy", "{{#obj}}a{{/obj}}{{#zero_text}}b{{/zero_text}}", "ab"),
-    ("inverted shows for falsy and []", "{{^empty}}a{{/empty}}{{^none}}b{{/none}}{{^obj}}c{{/obj}}",
-     "ab"),
+    (
+        "inverted shows for falsy and []",
+        "{{^empty}}a{{/empty}}{{^none}}b{{/none}}{{^obj}}c{{/obj}}",
+        "ab",
+    ),
     ("dotted names descend", "{{event.data.name}}", "f"),
     ("lookup climbs the stack", "{{#tags}}{{event.project}}{{/tags}}", "pp"),
     ("length of arrays and strings", "{{list.length}} {{emoji.length}} {{none.length}}", "4 3 0"),
@@ -203,8 +213,9 @@ def mustache_js() -> Callable[[list[tuple[str, dict[str, object], str]]], list[o
     node_path = require_node(MUSTACHE_DIR / "mustache.js")
 
     def run(cases: list[tuple[str, dict[str, object], str]]) -> list[object]:
-        answers = run_json(node_path, ["-e", NODE_SCRIPT, str(MUSTACHE_DIR)], cases,
-                           default=_encode_for_node)
+        answers = run_json(
+            node_path, ["-e", NODE_SCRIPT, str(MUSTACHE_DIR)], cases, default=_encode_for_node
+        )
         assert isinstance(answers, list)
         assert len(answers) == len(cases)
         return answers
@@ -239,19 +250,119 @@ def _js_equal(ours: object, theirs: object) -> bool:
 
 # Names a view can have. Members JavaScript objects inherit (toString, constructor...)
 # are left out on purpose: the engine does not model prototypes.
-KEYS = ["a", "b", "name", "list", "obj", "str", "num", "flag", "empty", "length", "0", "1",
-        "emoji", "date", "x", "é", ""]
-NAMES = [*KEYS, ".", "list.length", "str.length", "emoji.length", "emoji.0", "emoji.1",
-         "list.0", "list.1.name", "list.01", "obj.a", "obj.b.c", "a.b", "a.b.c", "str.0",
-         "str.1", "num.x", "missing", "missing.x", "a..b", ".a", "a.", "obj.length", "0.a",
-         "date.x", "flag.length", "list.2.length", "b.0.name"]
-STRINGS = ["", "0", " ", "x", "null", 'q" <t> & /s =e', "'`=\\", "\n", "\r\n", "\t", "é",
-           "日本", "😀", "\ud83d", "\ude00", "a\ud800", "\u2028", "\u00a0", "\ufeff", "{{x}}",
-           "&amp;", "</b>"]
-NUMBERS = [0, -0.0, 1, -1, 1.0, 1.5, 1e21, 1e-7, 0.000015, 123456789012345678901234,
-           2**53 + 1, 1e16, 0.1, 10**400, -2.5e-8]
-TEXTS = ["x", "é", "😀", " ", "  ", "\t", "\n", "\r\n", " \n", "\n\n", "<&>", "\u00a0", "\u2028",
-         "\x1c", "=", "}", "{ ", "'", "a b", ".", "\ufeff"]
+KEYS = [
+    "a",
+    "b",
+    "name",
+    "list",
+    "obj",
+    "str",
+    "num",
+    "flag",
+    "empty",
+    "length",
+    "0",
+    "1",
+    "emoji",
+    "date",
+    "x",
+    "é",
+    "",
+]
+NAMES = [
+    *KEYS,
+    ".",
+    "list.length",
+    "str.length",
+    "emoji.length",
+    "emoji.0",
+    "emoji.1",
+    "list.0",
+    "list.1.name",
+    "list.01",
+    "obj.a",
+    "obj.b.c",
+    "a.b",
+    "a.b.c",
+    "str.0",
+    "str.1",
+    "num.x",
+    "missing",
+    "missing.x",
+    "a..b",
+    ".a",
+    "a.",
+    "obj.length",
+    "0.a",
+    "date.x",
+    "flag.length",
+    "list.2.length",
+    "b.0.name",
+]
+STRINGS = [
+    "",
+    "0",
+    " ",
+    "x",
+    "null",
+    'q" <t> & /s =e',
+    "'`=\\",
+    "\n",
+    "\r\n",
+    "\t",
+    "é",
+    "日本",
+    "😀",
+    "\ud83d",
+    "\ude00",
+    "a\ud800",
+    "\u2028",
+    "\u00a0",
+    "\ufeff",
+    "{{x}}",
+    "&amp;",
+    "</b>",
+]
+NUMBERS = [
+    0,
+    -0.0,
+    1,
+    -1,
+    1.0,
+    1.5,
+    1e21,
+    1e-7,
+    0.000015,
+    123456789012345678901234,
+    2**53 + 1,
+    1e16,
+    0.1,
+    10**400,
+    -2.5e-8,
+]
+TEXTS = [
+    "x",
+    "é",
+    "😀",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    " \n",
+    "\n\n",
+    "<&>",
+    "\u00a0",
+    "\u2028",
+    "\x1c",
+    "=",
+    "}",
+    "{ ",
+    "'",
+    "a b",
+    ".",
+    "\ufeff",
+]
 
 
 SCALARS: list[Callable[[random.Random], object]] = [
@@ -297,8 +408,15 @@ class TemplateMaker:
         text = self.body(3)
         if self.rng.random() < 0.04:
             # Occasionally broken, to compare error messages and positions too.
-            text = self.rng.choice([text + "{{#a}}", text + "{{/a}}", "😀" + text + "{{a",
-                                    text + "{{=x=}}", text.replace("{{/", "{{/z", 1)])
+            text = self.rng.choice(
+                [
+                    text + "{{#a}}",
+                    text + "{{/a}}",
+                    "😀" + text + "{{a",
+                    text + "{{=x=}}",
+                    text.replace("{{/", "{{/z", 1),
+                ]
+            )
         return text
 
     def body(self, depth: int) -> str:

@@ -13,12 +13,18 @@ import pytest
 from poller.render import UNREADABLE, BadTemplateError, RenderError, build_renderer
 
 EVENT = {
-    "id": 42, "type": "feature-created", "createdBy": "ann@example.com",
-    "createdAt": "2026-11-28T13:05:31.123Z", "createdByUserId": 3,
-    "data": {"name": "checkout", "description": 'q" <t> & /s =e', "enabled": True,
-             "weight": 1.0},
-    "preData": None, "tags": [{"type": "simple", "value": "a"}], "featureName": "checkout",
-    "project": "web", "environment": None, "label": "Flag created",
+    "id": 42,
+    "type": "feature-created",
+    "createdBy": "ann@example.com",
+    "createdAt": "2026-11-28T13:05:31.123Z",
+    "createdByUserId": 3,
+    "data": {"name": "checkout", "description": 'q" <t> & /s =e', "enabled": True, "weight": 1.0},
+    "preData": None,
+    "tags": [{"type": "simple", "value": "a"}],
+    "featureName": "checkout",
+    "project": "web",
+    "environment": None,
+    "label": "Flag created",
     "summary": "**ann** created **checkout**",
 }
 
@@ -30,19 +36,32 @@ def _render(template: str | None, **kwargs: object) -> str:
 def test_default_body_is_unleash_event_json() -> None:
     """No template: compact JSON in Unleash's field order, without label/summary, 1 not 1.0."""
     body = _render(None)
-    assert list(json.loads(body)) == ["id", "type", "createdBy", "createdAt", "createdByUserId",
-                                      "data", "preData", "tags", "featureName", "project",
-                                      "environment"]
+    assert list(json.loads(body)) == [
+        "id",
+        "type",
+        "createdBy",
+        "createdAt",
+        "createdByUserId",
+        "data",
+        "preData",
+        "tags",
+        "featureName",
+        "project",
+        "environment",
+    ]
     assert '"weight":1}' in body
     assert body.startswith('{"id":42,"type":"feature-created","createdBy":"ann@example.com",')
     assert build_renderer("").describe == "default JSON"
 
 
-@pytest.mark.parametrize(("escape", "expected"), [
-    ("unleash", "q&quot; &lt;t&gt; &amp; &#x2F;s &#x3D;e"),
-    ("none", 'q" <t> & /s =e'),
-    ("json", 'q\\" <t> & /s =e'),
-])
+@pytest.mark.parametrize(
+    ("escape", "expected"),
+    [
+        ("unleash", "q&quot; &lt;t&gt; &amp; &#x2F;s &#x3D;e"),
+        ("none", 'q" <t> & /s =e'),
+        ("json", 'q\\" <t> & /s =e'),
+    ],
+)
 def test_escape_modes(escape: str, expected: str) -> None:
     """`{{ }}` escapes as mustache.js (unleash), not at all (none), or for JSON (json)."""
     assert _render("{{event.data.description}}", escape=escape) == expected
@@ -50,8 +69,10 @@ def test_escape_modes(escape: str, expected: str) -> None:
 
 def test_javascript_values_and_event_json() -> None:
     """Values print the JavaScript way; eventJson is the event JSON as a JSON string."""
-    body = _render("{{event.data.enabled}} {{event.data.weight}} {{event.data}} "
-                   "{{event.environment}}|{{{eventJson}}}")
+    body = _render(
+        "{{event.data.enabled}} {{event.data.weight}} {{event.data}} "
+        "{{event.environment}}|{{{eventJson}}}"
+    )
     shown, event_json = body.split("|", 1)
     assert shown == "true 1 [object Object] "
     assert json.loads(json.loads(event_json)) == json.loads(_render(None))
@@ -59,8 +80,10 @@ def test_javascript_values_and_event_json() -> None:
 
 def test_created_at_is_a_javascript_date() -> None:
     """{{event.createdAt}} prints as Unleash's in-memory Date does (in UTC)."""
-    assert _render("{{event.createdAt}}") == \
-        "Sat Nov 28 2026 13:05:31 GMT+0000 (Coordinated Universal Time)"
+    assert (
+        _render("{{event.createdAt}}")
+        == "Sat Nov 28 2026 13:05:31 GMT+0000 (Coordinated Universal Time)"
+    )
 
 
 def test_event_markdown_is_json_escaped_inside_quotes_only() -> None:
@@ -78,14 +101,19 @@ def test_event_markdown_is_json_escaped_inside_quotes_only() -> None:
 def test_jinja2_sandbox_and_tojson() -> None:
     """Jinja2 gets the same context and a JSON (not HTML) tojson; the sandbox blocks
     attribute tricks."""
-    body = _render('{"flag": {{ event.featureName | tojson }}, "tags": {{ event.tags | tojson }}, '
-                   '"d": {{ event.data.description | tojson }}}', engine="jinja2")
-    assert json.loads(body) == {"flag": "checkout", "tags": [{"type": "simple", "value": "a"}],
-                                "d": 'q" <t> & /s =e'}
+    body = _render(
+        '{"flag": {{ event.featureName | tojson }}, "tags": {{ event.tags | tojson }}, '
+        '"d": {{ event.data.description | tojson }}}',
+        engine="jinja2",
+    )
+    assert json.loads(body) == {
+        "flag": "checkout",
+        "tags": [{"type": "simple", "value": "a"}],
+        "d": 'q" <t> & /s =e',
+    }
     assert "\\u003c" not in body
     with pytest.raises(RenderError, match="template failed: SecurityError"):
-        _render("{{ event.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}",
-                engine="jinja2")
+        _render("{{ event.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}", engine="jinja2")
 
 
 def test_jinja2_runaway_loop_is_stopped() -> None:
@@ -109,12 +137,15 @@ def test_unreadable_event_fails_with_its_reason() -> None:
         build_renderer(None).render(event)
 
 
-@pytest.mark.parametrize(("template", "engine", "message"), [
-    ("{{#a}}", "mustache", 'invalid Mustache: Unclosed section "a"'),
-    ("{{ a", "mustache", "invalid Mustache: Unclosed tag"),
-    ("{% for %}", "jinja2", "invalid Jinja2 at line 1"),
-    ("{{ os.system }}", "jinja2", "unknown name(s) os"),
-])
+@pytest.mark.parametrize(
+    ("template", "engine", "message"),
+    [
+        ("{{#a}}", "mustache", 'invalid Mustache: Unclosed section "a"'),
+        ("{{ a", "mustache", "invalid Mustache: Unclosed tag"),
+        ("{% for %}", "jinja2", "invalid Jinja2 at line 1"),
+        ("{{ os.system }}", "jinja2", "unknown name(s) os"),
+    ],
+)
 def test_bad_templates_are_config_errors(template: str, engine: str, message: str) -> None:
     """A template that cannot compile is refused at load with a clear message."""
     with pytest.raises(BadTemplateError) as info:

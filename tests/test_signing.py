@@ -16,41 +16,76 @@ WHSEC = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 # not with this code; the first is the official libraries' own test vector.
 VECTORS = [
     # secret, msg_id, timestamp, body, expected webhook-signature
-    (WHSEC, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b'{"test": 2432232314}',
-     "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+    (
+        WHSEC,
+        "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        1614265330,
+        b'{"test": 2432232314}',
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+    ),
     # base64 without its '=' padding, as some dashboards show it
-    ("whsec_dW5sZWFzaC1wb2xsZXIgdGVzdCBrZXkgMzIgYnl0ZXM", "unleash-event-1", 1700000000,
-     b'{"id":1}', "v1,oHg/gSxvbOGVB+LNZtSFAqyftGA7C7ejzWjKvZrCNHs="),
-    ("whsec_dW5sZWFzaC1wb2xsZXIgdGVzdCBrZXkgMzIgYnl0ZXM=", "unleash-event-1", 1700000000,
-     b'{"id":1}', "v1,oHg/gSxvbOGVB+LNZtSFAqyftGA7C7ejzWjKvZrCNHs="),
+    (
+        "whsec_dW5sZWFzaC1wb2xsZXIgdGVzdCBrZXkgMzIgYnl0ZXM",
+        "unleash-event-1",
+        1700000000,
+        b'{"id":1}',
+        "v1,oHg/gSxvbOGVB+LNZtSFAqyftGA7C7ejzWjKvZrCNHs=",
+    ),
+    (
+        "whsec_dW5sZWFzaC1wb2xsZXIgdGVzdCBrZXkgMzIgYnl0ZXM=",
+        "unleash-event-1",
+        1700000000,
+        b'{"id":1}',
+        "v1,oHg/gSxvbOGVB+LNZtSFAqyftGA7C7ejzWjKvZrCNHs=",
+    ),
     # without the prefix a secret is text: its UTF-8 bytes are the key
-    ("pässwörd", "unleash-event-42", 1700000042, b'{"id":1}',
-     "v1,uE3o5kdcTOh4vsR0NijsulPDbNFAYcOnP8w0xbtEMUM="),
+    (
+        "pässwörd",
+        "unleash-event-42",
+        1700000042,
+        b'{"id":1}',
+        "v1,uE3o5kdcTOh4vsR0NijsulPDbNFAYcOnP8w0xbtEMUM=",
+    ),
     ("s3cret", "unleash-event-7", 0, b"", "v1,XsD/y0iB3TjEalI/PekUPgAdWLSto/EUIZSLNjJWcKQ="),
-    ("s3cret", "unleash-event-8", 1700000000, b"\xff\x00\xfe",
-     "v1,oapX8sB/6VvlPGY2zLwnyYhW7dgWH1OubY5iiNE6saE="),
+    (
+        "s3cret",
+        "unleash-event-8",
+        1700000000,
+        b"\xff\x00\xfe",
+        "v1,oapX8sB/6VvlPGY2zLwnyYhW7dgWH1OubY5iiNE6saE=",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("secret", "msg_id", "timestamp", "body", "expected"), VECTORS)
-def test_known_vectors(secret: str, msg_id: str, timestamp: int, body: bytes,
-                       expected: str) -> None:
+def test_known_vectors(
+    secret: str, msg_id: str, timestamp: int, body: bytes, expected: str
+) -> None:
     """Each secret form signs `id.timestamp.body` to the independently computed value."""
     headers = Signer(secret).sign(msg_id, timestamp, body)
-    assert headers == {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
-                       "webhook-signature": expected}
+    assert headers == {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": expected,
+    }
 
 
-@pytest.mark.parametrize(("secret", "receiver_key"), [
-    (WHSEC, WHSEC),
-    (WHSEC, WHSEC.removeprefix("whsec_")),
-    ("plain text secret", b"plain text secret"),
-])
+@pytest.mark.parametrize(
+    ("secret", "receiver_key"),
+    [
+        (WHSEC, WHSEC),
+        (WHSEC, WHSEC.removeprefix("whsec_")),
+        ("plain text secret", b"plain text secret"),
+    ],
+)
 def test_official_library_verifies_our_headers(secret: str, receiver_key: str | bytes) -> None:
     """A receiver using the standardwebhooks library accepts what we send."""
     headers = Signer(secret).sign("unleash-event-42", int(time.time()), BODY)
     assert Webhook(receiver_key).verify(BODY, headers) == {
-        "id": 42, "type": "feature-created", "data": {"name": "fäature"}}
+        "id": 42,
+        "type": "feature-created",
+        "data": {"name": "fäature"},
+    }
 
 
 def test_tampered_body_fails_verification() -> None:
@@ -92,12 +127,15 @@ def test_raw_secret_is_not_read_as_base64() -> None:
     Webhook(b"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").verify(BODY, headers)
 
 
-@pytest.mark.parametrize(("secret", "problem"), [
-    ("", "must not be empty"),
-    ("whsec_", "no key after"),
-    ("whsec_not base64!", "standard base64"),
-    ("whsec_a-b_c", "standard base64"),
-])
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("", "must not be empty"),
+        ("whsec_", "no key after"),
+        ("whsec_not base64!", "standard base64"),
+        ("whsec_a-b_c", "standard base64"),
+    ],
+)
 def test_bad_secrets_are_refused_without_echoing_them(secret: str, problem: str) -> None:
     """An unusable secret fails at construction, and the message does not contain it."""
     with pytest.raises(SigningSecretError, match=problem) as raised:

@@ -29,6 +29,7 @@ def _run(call: Callable[[UnleashSource], Awaitable[T]]) -> T:
     async def main() -> T:
         async with aiohttp.ClientSession() as session:
             return await call(UnleashSource(session, CONFIG))
+
     return asyncio.run(main())
 
 
@@ -38,21 +39,30 @@ def _error(call: Callable[[UnleashSource], Awaitable[object]]) -> UnleashError:
     return info.value
 
 
-@pytest.mark.parametrize(("status", "body", "kind", "message"), [
-    (401, '{"message":"no"}', "auth", "401 — the token is missing, wrong"),
-    (403, "{}", "auth", "403"),
-    (500, "oops", "server", "server error 500"),
-    (503, "", "server", "server error 503"),
-    (200, "<html>", "bad_response", "answer is not JSON (starts '<html>')"),
-    (200, '{"total": 3}', "bad_response", "answer has no 'events' list"),
-    (200, '{"events": [{"type": "x"}]}', "bad_response", "event #0 of the page has no integer id"),
-    (200, '{"events": [{"id": "7", "type": "x"}]}', "bad_response", "no integer id"),
-    (200, '{"events": [{"id": 7}]}', "bad_response", "event 7 has no string type"),
-    (200, '{"events": [], "total": "many"}', "bad_response", "'total' is not an integer"),
-    (418, "{}", "bad_response", "unexpected status 418"),
-])
-def test_bad_answers_become_one_clear_error(status: int, body: str, kind: str,
-                                            message: str) -> None:
+@pytest.mark.parametrize(
+    ("status", "body", "kind", "message"),
+    [
+        (401, '{"message":"no"}', "auth", "401 — the token is missing, wrong"),
+        (403, "{}", "auth", "403"),
+        (500, "oops", "server", "server error 500"),
+        (503, "", "server", "server error 503"),
+        (200, "<html>", "bad_response", "answer is not JSON (starts '<html>')"),
+        (200, '{"total": 3}', "bad_response", "answer has no 'events' list"),
+        (
+            200,
+            '{"events": [{"type": "x"}]}',
+            "bad_response",
+            "event #0 of the page has no integer id",
+        ),
+        (200, '{"events": [{"id": "7", "type": "x"}]}', "bad_response", "no integer id"),
+        (200, '{"events": [{"id": 7}]}', "bad_response", "event 7 has no string type"),
+        (200, '{"events": [], "total": "many"}', "bad_response", "'total' is not an integer"),
+        (418, "{}", "bad_response", "unexpected status 418"),
+    ],
+)
+def test_bad_answers_become_one_clear_error(
+    status: int, body: str, kind: str, message: str
+) -> None:
     """Each kind of bad answer is an UnleashError with a kind and a readable sentence."""
     with aioresponses() as mocked:
         mocked.get(SEARCH, status=status, body=body)
@@ -86,8 +96,9 @@ def test_detect_falls_back_to_post_search_then_legacy() -> None:
     """Without GET search (Unleash 5.x) the POST search is used; without both, the legacy list."""
     with aioresponses() as mocked:
         mocked.get(SEARCH, status=404)
-        mocked.post(f"{BASE}/api/admin/events/search", status=200,
-                    payload={"events": [], "totalEvents": 0})
+        mocked.post(
+            f"{BASE}/api/admin/events/search", status=200, payload={"events": [], "totalEvents": 0}
+        )
         caps = _run(lambda s: s.detect())
     assert caps == Capabilities("post-search", id_filter=False)
     with aioresponses() as mocked:
@@ -102,12 +113,14 @@ def test_detect_falls_back_to_post_search_then_legacy() -> None:
 def test_ignored_id_filter_is_detected() -> None:
     """A server that returns ids it was not asked for (6.x) turns gap re-checks off and the
     answer is not taken for the ids asked."""
+
     async def call(source: UnleashSource) -> tuple[object, Capabilities]:
         return await source.fetch_ids([1, 2]), source.capabilities
 
     with aioresponses() as mocked:
-        mocked.get(SEARCH, payload={"events": [{"id": 6, "type": "a"}, {"id": 2, "type": "b"}],
-                                    "total": 6})
+        mocked.get(
+            SEARCH, payload={"events": [{"id": 6, "type": "a"}, {"id": 2, "type": "b"}], "total": 6}
+        )
         found, caps = _run(call)
     assert found == ([], [])
     assert caps.id_filter is False
@@ -117,10 +130,11 @@ def test_ignored_id_filter_is_detected() -> None:
 def test_detect_checks_the_id_filter(answer: list[int], honoured: bool) -> None:
     """detect() asks for one known id; any other answer means the filter is ignored (6.x)."""
     with aioresponses() as mocked:
-        mocked.get(SEARCH, payload={"events": [{"id": 12, "type": "a"}, {"id": 9, "type": "b"}],
-                                    "total": 2})
-        mocked.get(SEARCH, payload={"events": [{"id": i, "type": "a"} for i in answer],
-                                    "total": 2})
+        mocked.get(
+            SEARCH,
+            payload={"events": [{"id": 12, "type": "a"}, {"id": 9, "type": "b"}], "total": 2},
+        )
+        mocked.get(SEARCH, payload={"events": [{"id": i, "type": "a"} for i in answer], "total": 2})
         caps = _run(lambda s: s.detect())
     assert caps == Capabilities("search", id_filter=honoured)
 
@@ -137,10 +151,16 @@ def test_post_search_pages_are_at_most_100() -> None:
         return sum([len(p.events) async for p in source.pages(50, 1000)])
 
     with aioresponses() as mocked:
-        mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
-            "events": [{"id": i, "type": "a"} for i in range(99)], "totalEvents": 130})
-        mocked.post(f"{BASE}/api/admin/events/search", callback=record, payload={
-            "events": [{"id": i, "type": "a"} for i in range(31)], "totalEvents": 130})
+        mocked.post(
+            f"{BASE}/api/admin/events/search",
+            callback=record,
+            payload={"events": [{"id": i, "type": "a"} for i in range(99)], "totalEvents": 130},
+        )
+        mocked.post(
+            f"{BASE}/api/admin/events/search",
+            callback=record,
+            payload={"events": [{"id": i, "type": "a"} for i in range(31)], "totalEvents": 130},
+        )
         count = _run(call)
     assert count == 130
     assert sent == [{"limit": 99, "offset": 0}, {"limit": 99, "offset": 99}]
@@ -158,8 +178,13 @@ def test_probe_uses_etag_and_304() -> None:
         return await source.changed(), await source.changed()
 
     with aioresponses() as mocked:
-        mocked.get(SEARCH, status=200, payload={"events": [], "total": 0},
-                   headers={"ETag": 'W/"abc"'}, callback=record)
+        mocked.get(
+            SEARCH,
+            status=200,
+            payload={"events": [], "total": 0},
+            headers={"ETag": 'W/"abc"'},
+            callback=record,
+        )
         mocked.get(SEARCH, status=304, callback=record)
         first, second = _run(call)
     assert (first, second) == (True, False)
@@ -170,8 +195,11 @@ def test_deeply_nested_event_is_marked_not_fatal() -> None:
     """An event nested deeper than Python's parser goes is marked unreadable (to be
     dead-lettered) while its neighbours on the page are read normally."""
     deep = '{"id": 8, "type": "x", "data": ' + "[" * 5000 + "]" * 5000 + "}"
-    body = ('{"events": [{"id": 9, "type": "a", "data": {"s": "]}[{"}}, ' + deep +
-            ', {"id": 7, "type": "b"}], "total": 3}')
+    body = (
+        '{"events": [{"id": 9, "type": "a", "data": {"s": "]}[{"}}, '
+        + deep
+        + ', {"id": 7, "type": "b"}], "total": 3}'
+    )
     with aioresponses() as mocked:
         mocked.get(SEARCH, body=body)
         page = _run(lambda s: s.page(0, 10))
@@ -215,10 +243,10 @@ def test_an_outage_is_not_mistaken_for_a_bad_event() -> None:
 def test_gap_recheck_separates_ids_unleash_cannot_serve() -> None:
     """Re-checking ids: a chunk that fails is split; an id that alone fails is reported."""
     with aioresponses() as mocked:
-        mocked.get(SEARCH, status=500)                   # ids 3,5
-        mocked.get(SEARCH, payload=_events(3))           # id 3
-        mocked.get(SEARCH, status=500)                   # id 5
-        mocked.get(SEARCH, payload=_events(9))           # is Unleash up? yes
+        mocked.get(SEARCH, status=500)  # ids 3,5
+        mocked.get(SEARCH, payload=_events(3))  # id 3
+        mocked.get(SEARCH, status=500)  # id 5
+        mocked.get(SEARCH, payload=_events(9))  # is Unleash up? yes
         found, failing = _run(lambda s: s.fetch_ids([3, 5]))
     assert [e["id"] for e in found] == [3]
     assert failing == [5]

@@ -74,8 +74,9 @@ def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Pa
     up to date when the daemon opens it: bodies nobody owes go, owed ones stay, and from
     then on a delivery drops its body. A read-only tool leaves the file as it is."""
     state = _open(tmp_path)
-    state.ingest([(1, '{"id":1}'), (2, '{"id":2}'), (3, '{"id":3}')],
-                 [("a", 1), ("a", 2), ("a", 3)], 3)
+    state.ingest(
+        [(1, '{"id":1}'), (2, '{"id":2}'), (3, '{"id":3}')], [("a", 1), ("a", 2), ("a", 3)], 3
+    )
     state.dead_letter("a", 3, 2, "HTTP 500")
     conn = state._conn
     for name in ("outbox_done", "dead_letter_done"):
@@ -87,9 +88,13 @@ def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Pa
     state.close()
 
     def derived(s: State) -> set[str]:
-        return {r[0] for r in s._conn.execute(
-            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger') "
-            "AND name NOT LIKE 'sqlite_%'")}
+        return {
+            r[0]
+            for r in s._conn.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger') "
+                "AND name NOT LIKE 'sqlite_%'"
+            )
+        }
 
     reader = _open(tmp_path, create=False, lock=False)
     try:
@@ -98,15 +103,23 @@ def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Pa
         reader.close()
     state = _open(tmp_path)
     try:
-        assert derived(state) == {"outbox_event", "dead_letters_event", "outbox_done",
-                                  "dead_letter_done"}
+        assert derived(state) == {
+            "outbox_event",
+            "dead_letters_event",
+            "outbox_done",
+            "dead_letter_done",
+        }
         ids = [r[0] for r in state._conn.execute("SELECT id FROM events ORDER BY id")]
         assert ids == [2, 3]  # 1 was owed to nobody; 2 is pending, 3 a dead letter
         state.delivered("a", 2)
         state.remove_dead_letter("a", 3)
         assert state._conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
-        plan = " ".join(str(r) for r in state._conn.execute(
-            "EXPLAIN QUERY PLAN SELECT 1 FROM outbox WHERE event_id = 2"))
+        plan = " ".join(
+            str(r)
+            for r in state._conn.execute(
+                "EXPLAIN QUERY PLAN SELECT 1 FROM outbox WHERE event_id = 2"
+            )
+        )
         assert "outbox_event" in plan
     finally:
         state.close()
@@ -121,7 +134,11 @@ def test_dead_letter_keeps_body_and_requeue_returns_it(tmp_path: Path) -> None:
         assert state.pending_counts() == {}
         [letter] = state.dead_letters("a")
         assert (letter.event_id, letter.attempts, letter.reason, letter.body) == (
-            3, 2, "HTTP 500 after 2 attempts", '{"id":3}')
+            3,
+            2,
+            "HTTP 500 after 2 attempts",
+            '{"id":3}',
+        )
         assert state.requeue_dead_letters("a") == 1
         assert [p.event_id for p in state.next_pending("a", 5)] == [3]
         assert state.dead_letters() == []
@@ -141,11 +158,14 @@ def test_second_daemon_is_refused(tmp_path: Path) -> None:
     _open(tmp_path).close()
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda p: p.write_bytes(b""), "state file is empty"),
-    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "refusing to start over"),
-    (lambda p: p.write_bytes(b"x" * 4096), "corrupt or not a state file"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "state file is empty"),
+        (lambda p: p.write_bytes(p.read_bytes()[:1000]), "refusing to start over"),
+        (lambda p: p.write_bytes(b"x" * 4096), "corrupt or not a state file"),
+    ],
+)
 def test_damaged_state_file_is_refused(tmp_path: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
     """A truncated or corrupt state file stops start-up with a clear message."""
     state = _open(tmp_path)

@@ -94,8 +94,9 @@ def test_notify_rejects_malformed_fields(path_manager: FakeManager, field: str) 
     assert path_manager.recv_all() == []
 
 
-def test_notify_to_a_missing_socket_returns_false(tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notify_to_a_missing_socket_returns_false(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A socket that went away is reported as False, not raised."""
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone"))
     assert systemd.notify("WATCHDOG=1") is False
@@ -119,30 +120,36 @@ def test_reloading_sends_monotonic_timestamp(path_manager: FakeManager) -> None:
     assert before <= int(value) <= after
 
 
-@pytest.mark.parametrize(("usec", "pid", "expected"), [
-    (None, None, None),
-    ("30000000", None, 30.0),
-    ("500000", "self", 0.5),
-    ("30000000", "other", None),
-    ("0", None, None),
-    ("-5", None, None),
-    ("thirty", None, None),
-    ("", None, None),
-])
-def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None,
-                           expected: float | None) -> None:
+@pytest.mark.parametrize(
+    ("usec", "pid", "expected"),
+    [
+        (None, None, None),
+        ("30000000", None, 30.0),
+        ("500000", "self", 0.5),
+        ("30000000", "other", None),
+        ("0", None, None),
+        ("-5", None, None),
+        ("thirty", None, None),
+        ("", None, None),
+    ],
+)
+def test_watchdog_interval(
+    monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: float | None
+) -> None:
     """WATCHDOG_USEC becomes seconds, only when WATCHDOG_PID (if set) is our pid."""
     for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
         if value is None:
             monkeypatch.delenv(name, raising=False)
         else:
-            monkeypatch.setenv(name, {"self": str(os.getpid()),
-                                      "other": str(os.getpid() + 1)}.get(value, value))
+            monkeypatch.setenv(
+                name, {"self": str(os.getpid()), "other": str(os.getpid() + 1)}.get(value, value)
+            )
     assert systemd.watchdog_interval_s() == expected
 
 
-def test_watchdog_loop_pings_and_sends_status_on_change(path_manager: FakeManager,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_watchdog_loop_pings_and_sends_status_on_change(
+    path_manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each tick pings WATCHDOG=1, adds STATUS= only when it changed, and ends STOPPING=1."""
     monkeypatch.setenv("WATCHDOG_USEC", "20000")
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
@@ -170,6 +177,7 @@ def test_watchdog_loop_pings_and_sends_status_on_change(path_manager: FakeManage
 
 def test_watchdog_loop_without_watchdog_sends_only_status(path_manager: FakeManager) -> None:
     """Without WatchdogSec= there is no WATCHDOG=1, but STATUS= is still kept current."""
+
     async def main() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(systemd.watchdog_loop(stop, lambda: "idle"))
@@ -200,8 +208,9 @@ def test_watchdog_loop_outside_systemd_waits_for_stop(monkeypatch: pytest.Monkey
     assert asyncio.run(main())
 
 
-def test_blocked_event_loop_stops_the_pings(path_manager: FakeManager,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocked_event_loop_stops_the_pings(
+    path_manager: FakeManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Pings come from the event loop: while it is blocked none arrive, so systemd would
     see the watchdog expire."""
     monkeypatch.setenv("WATCHDOG_USEC", "40000")  # a ping every 20 ms

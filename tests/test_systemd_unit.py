@@ -41,8 +41,11 @@ def _runnable_copy(tmp_path: Path) -> Path:
     that, and /usr/local/bin/unleash-poller is only there on an installed host."""
     script = Path(sys.executable).parent / "unleash-poller"
     program = script if os.access(script, os.X_OK) else Path("/bin/true")
-    text = re.sub(r"(?m)^ExecStart=/usr/local/bin/unleash-poller ",
-                  f"ExecStart={program} ", UNIT.read_text(encoding="utf-8"))
+    text = re.sub(
+        r"(?m)^ExecStart=/usr/local/bin/unleash-poller ",
+        f"ExecStart={program} ",
+        UNIT.read_text(encoding="utf-8"),
+    )
     assert str(program) in text, "ExecStart line not found in the unit"
     copy = tmp_path / UNIT.name
     copy.write_text(text, encoding="utf-8")
@@ -65,8 +68,12 @@ def test_systemd_analyze_verify_reports_nothing(tmp_path: Path) -> None:
     result = subprocess.run(
         # --recursive-errors=no: judge our unit, not the host's network-online.target.
         [tool, "verify", "--man=no", "--recursive-errors=no", str(unit)],
-        capture_output=True, text=True, cwd=tmp_path, check=False,
-        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""})
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""},
+    )
     output = result.stdout + result.stderr
     print(output)
     ours = [line for line in output.splitlines() if unit.name in line]
@@ -78,11 +85,14 @@ def test_systemd_analyze_verify_catches_a_bad_key(tmp_path: Path) -> None:
     """The verify check above can fail: a misspelt directive is reported for our unit."""
     tool = _systemd_analyze()
     unit = _runnable_copy(tmp_path)
-    unit.write_text(unit.read_text(encoding="utf-8") + "ProtectSystm=strict\n",
-                    encoding="utf-8")
+    unit.write_text(unit.read_text(encoding="utf-8") + "ProtectSystm=strict\n", encoding="utf-8")
     result = subprocess.run(
         [tool, "verify", "--man=no", "--recursive-errors=no", str(unit)],
-        capture_output=True, text=True, cwd=tmp_path, check=False)
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+    )
     assert "Unknown key 'ProtectSystm'" in result.stdout + result.stderr
 
 
@@ -90,9 +100,14 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     """`systemd-analyze security --offline=yes` rates the sandbox at most MAX_EXPOSURE."""
     tool = _systemd_analyze()
     unit = _runnable_copy(tmp_path)
-    result = subprocess.run([tool, "security", "--offline=yes", "--no-pager", str(unit)],
-                            capture_output=True, text=True, cwd=tmp_path, check=False,
-                            env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    result = subprocess.run(
+        [tool, "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
     output = result.stdout + result.stderr
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+) (\w+)", output)
     assert match, output
@@ -103,20 +118,23 @@ def test_security_exposure_is_low(tmp_path: Path) -> None:
     assert score <= MAX_EXPOSURE, output
 
 
-@pytest.mark.parametrize(("key", "expected"), [
-    ("Type", "notify"),
-    ("NotifyAccess", "main"),
-    ("ExecReload", "/bin/kill -HUP $MAINPID"),
-    ("RestartPreventExitStatus", str(EX_CONFIG)),
-    ("Restart", "on-failure"),
-    ("LoadCredential", "unleash-token:/etc/unleash-poller/token"),
-    ("StateDirectory", "unleash-poller"),
-    ("StateDirectoryMode", "0700"),
-    ("DynamicUser", "yes"),
-    ("ProtectSystem", "strict"),
-    ("MemoryDenyWriteExecute", "yes"),
-    ("CapabilityBoundingSet", ""),
-])
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("Type", "notify"),
+        ("NotifyAccess", "main"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("RestartPreventExitStatus", str(EX_CONFIG)),
+        ("Restart", "on-failure"),
+        ("LoadCredential", "unleash-token:/etc/unleash-poller/token"),
+        ("StateDirectory", "unleash-poller"),
+        ("StateDirectoryMode", "0700"),
+        ("DynamicUser", "yes"),
+        ("ProtectSystem", "strict"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("CapabilityBoundingSet", ""),
+    ],
+)
 def test_unit_directive(key: str, expected: str) -> None:
     """A setting the daemon relies on (or the sandbox hinges on) has its intended value."""
     assert _directives(UNIT.read_text(encoding="utf-8"))[key] == [expected]
@@ -135,5 +153,6 @@ def test_exec_start_runs_the_daemon_with_the_shipped_config_path() -> None:
     """ExecStart runs `unleash-poller run` on the config the unit's directories hold."""
     found = _directives(UNIT.read_text(encoding="utf-8"))
     assert found["ExecStart"] == [
-        "/usr/local/bin/unleash-poller run -c /etc/unleash-poller/config.toml"]
+        "/usr/local/bin/unleash-poller run -c /etc/unleash-poller/config.toml"
+    ]
     assert found["ConfigurationDirectory"] == ["unleash-poller"]

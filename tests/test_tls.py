@@ -35,8 +35,13 @@ def pki(tmp_path: Path) -> Pki:
     """A fresh CA, its certificate and a client certificate with key, written as PEM files."""
     ca = trustme.CA()
     client = ca.issue_cert("poller.client.test")
-    paths = Pki(ca, tmp_path / "ca.pem", tmp_path / "client.pem", tmp_path / "client.key",
-                tmp_path / "client-with-key.pem")
+    paths = Pki(
+        ca,
+        tmp_path / "ca.pem",
+        tmp_path / "client.pem",
+        tmp_path / "client.key",
+        tmp_path / "client-with-key.pem",
+    )
     ca.cert_pem.write_to_path(paths.ca_file)
     client.cert_chain_pems[0].write_to_path(paths.client_cert_file)
     client.private_key_pem.write_to_path(paths.client_key_file)
@@ -51,8 +56,9 @@ class Server:
     client_names: list[list[str]] = field(default_factory=list)
 
 
-def _server_context(ca: trustme.CA, identity: str, *, require_client_cert: bool = False
-                    ) -> ssl.SSLContext:
+def _server_context(
+    ca: trustme.CA, identity: str, *, require_client_cert: bool = False
+) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert(identity).configure_cert(context)
     if require_client_cert:
@@ -68,8 +74,9 @@ async def https_server(context: ssl.SSLContext) -> AsyncIterator[Server]:
 
     async def hello(request: web.Request) -> web.Response:
         peer = request.transport.get_extra_info("peercert") if request.transport else None
-        server.client_names.append([value for kind, value in (peer or {}).get(
-            "subjectAltName", ()) if kind == "DNS"])
+        server.client_names.append(
+            [value for kind, value in (peer or {}).get("subjectAltName", ()) if kind == "DNS"]
+        )
         return web.Response(text="hello")
 
     app = web.Application()
@@ -86,9 +93,14 @@ async def https_server(context: ssl.SSLContext) -> AsyncIterator[Server]:
 
 
 async def _get(url: str, client_context: ssl.SSLContext | None) -> str:
-    async with aiohttp.ClientSession() as session, session.get(
-            url, ssl=client_context if client_context is not None else True,
-            timeout=aiohttp.ClientTimeout(total=10)) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            url,
+            ssl=client_context if client_context is not None else True,
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as response,
+    ):
         assert response.status == 200
         return await response.text()
 
@@ -100,8 +112,11 @@ def test_nothing_configured_means_aiohttps_default() -> None:
 
 def test_every_context_verifies(pki: Pki) -> None:
     """Whatever is configured, the context requires a valid certificate for the host."""
-    for args in [(pki.ca_file, None, None), (None, pki.client_cert_file, pki.client_key_file),
-                 (pki.ca_file, pki.client_combined_file, None)]:
+    for args in [
+        (pki.ca_file, None, None),
+        (None, pki.client_cert_file, pki.client_key_file),
+        (pki.ca_file, pki.client_combined_file, None),
+    ]:
         context = client_ssl_context(*args)
         assert context is not None
         assert context.verify_mode == ssl.CERT_REQUIRED
@@ -110,6 +125,7 @@ def test_every_context_verifies(pki: Pki) -> None:
 
 def test_ca_file_is_trusted(pki: Pki) -> None:
     """A server certified by the CA in ca_file is accepted."""
+
     async def scenario() -> None:
         async with https_server(_server_context(pki.ca, "127.0.0.1")) as server:
             assert await _get(server.url, client_ssl_context(pki.ca_file, None, None)) == "hello"
@@ -119,19 +135,25 @@ def test_ca_file_is_trusted(pki: Pki) -> None:
 
 def test_without_ca_file_the_private_ca_is_not_trusted(pki: Pki) -> None:
     """Without ca_file, aiohttp's default and our mTLS-only context both refuse the server."""
+
     async def scenario() -> None:
         async with https_server(_server_context(pki.ca, "127.0.0.1")) as server:
-            for context in [None, client_ssl_context(None, pki.client_cert_file,
-                                                     pki.client_key_file)]:
-                with pytest.raises(aiohttp.ClientConnectorCertificateError,
-                                   match="unable to get local issuer certificate"):
+            for context in [
+                None,
+                client_ssl_context(None, pki.client_cert_file, pki.client_key_file),
+            ]:
+                with pytest.raises(
+                    aiohttp.ClientConnectorCertificateError,
+                    match="unable to get local issuer certificate",
+                ):
                     await _get(server.url, context)
 
     asyncio.run(scenario())
 
 
-def test_system_store_is_still_trusted_with_ca_file(tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_system_store_is_still_trusted_with_ca_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """ca_file adds to the system store rather than replacing it (OpenSSL reads the system
     store from SSL_CERT_FILE, pointed here at a second CA)."""
     system_ca, private_ca = trustme.CA(), trustme.CA()
@@ -149,6 +171,7 @@ def test_system_store_is_still_trusted_with_ca_file(tmp_path: Path,
 
 def test_certificate_for_another_host_is_refused(pki: Pki) -> None:
     """A server certificate from the trusted CA but for another name fails verification."""
+
     async def scenario() -> None:
         async with https_server(_server_context(pki.ca, "other.example")) as server:
             with pytest.raises(aiohttp.ClientConnectorCertificateError, match="mismatch"):
@@ -160,8 +183,11 @@ def test_certificate_for_another_host_is_refused(pki: Pki) -> None:
 @pytest.mark.parametrize("combined", [False, True], ids=["key-file", "key-in-cert-file"])
 def test_mtls_server_accepts_our_client_certificate(pki: Pki, combined: bool) -> None:
     """A server that requires client certificates accepts ours and sees who we are."""
-    cert, key = ((pki.client_combined_file, None) if combined
-                 else (pki.client_cert_file, pki.client_key_file))
+    cert, key = (
+        (pki.client_combined_file, None)
+        if combined
+        else (pki.client_cert_file, pki.client_key_file)
+    )
 
     async def scenario() -> None:
         context = _server_context(pki.ca, "127.0.0.1", require_client_cert=True)
@@ -174,6 +200,7 @@ def test_mtls_server_accepts_our_client_certificate(pki: Pki, combined: bool) ->
 
 def test_mtls_server_rejects_a_client_without_certificate(pki: Pki) -> None:
     """The same server refuses a client that trusts it but presents no certificate."""
+
     async def scenario() -> None:
         context = _server_context(pki.ca, "127.0.0.1", require_client_cert=True)
         async with https_server(context) as server:
@@ -193,9 +220,13 @@ def _write_ca(ca: trustme.CA, path: Path) -> Path:
 
 def _encrypted_key(pki: Pki, path: Path) -> Path:
     key = serialization.load_pem_private_key(pki.client_key_file.read_bytes(), None)
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                       serialization.PrivateFormat.PKCS8,
-                                       serialization.BestAvailableEncryption(b"pw")))
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
     return path
 
 
@@ -210,26 +241,38 @@ BAD_FILES = [
     ("cert", "client_key", "client_cert_file", "no PEM certificate in {path}"),
     ("key", "missing", "client_key_file", "cannot read {path}"),
     ("key", "junk", "client_key_file", "no PEM private key in {path}"),
-    ("key", "other_key", "client_key_file", "private key in {path} does not match the "
-     "certificate in {cert}"),
+    (
+        "key",
+        "other_key",
+        "client_key_file",
+        "private key in {path} does not match the certificate in {cert}",
+    ),
     ("key", "encrypted", "client_key_file", "private key in {path} is encrypted"),
     ("key", "none", "client_cert_file", "no PEM private key in {cert} (give client_key_file"),
 ]
 
 
 @pytest.mark.parametrize(("which", "bad", "field", "message"), BAD_FILES)
-def test_bad_files_name_their_field_and_file(pki: Pki, tmp_path: Path, which: str, bad: str,
-                                             field: str, message: str) -> None:
+def test_bad_files_name_their_field_and_file(
+    pki: Pki, tmp_path: Path, which: str, bad: str, field: str, message: str
+) -> None:
     """Each unusable file raises TlsConfigError naming the config key, the file and why."""
     (tmp_path / "junk.pem").write_text("-----BEGIN CERTIFICATE-----\nnot base64\n")
     pki.ca.issue_cert("x.test").private_key_pem.write_to_path(tmp_path / "other.key")
     replacement = {
-        "missing": tmp_path / "missing.pem", "directory": tmp_path, "junk": tmp_path / "junk.pem",
-        "client_key": pki.client_key_file, "other_key": tmp_path / "other.key",
-        "encrypted": _encrypted_key(pki, tmp_path / "encrypted.key"), "none": None,
+        "missing": tmp_path / "missing.pem",
+        "directory": tmp_path,
+        "junk": tmp_path / "junk.pem",
+        "client_key": pki.client_key_file,
+        "other_key": tmp_path / "other.key",
+        "encrypted": _encrypted_key(pki, tmp_path / "encrypted.key"),
+        "none": None,
     }[bad]
-    args: dict[str, Path | None] = {"ca": pki.ca_file, "cert": pki.client_cert_file,
-                                    "key": pki.client_key_file}
+    args: dict[str, Path | None] = {
+        "ca": pki.ca_file,
+        "cert": pki.client_cert_file,
+        "key": pki.client_key_file,
+    }
     args[which] = replacement
     with pytest.raises(TlsConfigError) as raised:
         client_ssl_context(args["ca"], args["cert"], args["key"])

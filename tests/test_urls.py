@@ -47,43 +47,90 @@ def test_redact_url(url: str, expected: str) -> None:
 PROXY = [
     # url, explicit proxy, trust_env, environment -> proxy
     ("https://h.example/", "http://explicit:3128", False, {}, "http://explicit:3128"),
-    ("https://h.example/", "http://explicit:3128", True,
-     {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example"}, "http://explicit:3128"),
+    (
+        "https://h.example/",
+        "http://explicit:3128",
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example"},
+        "http://explicit:3128",
+    ),
     ("https://h.example/", None, False, {"HTTPS_PROXY": "http://env:3128"}, None),
     ("https://h.example/", None, True, {}, None),
     ("https://h.example/", None, True, {"HTTPS_PROXY": "http://env:3128"}, "http://env:3128"),
     ("https://h.example/", None, True, {"https_proxy": "http://low:3128"}, "http://low:3128"),
-    ("https://h.example/", None, True,
-     {"https_proxy": "http://low:3128", "HTTPS_PROXY": "http://up:3128"}, "http://low:3128"),
+    (
+        "https://h.example/",
+        None,
+        True,
+        {"https_proxy": "http://low:3128", "HTTPS_PROXY": "http://up:3128"},
+        "http://low:3128",
+    ),
     # an empty lower-case variable unsets the upper-case one, as in urllib
-    ("https://h.example/", None, True, {"https_proxy": "", "HTTPS_PROXY": "http://up:3128"},
-     None),
+    ("https://h.example/", None, True, {"https_proxy": "", "HTTPS_PROXY": "http://up:3128"}, None),
     # the scheme picks the variable; there is no fallback from https to http
     ("https://h.example/", None, True, {"HTTP_PROXY": "http://env:3128"}, None),
     ("http://h.example/", None, True, {"HTTP_PROXY": "http://env:3128"}, "http://env:3128"),
     ("http://h.example/", None, True, {"ALL_PROXY": "socks5://env:1080"}, None),
     # under CGI, HTTP_PROXY may come from a client's "Proxy:" header (httpoxy)
-    ("http://h.example/", None, True,
-     {"HTTP_PROXY": "http://evil:3128", "REQUEST_METHOD": "POST"}, None),
-    ("http://h.example/", None, True,
-     {"http_proxy": "http://env:3128", "REQUEST_METHOD": "POST"}, "http://env:3128"),
+    (
+        "http://h.example/",
+        None,
+        True,
+        {"HTTP_PROXY": "http://evil:3128", "REQUEST_METHOD": "POST"},
+        None,
+    ),
+    (
+        "http://h.example/",
+        None,
+        True,
+        {"http_proxy": "http://env:3128", "REQUEST_METHOD": "POST"},
+        "http://env:3128",
+    ),
     ("https://h.example/", None, True, {"HTTPS_PROXY": "env:3128"}, "http://env:3128"),
-    ("https://h.example/", None, True, {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "*"},
-     None),
-    ("https://api.h.example/", None, True,
-     {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "other.test, h.example"}, None),
-    ("https://h.example/", None, True,
-     {"HTTPS_PROXY": "http://env:3128", "no_proxy": ".h.example"}, None),
-    ("https://noth.example/", None, True,
-     {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example"}, "http://env:3128"),
-    ("https://h.example:8443/", None, True,
-     {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example:8443"}, None),
-    ("https://h.example:9443/", None, True,
-     {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example:8443"}, "http://env:3128"),
-    ("http://[::1]:8080/", None, True,
-     {"HTTP_PROXY": "http://env:3128", "NO_PROXY": "::1"}, None),
-    ("http://127.0.0.1:8080/", None, True,
-     {"HTTP_PROXY": "http://env:3128", "NO_PROXY": "127.0.0.1"}, None),
+    ("https://h.example/", None, True, {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "*"}, None),
+    (
+        "https://api.h.example/",
+        None,
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "other.test, h.example"},
+        None,
+    ),
+    (
+        "https://h.example/",
+        None,
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "no_proxy": ".h.example"},
+        None,
+    ),
+    (
+        "https://noth.example/",
+        None,
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example"},
+        "http://env:3128",
+    ),
+    (
+        "https://h.example:8443/",
+        None,
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example:8443"},
+        None,
+    ),
+    (
+        "https://h.example:9443/",
+        None,
+        True,
+        {"HTTPS_PROXY": "http://env:3128", "NO_PROXY": "h.example:8443"},
+        "http://env:3128",
+    ),
+    ("http://[::1]:8080/", None, True, {"HTTP_PROXY": "http://env:3128", "NO_PROXY": "::1"}, None),
+    (
+        "http://127.0.0.1:8080/",
+        None,
+        True,
+        {"HTTP_PROXY": "http://env:3128", "NO_PROXY": "127.0.0.1"},
+        None,
+    ),
 ]
 
 
@@ -97,8 +144,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 
 @pytest.mark.parametrize(("url", "explicit", "trust_env", "env", "expected"), PROXY)
-def test_proxy_for(clean_env: pytest.MonkeyPatch, url: str, explicit: str | None,
-                   trust_env: bool, env: dict[str, str], expected: str | None) -> None:
+def test_proxy_for(
+    clean_env: pytest.MonkeyPatch,
+    url: str,
+    explicit: str | None,
+    trust_env: bool,
+    env: dict[str, str],
+    expected: str | None,
+) -> None:
     """An explicit proxy wins; the environment counts only when trusted, urllib's way."""
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -149,15 +202,17 @@ async def http_proxy(require_authorization: str | None = None) -> AsyncIterator[
             headers = [line.split(":", 1) for line in header_lines if line]
             proxy.requests.append(f"{method} {target}")
             proxy.proxy_authorization.append(
-                next((v.strip() for k, v in headers if k.lower() == "proxy-authorization"), None))
+                next((v.strip() for k, v in headers if k.lower() == "proxy-authorization"), None)
+            )
             if method == "CONNECT":
                 host, _, port = target.rpartition(":")
             else:
                 parts = urlsplit(target)
                 host, port = parts.hostname or "", str(parts.port)
             if require_authorization and proxy.proxy_authorization[-1] != require_authorization:
-                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                             b"Content-Length: 0\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n"
+                )
                 return
             if host != "127.0.0.1":
                 writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
@@ -166,11 +221,17 @@ async def http_proxy(require_authorization: str | None = None) -> AsyncIterator[
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
-                kept = [f"{k}:{v}" for k, v in headers if k.lower() not in
-                        ("proxy-authorization", "proxy-connection", "connection")]
+                kept = [
+                    f"{k}:{v}"
+                    for k, v in headers
+                    if k.lower() not in ("proxy-authorization", "proxy-connection", "connection")
+                ]
                 origin = parts.path + (f"?{parts.query}" if parts.query else "")
-                upstream.write("\r\n".join([f"{method} {origin} {version}", *kept,
-                                            "Connection: close", "", ""]).encode("latin-1"))
+                upstream.write(
+                    "\r\n".join(
+                        [f"{method} {origin} {version}", *kept, "Connection: close", "", ""]
+                    ).encode("latin-1")
+                )
             await asyncio.gather(_pipe(reader, upstream), _pipe(up_reader, writer))
         finally:
             if upstream is not None:
@@ -196,8 +257,9 @@ class Received:
 
 
 @asynccontextmanager
-async def receiver(context: ssl.SSLContext | None = None) -> AsyncIterator[
-        tuple[str, list[Received]]]:
+async def receiver(
+    context: ssl.SSLContext | None = None,
+) -> AsyncIterator[tuple[str, list[Received]]]:
     """A real HTTP(S) server on 127.0.0.1 recording POSTs to /hook."""
     received: list[Received] = []
 
@@ -219,16 +281,24 @@ async def receiver(context: ssl.SSLContext | None = None) -> AsyncIterator[
 
 
 async def _post(url: str, proxy: str | None, client_context: ssl.SSLContext | None) -> int:
-    async with aiohttp.ClientSession(trust_env=False) as session, session.post(
-            url, data=b'{"id":1}', proxy=proxy, headers={"Content-Type": "application/json"},
+    async with (
+        aiohttp.ClientSession(trust_env=False) as session,
+        session.post(
+            url,
+            data=b'{"id":1}',
+            proxy=proxy,
+            headers={"Content-Type": "application/json"},
             ssl=client_context if client_context is not None else True,
-            timeout=aiohttp.ClientTimeout(total=10)) as response:
+            timeout=aiohttp.ClientTimeout(total=10),
+        ) as response,
+    ):
         return response.status
 
 
 def test_post_goes_through_an_explicit_forward_proxy(clean_env: pytest.MonkeyPatch) -> None:
     """A plain-HTTP POST with proxy= is sent to the proxy as an absolute URI, with the
     proxy's credentials for the proxy only, and reaches the receiver intact."""
+
     async def scenario() -> None:
         async with http_proxy() as proxy, receiver() as (url, received):
             with_credentials = proxy.url.replace("http://", "http://user:pass@")
@@ -243,7 +313,8 @@ def test_post_goes_through_an_explicit_forward_proxy(clean_env: pytest.MonkeyPat
 
 
 def test_https_post_tunnels_through_the_proxy_from_the_environment(
-        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    clean_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """With trust_env, HTTPS_PROXY is used: an HTTPS POST goes through a CONNECT tunnel,
     still verifying the receiver's certificate end to end."""
     ca = trustme.CA()
@@ -266,6 +337,7 @@ def test_https_post_tunnels_through_the_proxy_from_the_environment(
 
 def test_no_proxy_sends_directly(clean_env: pytest.MonkeyPatch) -> None:
     """A receiver listed in NO_PROXY is reached without touching the proxy."""
+
     async def scenario() -> None:
         async with http_proxy() as proxy, receiver() as (url, received):
             clean_env.setenv("HTTP_PROXY", proxy.url)
@@ -278,9 +350,11 @@ def test_no_proxy_sends_directly(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_proxy_refusal_carries_credentials_that_redact_url_removes(
-        clean_env: pytest.MonkeyPatch) -> None:
+    clean_env: pytest.MonkeyPatch,
+) -> None:
     """aiohttp's error for a proxy refusing CONNECT shows the proxy URL with its password;
     redact_url on the error's URL is what makes it safe to log."""
+
     async def scenario() -> None:
         async with http_proxy(require_authorization="Basic b3RoZXI6b3RoZXI=") as proxy:
             with_credentials = proxy.url.replace("http://", "http://user:hunter2@")

@@ -31,14 +31,17 @@ def receiver() -> Iterator[Receiver]:
 
 
 def _config(tmp_path: Path, hooks: str) -> Config:
-    return parse_config(tomllib.loads(f"""
+    return parse_config(
+        tomllib.loads(f"""
 [unleash]
 url = "http://127.0.0.1:1"
 token = "t"
 [state]
 path = "s.sqlite3"
 {hooks}
-"""), tmp_path)
+"""),
+        tmp_path,
+    )
 
 
 def _hook(name: str, url: str, extra: str = "") -> str:
@@ -46,10 +49,20 @@ def _hook(name: str, url: str, extra: str = "") -> str:
 
 
 def _event(i: int) -> str:
-    return json.dumps({"id": i, "type": "feature-created", "createdBy": "me",
-                       "createdAt": "2026-11-28T10:00:00.000Z", "data": {"name": f"f{i}"},
-                       "featureName": f"f{i}", "project": "default", "environment": None,
-                       "label": "Flag created", "summary": "**me** created"})
+    return json.dumps(
+        {
+            "id": i,
+            "type": "feature-created",
+            "createdBy": "me",
+            "createdAt": "2026-11-28T10:00:00.000Z",
+            "data": {"name": f"f{i}"},
+            "featureName": f"f{i}",
+            "project": "default",
+            "environment": None,
+            "label": "Flag created",
+            "summary": "**me** created",
+        }
+    )
 
 
 def _fill(state: State, hooks: list[str], ids: range) -> None:
@@ -62,6 +75,7 @@ async def _drain(config: Config, state: State, timeout_s: float = 20) -> dict[st
     finished: dict[str, float] = {}
     started = time.monotonic()
     async with make_session(config) as session:
+
         async def one(worker: Worker) -> None:
             await worker.run()
             finished[worker.hook.name] = time.monotonic() - started
@@ -71,8 +85,9 @@ async def _drain(config: Config, state: State, timeout_s: float = 20) -> dict[st
     return finished
 
 
-def test_ordered_delivery_with_default_body_and_stable_id(tmp_path: Path,
-                                                          receiver: Receiver) -> None:
+def test_ordered_delivery_with_default_body_and_stable_id(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     """Events arrive in id order, as Unleash's default JSON body, with a webhook-id header."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
     state = State.open(config.state.path)
@@ -81,8 +96,17 @@ def test_ordered_delivery_with_default_body_and_stable_id(tmp_path: Path,
     got = receiver.requests("/a")
     assert [json.loads(r.body)["id"] for r in got] == list(range(1, 31))
     first = json.loads(got[0].body)
-    assert list(first) == ["id", "type", "createdBy", "createdAt", "data", "tags",
-                           "featureName", "project", "environment"]
+    assert list(first) == [
+        "id",
+        "type",
+        "createdBy",
+        "createdAt",
+        "data",
+        "tags",
+        "featureName",
+        "project",
+        "environment",
+    ]
     assert got[0].header("webhook-id") == delivery_id(1)
     assert got[0].header("Content-Type") == "application/json"
     assert state.pending_counts() == {}
@@ -102,8 +126,7 @@ def test_one_retry_then_success(tmp_path: Path, receiver: Receiver) -> None:
     assert state.dead_letters() == []
 
 
-def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path,
-                                                        receiver: Receiver) -> None:
+def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path, receiver: Receiver) -> None:
     """Two 500s dead-letter an event with its reason; a 404 is not retried; later events
     still go out, in order; replay redelivers and removes what succeeded."""
     receiver.respond("/a", statuses=[500, 500, 404], status=200)
@@ -115,7 +138,9 @@ def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path,
     assert bodies == [1, 1, 2, 3, 4]
     letters = state.dead_letters("a")
     assert [(d.event_id, d.reason) for d in letters] == [
-        (1, "HTTP 500 after 2 attempts"), (2, "HTTP 404 (not retried) after 1 attempt")]
+        (1, "HTTP 500 after 2 attempts"),
+        (2, "HTTP 404 (not retried) after 1 attempt"),
+    ]
     ok, failed = asyncio.run(replay_dead_letters(config, state, "a"))
     assert (ok, failed) == (2, 0)
     assert [json.loads(r.body)["id"] for r in receiver.requests("/a")][-2:] == [1, 2]
@@ -144,12 +169,14 @@ def test_redirect_is_not_followed(tmp_path: Path, receiver: Receiver) -> None:
     assert state.dead_letters("a")[0].reason.startswith("HTTP 302 (redirects are not followed)")
 
 
-def test_template_failure_dead_letters_for_that_webhook_only(tmp_path: Path,
-                                                             receiver: Receiver) -> None:
+def test_template_failure_dead_letters_for_that_webhook_only(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     """A template that fails on an event dead-letters it for its webhook; others get it."""
     bad = "template_engine = \"jinja2\"\nbody_template = '{{ event.id / 0 }}'"
-    config = _config(tmp_path, _hook("bad", receiver.url("/bad"), bad)
-                     + _hook("good", receiver.url("/good")))
+    config = _config(
+        tmp_path, _hook("bad", receiver.url("/bad"), bad) + _hook("good", receiver.url("/good"))
+    )
     state = State.open(config.state.path)
     _fill(state, ["bad", "good"], range(1, 3))
     asyncio.run(_drain(config, state))
@@ -162,8 +189,11 @@ def test_template_failure_dead_letters_for_that_webhook_only(tmp_path: Path,
 def test_hung_webhook_does_not_delay_others(tmp_path: Path, receiver: Receiver) -> None:
     """While one receiver never answers, another webhook's 50 events go through at once."""
     receiver.respond("/hang", hang=True)
-    config = _config(tmp_path, _hook("hang", receiver.url("/hang"), "timeout_s = 2\nretries = 0")
-                     + _hook("ok", receiver.url("/ok")))
+    config = _config(
+        tmp_path,
+        _hook("hang", receiver.url("/hang"), "timeout_s = 2\nretries = 0")
+        + _hook("ok", receiver.url("/ok")),
+    )
     state = State.open(config.state.path)
     _fill(state, ["ok"], range(1, 51))
     state.ingest([(i, _event(i)) for i in (51, 52)], [("hang", 51), ("hang", 52), ("ok", 51)], 52)
@@ -187,8 +217,9 @@ def test_unordered_webhook_delivers_concurrently(tmp_path: Path, receiver: Recei
     assert finished["slow"] < 1.8, finished  # one at a time would take 2.4 s
 
 
-def test_signed_delivery_verifies_with_standard_webhooks(tmp_path: Path,
-                                                         receiver: Receiver) -> None:
+def test_signed_delivery_verifies_with_standard_webhooks(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     """With signing_secret, each delivery carries Standard Webhooks headers that the official
     library verifies, with the same webhook-id as an unsigned delivery would have."""
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 - a test key
@@ -208,8 +239,9 @@ def _held_back(state_path: Path, hook: str, owed: int, received: int) -> int:
     """Delivered events whose marks another process cannot see yet: what a kill -9 at
     this instant would send again (besides the request arriving now)."""
     with contextlib.closing(sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)) as conn:
-        still_owed = conn.execute("SELECT count(*) FROM outbox WHERE webhook = ?",
-                                  (hook,)).fetchone()[0]
+        still_owed = conn.execute(
+            "SELECT count(*) FROM outbox WHERE webhook = ?", (hook,)
+        ).fetchone()[0]
     return (received - 1) - (owed - still_owed)
 
 
@@ -271,6 +303,7 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
 def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
     """In order, the next body is rendered while the current request is out; a reload
     during that request must not let the old template's body go out afterwards."""
+
     def template(name: str) -> str:
         return f'body_template = """{{"id": {{{{event.id}}}}, "template": "{name}"}}"""'
 
@@ -285,8 +318,9 @@ def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
 
     with Receiver(on_request=reload_during_fifth) as receiver:
         config = _config(tmp_path, _hook("a", receiver.url("/a"), template("old")))
-        new_hooks.extend(_config(tmp_path, _hook("a", receiver.url("/a"),
-                                                 template("new"))).webhooks)
+        new_hooks.extend(
+            _config(tmp_path, _hook("a", receiver.url("/a"), template("new"))).webhooks
+        )
         state = State.open(config.state.path)
         _fill(state, ["a"], range(1, 11))
 
@@ -302,8 +336,9 @@ def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
     assert [g["template"] for g in got] == ["old"] * 5 + ["new"] * 5
 
 
-def test_unordered_worker_reads_the_outbox_once_per_batch(tmp_path: Path,
-                                                          receiver: Receiver) -> None:
+def test_unordered_worker_reads_the_outbox_once_per_batch(
+    tmp_path: Path, receiver: Receiver
+) -> None:
     """Unordered, the outbox is read per batch of rows, not once per delivery."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "max_in_flight = 8"))
     state = State.open(config.state.path)
@@ -324,8 +359,8 @@ def test_unordered_worker_reads_the_outbox_once_per_batch(tmp_path: Path,
 
 @pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
 def test_a_state_write_failure_stops_the_worker_with_that_error(
-        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
-        in_flight: int) -> None:
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, in_flight: int
+) -> None:
     """A failing state write (a full disk) ends the worker with the database error itself,
     which the daemon turns into its exit 74 message, not a wrapped group of errors."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
@@ -347,13 +382,15 @@ def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> No
     request's timeout when rendering is slow: a request on a new connection may not be on
     the wire yet. Renders of 0.3 s, answers after 0.15 s, timeout 0.4 s: each event goes
     out once, none is dead-lettered."""
+
     def slow(event: Mapping[str, object]) -> str:
         time.sleep(0.3)
         return json.dumps({"id": event["id"]})
 
     with Receiver(on_request=lambda _: time.sleep(0.15)) as receiver:
-        config = _config(tmp_path, _hook("a", receiver.url("/a"),
-                                         "timeout_s = 0.4\nretry_schedule_s = [0.1]"))
+        config = _config(
+            tmp_path, _hook("a", receiver.url("/a"), "timeout_s = 0.4\nretry_schedule_s = [0.1]")
+        )
         hook = dataclasses.replace(config.webhooks[0], renderer=Renderer("slow", slow))
         config = dataclasses.replace(config, webhooks=(hook,))
         state = State.open(config.state.path)

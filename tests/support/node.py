@@ -27,13 +27,21 @@ def require_node(*needed: Path) -> str:
     return node
 
 
-def run_json(node: str, argv: Sequence[str], payload: object,
-             default: Callable[[object], object] | None = None) -> object:
+def run_json(
+    node: str,
+    argv: Sequence[str],
+    payload: object,
+    default: Callable[[object], object] | None = None,
+) -> object:
     """Send `payload` as JSON on stdin, return the JSON the script prints. Dates' string
     forms depend on the time zone; the poller prints them as UTC does."""
     completed = subprocess.run(
-        [node, *argv], input=json.dumps(payload, default=default).encode("utf-8",
-                                                                         "surrogatepass"),
-        capture_output=True, timeout=120, check=False, env={**os.environ, "TZ": "UTC"})
+        [node, *argv],
+        input=json.dumps(payload, default=default).encode("utf-8", "surrogatepass"),
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "TZ": "UTC"},
+    )
     assert completed.returncode == 0, completed.stderr.decode(errors="replace")
     return json.loads(completed.stdout.decode("utf-8", "surrogatepass"))
