@@ -9,7 +9,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ EX_OK = 0
 EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74  # the state file cannot be written
 PROGRESS_EVERY_S = 10.0
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -133,6 +134,21 @@ class App:
         self.stop.set()
         for worker in self.workers.values():
             worker.stop.set()
+
+    @contextlib.contextmanager
+    def _capture_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT stop the daemon and SIGHUP reloads it while this is open; the
+        handlers from before are back once it closes, as uvicorn's capture_signals does."""
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in _SIGNALS}
+        self._install_signals(loop)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                loop.remove_signal_handler(sig)
+                if handler is not None:
+                    signal.signal(sig, handler)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_stop(signame: str) -> None:
@@ -262,19 +278,17 @@ class App:
 
     async def run(self, *, once: bool = False) -> int:
         self._once = once
-        loop = asyncio.get_running_loop()
-        if not once:
-            self._install_signals(loop)
         started = time.monotonic()
-        async with make_session(self.config) as session:
-            self.session = session
-            self.source = UnleashSource(session, self.config.unleash)
-            self.ingest = Ingest(self.config, self.state, self.source, self._wake)
-            self._warn_orphans()
-            if once:
-                code = await self._run_once()
-            else:
-                code = await self._run_forever()
+        with contextlib.nullcontext() if once else self._capture_signals():
+            async with make_session(self.config) as session:
+                self.session = session
+                self.source = UnleashSource(session, self.config.unleash)
+                self.ingest = Ingest(self.config, self.state, self.source, self._wake)
+                self._warn_orphans()
+                if once:
+                    code = await self._run_once()
+                else:
+                    code = await self._run_forever()
         log.info(
             "app.stopped",
             delivered=self.delivered,
