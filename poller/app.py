@@ -21,6 +21,7 @@ from poller.config import Config, ConfigError, WebhookConfig, check_private, loa
 from poller.deliver import Outcome, request_headers
 from poller.ingest import Ingest
 from poller.log import get as get_logger
+from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashSource
 from poller.state import State
 from poller.worker import Worker, attempt_once, drain
@@ -49,27 +50,6 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         timeout=aiohttp.ClientTimeout(total=config.unleash.timeout_s),
         auto_decompress=True,
     )
-
-
-class NullMetrics:
-    """What the daemon reports to when no [metrics] listener is configured: nothing."""
-
-    def on_delivery(
-        self, webhook: str, outcome: str, duration_s: float | None, lag_s: float
-    ) -> None:
-        pass
-
-    def on_poll_ok(self, new_events: int, cursor: int | None, gaps: int) -> None:
-        pass
-
-    def on_poll_error(self, kind: str) -> None:
-        pass
-
-    def on_gaps_expired(self, count: int) -> None:
-        pass
-
-    def on_burst_overflow(self, count: int = 1) -> None:
-        pass
 
 
 class App:
@@ -114,7 +94,7 @@ class App:
         from poller.metrics import poll_health  # noqa: PLC0415 - see __init__
 
         ok, details = poll_health(
-            self.ingest.counters.last_poll_ok_at,
+            self.ingest.last_poll_ok_at,
             self.started_at,
             self.config.unleash.poll_interval_s,
             self.config.state.path,
@@ -283,7 +263,7 @@ class App:
             async with make_session(self.config) as session:
                 self.session = session
                 self.source = UnleashSource(session, self.config.unleash)
-                self.ingest = Ingest(self.config, self.state, self.source, self._wake)
+                self.ingest = Ingest(self.config, self.state, self.source, self._wake, self.metrics)
                 self._warn_orphans()
                 if once:
                     code = await self._run_once()
@@ -406,13 +386,9 @@ class App:
                 if not detected:
                     await self._detect()
                     detected = True
-                expired = ingest.counters.gaps_expired
-                overflows = ingest.counters.burst_overflows
                 new = await ingest.poll(force=failures > 0)
                 await ingest.recheck_gaps()
                 self.metrics.on_poll_ok(new, ingest.high_water, len(ingest.gaps))
-                self.metrics.on_gaps_expired(ingest.counters.gaps_expired - expired)
-                self.metrics.on_burst_overflow(ingest.counters.burst_overflows - overflows)
                 if failures:
                     log.info("unleash.recovered", after_failures=failures)
                 failures = 0
@@ -420,7 +396,6 @@ class App:
                 delay = interval
             except UnleashError as exc:
                 failures += 1
-                ingest.counters.poll_errors += 1
                 self.metrics.on_poll_error(exc.kind)
                 self._unleash_error = exc.kind
                 source.forget_probe()

@@ -20,6 +20,8 @@ RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
 _RESPONSE_READ_LIMIT = 64 * 1024
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding")
 
+OutcomeKind = Literal["delivered", "retry", "give_up"]
+
 
 @dataclass(frozen=True)
 class Attempt:
@@ -33,7 +35,7 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: Literal["delivered", "retry", "give_up"]
+    kind: OutcomeKind
     reason: str
     delay_s: float = 0.0
 

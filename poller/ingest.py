@@ -19,6 +19,7 @@ from poller.faults import crash_point
 from poller.filters import EventFilter
 from poller.log import get as get_logger
 from poller.render import UNREADABLE
+from poller.sink import MetricsSink, NullMetrics
 from poller.source import Event, UnleashSource
 from poller.state import Gap, State
 
@@ -36,25 +37,15 @@ def _dump(event: Event) -> str:
 
 
 @dataclass
-class Counters:
-    polls: int = 0
-    poll_errors: int = 0
-    events_taken: int = 0
-    gaps_filled: int = 0
-    gaps_expired: int = 0
-    burst_overflows: int = 0
-    last_poll_ok_at: float = 0.0
-
-
-@dataclass
 class Ingest:
     config: Config
     state: State
     source: UnleashSource
     wake: Callable[[set[str]], None]
-    counters: Counters = field(default_factory=Counters)
+    metrics: MetricsSink = field(default_factory=NullMetrics)
 
     def __post_init__(self) -> None:
+        self.last_poll_ok_at = 0.0  # Unix time; 0 until Unleash first answers
         self.high_water = self.state.high_water()
         self.gaps: dict[int, Gap] = {g.id: g for g in self.state.gaps()}
         self._filters = [(h.name, _filter(h)) for h in self.config.webhooks]
@@ -84,8 +75,7 @@ class Ingest:
         """Take in every event newer than the cursor; return how many were new."""
         high = self.high_water if self.high_water is not None else await self._initialise()
         if not force and not await self.source.changed():
-            self.counters.polls += 1
-            self.counters.last_poll_ok_at = time.time()
+            self.last_poll_ok_at = time.time()
             return 0
         collected: dict[int, Event] = {}
         staged = 0
@@ -129,15 +119,14 @@ class Ingest:
             new = self._take_staged(high)
         else:
             new = self._take(high, collected)
-        self.counters.polls += 1
-        self.counters.last_poll_ok_at = time.time()
+        self.last_poll_ok_at = time.time()
         return new
 
     def _warn_overflow(self, high: int, collected: dict[int, Event]) -> None:
         lowest = min(collected, default=high + 1)
         missing = lowest - high - 1
         if missing > 0:
-            self.counters.burst_overflows += 1
+            self.metrics.on_burst_overflow()
             log.error(
                 "poll.burst_overflow",
                 missing_at_least=missing,
@@ -200,9 +189,7 @@ class Ingest:
     def _after_take(self, old: int, tracker: _GapTracker, settled: list[int], owed: int) -> None:
         self.high_water = tracker.high
         self.gaps = {g.id: g for g in self.state.gaps()}
-        self.counters.events_taken += tracker.count + len(settled)
         if settled:
-            self.counters.gaps_filled += len(settled)
             log.warning(
                 "gap.filled",
                 ids=settled[:20],
@@ -228,7 +215,7 @@ class Ingest:
         found, failing = await self.source.fetch_ids([g.id for g in due])
         if failing:
             self.state.give_up_gaps(failing)
-            self.counters.gaps_expired += len(failing)
+            self.metrics.on_gaps_expired(len(failing))
             log.error(
                 "gap.unreadable",
                 ids=failing[:20],
@@ -250,7 +237,7 @@ class Ingest:
         expired = [g.id for g in due if g.id not in found_by_id and now - g.missing_since >= grace]
         if expired:
             self.state.give_up_gaps(expired)
-            self.counters.gaps_expired += len(expired)
+            self.metrics.on_gaps_expired(len(expired))
             log.warning(
                 "gap.expired",
                 ids=expired[:20],

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -20,8 +19,8 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 
 from poller import __version__
 from poller.config import parse_listen
+from poller.deliver import OutcomeKind
 
-OutcomeKind = Literal["delivered", "retry", "give_up"]  # poller.deliver.Outcome.kind
 # Outcome kind → the label operators read on a dashboard.
 OUTCOMES: dict[OutcomeKind, str] = {
     "delivered": "delivered",

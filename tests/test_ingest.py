@@ -12,12 +12,28 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from poller import ingest as ingest_module
 from poller.config import Config, parse_config
 from poller.ingest import Ingest
+from poller.sink import NullMetrics
 from poller.source import Capabilities, Event, Page
 from poller.state import State
+
+
+class RecordingSink(NullMetrics):
+    """Keeps what Ingest reports itself (given-up gaps, burst overflows)."""
+
+    def __init__(self) -> None:
+        self.gaps_expired: list[int] = []
+        self.burst_overflows: list[int] = []
+
+    def on_gaps_expired(self, count: int) -> None:
+        self.gaps_expired.append(count)
+
+    def on_burst_overflow(self, count: int = 1) -> None:
+        self.burst_overflows.append(count)
 
 
 class FakeLog:
@@ -99,11 +115,12 @@ def log() -> FakeLog:
 
 
 def _ingest(
-    tmp_path: Path, log: FakeLog, start_from: str = '"latest"'
+    tmp_path: Path, log: FakeLog, start_from: str = '"latest"', sink: RecordingSink | None = None
 ) -> tuple[Ingest, State, set[str]]:
     state = State.open(tmp_path / "s.sqlite3")
     woken: set[str] = set()
-    ingest = Ingest(_config(tmp_path, start_from), state, log, woken.update)  # type: ignore[arg-type]
+    config = _config(tmp_path, start_from)
+    ingest = Ingest(config, state, log, woken.update, sink or RecordingSink())  # type: ignore[arg-type]
     return ingest, state, woken
 
 
@@ -180,16 +197,18 @@ def test_late_commit_is_found_by_recheck(tmp_path: Path, log: FakeLog) -> None:
     assert [g.id for g in state.gaps()] == [3]
     assert _pending(state, "all") == [2, 4, 5]
     log.add(3)
-    asyncio.run(ingest.recheck_gaps(now=10**10))
+    with capture_logs() as logs:
+        asyncio.run(ingest.recheck_gaps(now=10**10))
     assert _pending(state, "all") == [2, 3, 4, 5]
     assert state.gaps() == []
-    assert ingest.counters.gaps_filled == 1
+    assert [e["count"] for e in logs if e["event"] == "gap.filled"] == [1]
 
 
 def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) -> None:
     """An id that never appears is re-checked, then given up once the grace period passes."""
     log.add(1)
-    ingest, state, _ = _ingest(tmp_path, log)
+    sink = RecordingSink()
+    ingest, state, _ = _ingest(tmp_path, log, sink=sink)
     asyncio.run(ingest.poll())
     log.add(3)
     asyncio.run(ingest.poll())
@@ -200,7 +219,26 @@ def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) ->
     assert gap.next_check_at > gap.missing_since + 1
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 11))
     assert state.gaps() == []
-    assert ingest.counters.gaps_expired == 1
+    assert sink.gaps_expired == [1]
+
+
+def test_legacy_burst_overflow_is_reported_to_the_sink(tmp_path: Path, log: FakeLog) -> None:
+    """When the legacy API's newest events do not reach down to the cursor, the poll
+    reports one burst overflow to the metrics sink."""
+    log.capabilities = Capabilities("legacy", id_filter=False)
+    log.add(1)
+    sink = RecordingSink()
+    ingest, state, _ = _ingest(tmp_path, log, sink=sink)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 201))
+
+    async def newest_100(first_limit: int, limit: int) -> AsyncIterator[Page]:
+        yield Page(log._sorted()[:100], 100)  # all the legacy events API returns
+
+    log.pages = newest_100  # type: ignore[method-assign]
+    asyncio.run(ingest.poll())
+    assert sink.burst_overflows == [1]
+    assert _pending(state, "all") == list(range(101, 201))
 
 
 def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> None:

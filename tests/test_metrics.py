@@ -4,6 +4,7 @@ the health check."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from poller import __version__
 from poller.metrics import Metrics, parse_listen, poll_health, start_http
+from poller.sink import MetricsSink, NullMetrics
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -64,6 +66,17 @@ def samples(metrics: Metrics) -> Samples:
 
 def key(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
     return name, frozenset(labels.items())
+
+
+@pytest.mark.parametrize("sink", [Metrics, NullMetrics])
+def test_sinks_take_what_the_protocol_declares(sink: type) -> None:
+    """Metrics and NullMetrics have every MetricsSink method, with its exact signature
+    (names, annotations, defaults), so they cannot drift apart again."""
+    methods = [name for name in vars(MetricsSink) if name.startswith("on_")]
+    assert len(methods) == 5
+    for name in methods:
+        expected = inspect.signature(getattr(MetricsSink, name))
+        assert inspect.signature(getattr(sink, name)) == expected, name
 
 
 def test_configured_webhooks_export_zeros_before_any_delivery() -> None:
