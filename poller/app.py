@@ -22,7 +22,7 @@ from poller.deliver import Outcome, request_headers
 from poller.ingest import Ingest
 from poller.log import get as get_logger
 from poller.sink import NullMetrics
-from poller.source import UnleashError, UnleashSource
+from poller.source import UnleashError, UnleashErrorKind, UnleashSource
 from poller.state import State
 from poller.worker import Worker, attempt_once, drain
 
@@ -66,7 +66,7 @@ class App:
         self.dead_lettered = 0
         self._crash: BaseException | None = None
         self._once = False
-        self._unleash_error: str | None = None
+        self._unleash_error: UnleashErrorKind | None = None
         self._progress_at = time.monotonic()
         self._progress_done = (0, 0)
         self.started_at = time.time()
@@ -462,7 +462,8 @@ async def _replay_one(
     attempts = 0
     headers = request_headers(hook)
     while True:
-        outcome, attempts, _ = await attempt_once(session, hook, headers, event_id, body, attempts)
-        if outcome.kind != "retry":
-            return outcome
-        await asyncio.sleep(outcome.delay_s)
+        result = await attempt_once(session, hook, headers, event_id, body, attempts)
+        attempts = result.attempts
+        if result.outcome.kind != "retry":
+            return result.outcome
+        await asyncio.sleep(result.outcome.delay_s)

@@ -18,9 +18,9 @@ from poller.config import Config, WebhookConfig
 from poller.faults import crash_point
 from poller.filters import EventFilter
 from poller.log import get as get_logger
-from poller.render import UNREADABLE
+from poller.render import UNREADABLE, Event
 from poller.sink import MetricsSink, NullMetrics
-from poller.source import Event, UnleashSource
+from poller.source import UnleashSource
 from poller.state import Gap, State
 
 FIRST_PAGE = 50  # most polls find a handful of events: ask for a small page first

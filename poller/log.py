@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -47,5 +48,7 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
     )
 
 
-def get(name: str = "unleash-poller") -> Any:
-    return structlog.get_logger(name)
+def get(name: str = "unleash-poller") -> FilteringBoundLogger:
+    """A logger that filters by the configured level (see `configure`)."""
+    logger: FilteringBoundLogger = structlog.get_logger(name)
+    return logger

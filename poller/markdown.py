@@ -14,12 +14,13 @@ import contextlib
 import functools
 import math
 from collections.abc import Mapping
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from poller import mustache
 from poller.jsvalues import JSDate, to_js_string, utf16_length
 
-Event = Mapping[str, object]
+if TYPE_CHECKING:
+    from poller.render import Event  # render imports this module only when it is used
 
 FEATURE_ARCHIVED: Final = "feature-archived"
 FEATURE_STRATEGY_UPDATE: Final = "feature-strategy-update"

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -20,6 +21,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from poller import __version__
 from poller.config import parse_listen
 from poller.deliver import OutcomeKind
+from poller.source import UnleashErrorKind
 
 # Outcome kind → the label operators read on a dashboard.
 OUTCOMES: dict[OutcomeKind, str] = {
@@ -27,7 +29,7 @@ OUTCOMES: dict[OutcomeKind, str] = {
     "retry": "retried",
     "give_up": "dead_lettered",
 }
-POLL_ERROR_KINDS = ("auth", "server", "timeout", "connection", "bad_response")
+POLL_ERROR_KINDS: tuple[UnleashErrorKind, ...] = get_args(UnleashErrorKind)
 # A webhook answers in milliseconds to its timeout (10 s by default, at most minutes).
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 # Lag spans one poll interval (a healthy webhook) to hours of retries (a broken one).
@@ -176,7 +178,7 @@ class Metrics:
         self._gaps.set(gaps)
         self._last_poll.set(time.time())
 
-    def on_poll_error(self, kind: str) -> None:
+    def on_poll_error(self, kind: UnleashErrorKind) -> None:
         self._poll_errors.labels(kind=kind).inc()
 
     def on_gaps_expired(self, count: int) -> None:

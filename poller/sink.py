@@ -6,9 +6,12 @@ imports prometheus_client (see App.__init__).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from poller.deliver import OutcomeKind
+
+if TYPE_CHECKING:
+    from poller.source import UnleashErrorKind
 
 
 class MetricsSink(Protocol):
@@ -21,7 +24,7 @@ class MetricsSink(Protocol):
     def on_poll_ok(self, new_events: int, cursor: int | None, gaps: int) -> None:
         """Unleash answered a poll: how many events were new, the cursor, the open gaps."""
 
-    def on_poll_error(self, kind: str) -> None:
+    def on_poll_error(self, kind: UnleashErrorKind) -> None:
         """A poll of Unleash failed; `kind` is UnleashError.kind."""
 
     def on_gaps_expired(self, count: int) -> None:
@@ -42,7 +45,7 @@ class NullMetrics:
     def on_poll_ok(self, new_events: int, cursor: int | None, gaps: int) -> None:
         pass
 
-    def on_poll_error(self, kind: str) -> None:
+    def on_poll_error(self, kind: UnleashErrorKind) -> None:
         pass
 
     def on_gaps_expired(self, count: int) -> None:

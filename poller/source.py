@@ -19,11 +19,11 @@ import aiohttp
 from poller import __version__
 from poller.config import UnleashConfig
 from poller.log import get as get_logger
-from poller.render import UNREADABLE
+from poller.render import UNREADABLE, Event
 
 log = get_logger()
-Event = dict[str, object]
 Api = Literal["search", "post-search", "legacy"]
+UnleashErrorKind = Literal["auth", "server", "timeout", "connection", "bad_response"]
 
 _SEARCH = "/api/admin/search/events"
 _POST_SEARCH = "/api/admin/events/search"
@@ -32,10 +32,9 @@ LEGACY_PAGE = 100  # the deprecated endpoint answers only the newest 100 events
 
 
 class UnleashError(Exception):
-    """Unleash could not be read. `kind` is one of: auth, server, timeout, connection,
-    bad_response."""
+    """Unleash could not be read, and why (`kind`)."""
 
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: UnleashErrorKind, message: str) -> None:
         super().__init__(message)
         self.kind = kind
 

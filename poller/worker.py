@@ -15,6 +15,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
@@ -86,6 +87,16 @@ class _WhileSending:
             self._run()
 
 
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What `attempt_once` did: what it means, the attempt count including this one, and
+    the HTTP time (None when nothing was sent)."""
+
+    outcome: Outcome
+    attempts: int
+    duration_s: float | None
+
+
 async def attempt_once(
     session: aiohttp.ClientSession,
     hook: WebhookConfig,
@@ -96,15 +107,14 @@ async def attempt_once(
     *,
     body: bytes | Outcome | None = None,
     while_sending: Callable[[], None] | None = None,
-) -> tuple[Outcome, int, float | None]:
-    """Render (unless `body` is given) and POST one event once; return what it means, the
-    attempt count and the HTTP time (None when nothing was sent). `while_sending` runs
-    once the request is out (not at all when nothing is sent)."""
+) -> AttemptResult:
+    """Render (unless `body` is given) and POST one event once. `while_sending` runs once
+    the request is out (not at all when nothing is sent)."""
     attempts = attempts_before + 1
     if body is None:
         body = render_body(hook, body_json)
     if isinstance(body, Outcome):
-        return body, attempts, None
+        return AttemptResult(body, attempts, None)
     crash_point("delivery.before_post")
     if while_sending is None:
         attempt = await post(session, hook, headers, body, delivery_id(event_id))
@@ -125,7 +135,7 @@ async def attempt_once(
         now=time.time(),
     )
     if outcome.kind == "delivered" and not debug_enabled():
-        return outcome, attempts, attempt.duration_s
+        return AttemptResult(outcome, attempts, attempt.duration_s)
     fields = {
         "webhook": hook.name,
         "event_id": event_id,
@@ -142,7 +152,7 @@ async def attempt_once(
             reason=outcome.reason,
             retry_in_s=round(outcome.delay_s, 2),
         )
-    return outcome, attempts, attempt.duration_s
+    return AttemptResult(outcome, attempts, attempt.duration_s)
 
 
 class Worker:
@@ -319,7 +329,7 @@ class Worker:
             body = ahead[1]
         elif ordered:
             body = self._render(row)  # timed: it decides whether to render ahead
-        outcome, attempts, duration_s = await attempt_once(
+        result = await attempt_once(
             self.session,
             self.hook,
             self._headers,
@@ -329,6 +339,7 @@ class Worker:
             body=body,
             while_sending=(lambda: self._render_ahead(following)) if ordered else None,
         )
+        outcome, attempts, duration_s = result.outcome, result.attempts, result.duration_s
         name = self.hook.name
         if outcome.kind == "delivered":
             self._unmarked.append(row.event_id)
