@@ -21,6 +21,7 @@ from poller.config import Config, ConfigError, WebhookConfig, check_private, loa
 from poller.deliver import Outcome, request_headers
 from poller.ingest import Ingest
 from poller.log import get as get_logger
+from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource
 from poller.state import State
@@ -164,14 +165,18 @@ class App:
             self._crash = task.exception()
             self._request_stop()
 
-    async def _retire(self, name: str) -> None:
+    def _retire(self, name: str) -> None:
         """Stop one worker after its in-flight delivery (a webhook removed, or changed so
         that its worker is replaced); then start its replacement, if one is due. Until the
         old worker is done no other worker runs for that webhook: two at once would send
-        the old one's request in flight and its uncommitted marks again."""
+        the old one's request in flight and its uncommitted marks again. It counts as
+        retiring at once, so a reload right after this one plans with it."""
         worker, task = self.workers.pop(name), self.tasks.pop(name)
         self.retiring[name] = worker
         worker.stop.set()
+        asyncio.get_running_loop().create_task(self._finish_retiring(name, worker, task))
+
+    async def _finish_retiring(self, name: str, worker: Worker, task: asyncio.Task[None]) -> None:
         try:
             await drain([worker], [task], self.config.drain_timeout_s)
         finally:
@@ -232,27 +237,29 @@ class App:
         log_module.configure(new.log_level)
         self.source.reconfigure(new.unleash)
         self.ingest.reconfigure(new)
-        for name in old_hooks.keys() - new_hooks.keys():
-            self._start_after_retire.pop(name, None)
-            if name in self.workers:
-                asyncio.get_running_loop().create_task(self._retire(name))
-        for name, hook in new_hooks.items():
-            worker = self.workers.get(name)
-            if name in self.retiring:
-                self._start_after_retire[name] = hook  # once the old worker is done
-            elif worker is None:
-                self._start_worker(hook, self.session)
-            elif worker.hook.max_in_flight != hook.max_in_flight:
-                self._start_after_retire[name] = hook
-                asyncio.get_running_loop().create_task(self._retire(name))
-            else:
-                worker.reconfigure(hook)
+        running = {name: worker.hook for name, worker in self.workers.items()}
+        for action in plan_reload(old_hooks, new_hooks, running, self.retiring.keys()):
+            self._apply(action)
         log.info(
             "config.reloaded",
             webhooks=sorted(new_hooks),
             added=sorted(new_hooks.keys() - old_hooks.keys()),
             removed=sorted(old_hooks.keys() - new_hooks.keys()),
         )
+
+    def _apply(self, action: Action) -> None:
+        match action:
+            case Start(hook):
+                self._start_worker(hook, self.session)
+            case Reconfigure(hook):
+                self.workers[hook.name].reconfigure(hook)
+            case Retire(name, then) | WhenRetired(name, then):
+                if then is None:
+                    self._start_after_retire.pop(name, None)
+                else:
+                    self._start_after_retire[name] = then  # once the old worker is done
+                if isinstance(action, Retire):
+                    self._retire(name)
 
     # -- running -----------------------------------------------------------------------
 
