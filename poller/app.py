@@ -9,7 +9,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,14 +18,14 @@ import aiohttp
 from poller import log as log_module
 from poller import systemd
 from poller.config import Config, ConfigError, WebhookConfig, check_private, load_config
-from poller.deliver import Outcome, request_headers
+from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
 from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource
 from poller.state import State
-from poller.worker import Worker, attempt_once, drain
+from poller.worker import Worker, drain
 
 if TYPE_CHECKING:
     from poller.metrics import Metrics
@@ -429,48 +429,3 @@ def _backoff(interval: float, failures: int, cap: float, jitter: float) -> float
     random) so many pollers do not hammer a recovering Unleash in step."""
     base = min(cap, interval * 2.0 ** min(failures, 30))
     return base / 2 + base / 2 * jitter
-
-
-async def replay_dead_letters(
-    config: Config,
-    state: State,
-    webhook: str | None,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[int, int]:
-    """With no daemon running: re-deliver dead letters in id order, removing each one
-    that succeeds; one that fails again stays, with the new reason. Returns (ok, failed)."""
-    ok = failed = 0
-    names = [webhook] if webhook else [h.name for h in config.webhooks]
-    total = sum(n for name, n in state.dead_letter_counts().items() if name in names)
-    async with make_session(config) as session:
-        for name in names:
-            hook = config.webhook(name)
-            after = -1
-            while batch := state.dead_letters(name, after=after, limit=500):
-                for letter in batch:
-                    after = letter.event_id
-                    outcome = await _replay_one(session, hook, letter.event_id, letter.body)
-                    if outcome.kind == "delivered":
-                        state.remove_dead_letter(name, letter.event_id)
-                        ok += 1
-                    else:
-                        state.dead_letter(
-                            name, letter.event_id, letter.attempts + 1, outcome.reason
-                        )
-                        failed += 1
-                    if progress:
-                        progress(ok + failed, total)
-    return ok, failed
-
-
-async def _replay_one(
-    session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int, body: str
-) -> Outcome:
-    attempts = 0
-    headers = request_headers(hook)
-    while True:
-        result = await attempt_once(session, hook, headers, event_id, body, attempts)
-        attempts = result.attempts
-        if result.outcome.kind != "retry":
-            return result.outcome
-        await asyncio.sleep(result.outcome.delay_s)

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__, log
-from poller.app import EX_IOERR, App, replay_dead_letters
+from poller.app import EX_IOERR, App
 from poller.config import EX_CONFIG, Config, ConfigError, check_private, load_config
 from poller.render import RenderError
+from poller.replay import replay_dead_letters
 from poller.state import State, StateError, StateLockedError
 
 EX_USAGE = 64

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from poller.app import make_session, replay_dead_letters
+from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
 from poller.render import Renderer
+from poller.replay import replay_dead_letters
 from poller.state import Pending, State
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
 from tests.support.receiver import Receiver, RecordedRequest

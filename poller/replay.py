@@ -1,0 +1,60 @@
+"""Offline dead-letter replay (`unleash-poller replay` with no daemon running): each
+dead letter re-delivered in id order, removed once it succeeds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import aiohttp
+
+from poller.app import make_session
+from poller.config import Config, WebhookConfig
+from poller.deliver import Outcome, request_headers
+from poller.state import State
+from poller.worker import attempt_once
+
+
+async def replay_dead_letters(
+    config: Config,
+    state: State,
+    webhook: str | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[int, int]:
+    """With no daemon running: re-deliver dead letters in id order, removing each one
+    that succeeds; one that fails again stays, with the new reason. Returns (ok, failed)."""
+    ok = failed = 0
+    names = [webhook] if webhook else [h.name for h in config.webhooks]
+    total = sum(n for name, n in state.dead_letter_counts().items() if name in names)
+    async with make_session(config) as session:
+        for name in names:
+            hook = config.webhook(name)
+            after = -1
+            while batch := state.dead_letters(name, after=after, limit=500):
+                for letter in batch:
+                    after = letter.event_id
+                    outcome = await _replay_one(session, hook, letter.event_id, letter.body)
+                    if outcome.kind == "delivered":
+                        state.remove_dead_letter(name, letter.event_id)
+                        ok += 1
+                    else:
+                        state.dead_letter(
+                            name, letter.event_id, letter.attempts + 1, outcome.reason
+                        )
+                        failed += 1
+                    if progress:
+                        progress(ok + failed, total)
+    return ok, failed
+
+
+async def _replay_one(
+    session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int, body: str
+) -> Outcome:
+    attempts = 0
+    headers = request_headers(hook)
+    while True:
+        result = await attempt_once(session, hook, headers, event_id, body, attempts)
+        attempts = result.attempts
+        if result.outcome.kind != "retry":
+            return result.outcome
+        await asyncio.sleep(result.outcome.delay_s)
