@@ -181,6 +181,22 @@ def initialise(poller_cli: PollerCli, config: Path) -> int:
     return cursor
 
 
+Initialised = Callable[..., tuple[Path, int]]  # the `initialised` fixture
+
+
+@pytest.fixture
+def initialised(poller_config: PollerConfigFactory, poller_cli: PollerCli) -> Initialised:
+    """The set-up of every test here: `make_config(**options)`, then a first `run --once`
+    (start_from = latest). Returns the config's path and the cursor that run saved: every
+    event after it is owed."""
+
+    def make(**options: Any) -> tuple[Path, int]:
+        config = make_config(poller_config, **options)
+        return config, initialise(poller_cli, config)
+
+    return make
+
+
 def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
     """Print a FIGURES line past pytest's capture, so a CI log shows it."""
     with capsys.disabled():
@@ -308,6 +324,11 @@ class Daemon:
     def send(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
 
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM, as systemd stops it; returns the exit code."""
+        self.send(signal.SIGTERM)
+        return self.wait(timeout_s)
+
     def kill(self) -> int:
         """kill -9, as a crash or an OOM kill would."""
         self.process.kill()
@@ -329,13 +350,16 @@ DaemonFactory = Callable[..., Daemon]
 
 @pytest.fixture
 def spawn(tmp_path: Path) -> Iterator[DaemonFactory]:
-    """Start daemons (`spawn(config, crash_at=..., file_size_limit=...)`); any still
-    running when the test ends is killed. Logs are tmp_path/daemon-N.log."""
+    """Start daemons (`spawn(config, crash_at=..., file_size_limit=...)`); with
+    `ready=True`, return once it has found Unleash's API. Any still running when the test
+    ends is killed. Logs are tmp_path/daemon-N.log."""
     started: list[Daemon] = []
 
-    def start(config: Path, **options: Any) -> Daemon:
+    def start(config: Path, *, ready: bool = False, **options: Any) -> Daemon:
         daemon = Daemon(config, tmp_path / f"daemon-{len(started) + 1}.log", **options)
         started.append(daemon)
+        if ready:
+            daemon.wait_log("unleash.api_detected")
         return daemon
 
     yield start
@@ -581,7 +605,7 @@ def test_kill_9_at_any_instant_loses_no_event(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
     capsys: pytest.CaptureFixture[str],
@@ -596,12 +620,10 @@ def test_kill_9_at_any_instant_loses_no_event(
         "features": {"events": ["feature-*"]},
         "production": {"environments": ["production"]},
     }
-    config = make_config(
-        poller_config,
+    config, start = initialised(
         webhooks=[{"name": n, "url": receiver.url(f"{base}/{n}"), **f} for n, f in hooks.items()],
         poll_interval_s=0.2,
     )
-    start = initialise(poller_cli, config)
     state_path = tmp_path / "state.sqlite3"
     db = unleash.db
 
@@ -705,22 +727,19 @@ def test_late_commit_is_delivered_and_rolled_back_id_expires_after_grace(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
     """A late-committing event is delivered; a rolled-back id expires after gap_grace_s; no loss."""
     path = "/" + unique("late")
     grace_s = 3
-    config = make_config(
-        poller_config,
+    config, start = initialised(
         webhooks=[{"name": "all", "url": receiver.url(path)}],
         poll_interval_s=0.2,
         extra_unleash={"gap_grace_s": grace_s},
     )
-    start = initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     db = unleash.db
     with (
         db.open_transaction_inserting_event(feature_name=unique("late")) as late,
@@ -747,8 +766,7 @@ def test_late_commit_is_delivered_and_rolled_back_id_expires_after_grace(
     assert ids_of(got) == [*early, late.id, *later]
     assert sorted(ids_of(got)) == expected
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
 
 
 # --------------------------------------------------------------------------- 3. bursts
@@ -758,7 +776,7 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
@@ -766,15 +784,12 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
     path = "/" + unique("burst")
     db = unleash.db
     with FaultProxy(unleash.url) as proxy:
-        config = make_config(
-            poller_config,
+        config, start = initialised(
             url=proxy.url,
             webhooks=[{"name": "all", "url": receiver.url(path)}],
             poll_interval_s=0.5,
         )
-        start = initialise(poller_cli, config)
-        daemon = spawn(config)
-        daemon.wait_log("unleash.api_detected")
+        daemon = spawn(config, ready=True)
 
         # While the daemon asks for the page at these offsets, insert this many events.
         shifts = {50: 120, 1050: 300}
@@ -796,8 +811,7 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
         assert not shifts, f"the daemon never asked for offsets {sorted(shifts)}"
         got = wait_for_ids(receiver, path, inserted_while_paging, timeout_s=30)
         assert any(r["events"] >= 2500 for r in daemon.logs("cursor.advanced"))
-        daemon.send(signal.SIGTERM)
-        assert daemon.wait() == 0
+        assert daemon.stop() == 0
 
     expected = [e["id"] for e in admin.all_events(after_id=start)]
     assert len(expected) == 2500 + 120 + 300
@@ -814,7 +828,7 @@ def test_unleash_down_or_broken_backs_off_keeps_the_cursor_and_recovers(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
     capsys: pytest.CaptureFixture[str],
@@ -832,16 +846,13 @@ def test_unleash_down_or_broken_backs_off_keeps_the_cursor_and_recovers(
     ]
     db = unleash.db
     with FaultProxy(unleash.url) as proxy:
-        config = make_config(
-            poller_config,
+        config, start = initialised(
             url=proxy.url,
             webhooks=[{"name": "all", "url": receiver.url(path)}],
             poll_interval_s=interval_s,
             extra_unleash={"timeout_s": 1, "backoff_max_s": cap_s},
         )
-        start = initialise(poller_cli, config)
-        daemon = spawn(config)
-        daemon.wait_log("unleash.api_detected")
+        daemon = spawn(config, ready=True)
         wait_for_ids(receiver, path, db.insert_events(3))
 
         backoffs: list[dict[str, Any]] = []
@@ -869,8 +880,7 @@ def test_unleash_down_or_broken_backs_off_keeps_the_cursor_and_recovers(
         assert_stable_webhook_ids(got)
         recovered = daemon.logs("unleash.recovered")
         assert all(r["after_failures"] >= f for r, (_, _, f) in zip(recovered, faults, strict=True))
-        daemon.send(signal.SIGTERM)
-        assert daemon.wait() == 0
+        assert daemon.stop() == 0
 
     # Back-off: "equal jitter" on min(cap, interval * 2^failures), and the daemon really
     # waits what it logs before the next try.
@@ -898,6 +908,7 @@ def test_deleted_token_fails_with_auth_until_a_new_one_is_reloaded_with_sighup(
     admin: AdminClient,
     receiver: Receiver,
     poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
@@ -910,10 +921,8 @@ def test_deleted_token_fails_with_auth_until_a_new_one_is_reloaded_with_sighup(
         "poll_interval_s": 0.2,
         "extra_unleash": {"backoff_max_s": 1},
     }
-    config = make_config(poller_config, token=old_secret, **options)
-    start = initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    config, start = initialised(token=old_secret, **options)
+    daemon = spawn(config, ready=True)
     db = unleash.db
     wait_for_ids(receiver, path, db.insert_events(2))
 
@@ -935,8 +944,7 @@ def test_deleted_token_fails_with_auth_until_a_new_one_is_reloaded_with_sighup(
     got = receiver.requests(path)
     assert ids_of(got) == [e["id"] for e in admin.all_events(after_id=start)]
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
     for secret in (old_secret, new_secret):
         assert secret not in daemon.output()
         assert secret.split(":", 1)[-1] not in daemon.output()
@@ -948,19 +956,17 @@ def test_deleted_token_fails_with_auth_until_a_new_one_is_reloaded_with_sighup(
 def test_failing_webhook_is_retried_once_dead_lettered_and_replayed_in_order(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
     """500s: one retry, a listed dead letter; replay redelivers in order, daemon stopped or not."""
     path = "/" + unique("dead")
     receiver.respond(path, status=500)
-    config = make_config(
-        poller_config, webhooks=[{"name": "down", "url": receiver.url(path)}], poll_interval_s=0.2
+    config, _ = initialised(
+        webhooks=[{"name": "down", "url": receiver.url(path)}], poll_interval_s=0.2
     )
-    initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     ids = unleash.db.insert_events(3)
 
     dead = daemon.wait_log("delivery.dead_lettered", count=3, timeout_s=30)
@@ -981,8 +987,7 @@ def test_failing_webhook_is_retried_once_dead_lettered_and_replayed_in_order(
     ]
     assert status(poller_cli, config)["webhooks"]["down"]["dead_letters"] == 3
 
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
     receiver.reset(path)
     receiver.respond(path, statuses=[200, 404], status=200)
     replay = poller_cli("dead-letters", "replay", "-c", config, expect_exit=1)
@@ -993,8 +998,7 @@ def test_failing_webhook_is_retried_once_dead_lettered_and_replayed_in_order(
     assert reason.startswith("HTTP 404")
 
     receiver.respond(path, status=200)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     handed_back = poller_cli("dead-letters", "replay", "-c", config)
     assert "1 dead letter(s) moved back" in handed_back.stdout
     # No new event arrives to wake the daemon: the handed-back letter must go out anyway.
@@ -1002,30 +1006,25 @@ def test_failing_webhook_is_retried_once_dead_lettered_and_replayed_in_order(
     assert ids_of(got) == [ids[0], ids[1], ids[2], ids[1]]
     assert listed() == []
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
 
 
 def test_retry_after_on_429_and_503_is_honoured(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
 ) -> None:
     """Retry-After (seconds on 429, HTTP date on 503) sets the retry delay, not the schedule."""
     base = "/" + unique("retry-after")
-    config = make_config(
-        poller_config,
+    config, _ = initialised(
         webhooks=[
             {"name": n, "url": receiver.url(f"{base}/{n}"), "retry_schedule_s": [0.2]}
             for n in ("r429", "r503")
         ],
         poll_interval_s=0.2,
     )
-    initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     receiver.respond(f"{base}/r429", statuses=[429], retry_after=2)
     # An HTTP date has whole seconds: 4 s from now is 3 to 4 s after the first attempt.
     in_4_s = email.utils.formatdate(time.time() + 4, usegmt=True)
@@ -1043,23 +1042,20 @@ def test_retry_after_on_429_and_503_is_honoured(
         assert_stable_webhook_ids(got)
     scheduled = daemon.wait_log("delivery.retry_scheduled", count=2)
     assert all(r["retry_in_s"] >= 1.95 for r in scheduled)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
 
 
 def test_a_hung_webhook_never_delays_another(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A never-answering sibling adds no delivery latency to another webhook (< 0.5 s extra)."""
     base = "/" + unique("hung")
     fast, sibling = f"{base}/fast", f"{base}/sibling"
-    config = make_config(
-        poller_config,
+    config, _ = initialised(
         webhooks=[
             {"name": "fast", "url": receiver.url(fast)},
             {"name": "sibling", "url": receiver.url(sibling), "timeout_s": 120},
@@ -1067,13 +1063,11 @@ def test_a_hung_webhook_never_delays_another(
         poll_interval_s=0.1,
         top={"drain_timeout_s": 1},
     )
-    initialise(poller_cli, config)
     rng = random.Random(SEED)
     samples = 12
 
     def latencies() -> list[float]:
-        daemon = spawn(config)
-        daemon.wait_log("unleash.api_detected")
+        daemon = spawn(config, ready=True)
         measured = []
         for _ in range(samples):
             [event_id] = unleash.db.insert_events(1)
@@ -1082,8 +1076,7 @@ def test_a_hung_webhook_never_delays_another(
             [request] = [r for r in got if json.loads(r.body)["id"] == event_id]
             measured.append(request.received_at - committed)
             time.sleep(rng.uniform(0.0, 0.2))  # sample every phase of the poll interval
-        daemon.send(signal.SIGTERM)
-        assert daemon.wait() == 0, daemon.tail()
+        assert daemon.stop() == 0, daemon.tail()
         return measured
 
     healthy = latencies()
@@ -1110,7 +1103,7 @@ def test_state_file_that_cannot_grow_stops_the_daemon_and_a_restart_loses_nothin
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
     tmp_path: Path,
@@ -1118,10 +1111,9 @@ def test_state_file_that_cannot_grow_stops_the_daemon_and_a_restart_loses_nothin
     """EFBIG on the state file: exit 74 naming it; a restart without the limit loses nothing."""
     path = "/" + unique("efbig")
     state_path = tmp_path / "state.sqlite3"
-    config = make_config(
-        poller_config, webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
+    config, start = initialised(
+        webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
     )
-    start = initialise(poller_cli, config)
     db = unleash.db
     db.insert_events(20)
     poller_cli("run", "-c", config, "--once")
@@ -1142,25 +1134,23 @@ def test_state_file_that_cannot_grow_stops_the_daemon_and_a_restart_loses_nothin
     got = wait_for_ids(receiver, path, expected, timeout_s=60)
     assert ids_of(got) == expected
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
 
 
 def test_corrupt_or_truncated_state_file_is_refused_and_never_started_over(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     tmp_path: Path,
 ) -> None:
     """An empty, truncated or corrupt state file: exit 74 naming it, untouched, nothing sent."""
     path = "/" + unique("corrupt")
     state_path = tmp_path / "state.sqlite3"
-    config = make_config(
-        poller_config, webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
+    config, start = initialised(
+        webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
     )
-    start = initialise(poller_cli, config)
     db = unleash.db
     first = db.insert_events(300, data={"padding": "x" * 500})
     poller_cli("run", "-c", config, "--once")
@@ -1201,18 +1191,16 @@ def test_corrupt_or_truncated_state_file_is_refused_and_never_started_over(
 def test_second_daemon_on_the_same_state_file_exits_74_while_the_first_delivers(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
+    initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
     """A second daemon on a state file in use exits 74 clearly; the first keeps delivering."""
     path = "/" + unique("two")
-    config = make_config(
-        poller_config, webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
+    config, _ = initialised(
+        webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.2
     )
-    initialise(poller_cli, config)
-    first = spawn(config)
-    first.wait_log("unleash.api_detected")
+    first = spawn(config, ready=True)
     wait_for_ids(receiver, path, unleash.db.insert_events(2))
 
     second = spawn(config)
@@ -1225,8 +1213,7 @@ def test_second_daemon_on_the_same_state_file_exits_74_while_the_first_delivers(
     later = unleash.db.insert_events(2)
     got = wait_for_ids(receiver, path, later)
     assert len(got) == len(set(ids_of(got))) == 4
-    first.send(signal.SIGTERM)
-    assert first.wait() == 0
+    assert first.stop() == 0
 
 
 # --------------------------------------------------------------------------- 8. shutdown
@@ -1235,22 +1222,18 @@ def test_second_daemon_on_the_same_state_file_exits_74_while_the_first_delivers(
 def test_sigterm_drains_the_in_flight_delivery_and_the_rest_goes_out_after_restart(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
 ) -> None:
     """SIGTERM lets the slow in-flight delivery finish, exits 0; the rest goes out after restart."""
     path = "/" + unique("drain")
     receiver.respond(path, delay_s=1.5)
-    config = make_config(
-        poller_config,
+    config, _ = initialised(
         webhooks=[{"name": "slow", "url": receiver.url(path)}],
         poll_interval_s=0.2,
         top={"drain_timeout_s": 5},
     )
-    initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     ids = unleash.db.insert_events(4)
     receiver.wait_for(1, path, timeout_s=10)
 
@@ -1269,29 +1252,24 @@ def test_sigterm_drains_the_in_flight_delivery_and_the_rest_goes_out_after_resta
     got = wait_for_ids(receiver, path, ids)
     assert ids_of(got) == ids  # the drained one was marked: not sent again
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
 
 
 def test_a_second_sigterm_exits_at_once_and_the_event_is_redelivered(
     unleash: UnleashServer,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
 ) -> None:
     """A second SIGTERM exits at once; the interrupted event is redelivered, same webhook-id."""
     path = "/" + unique("forced")
     receiver.respond(path, delay_s=60)
-    config = make_config(
-        poller_config,
+    config, _ = initialised(
         webhooks=[{"name": "stuck", "url": receiver.url(path), "timeout_s": 120}],
         poll_interval_s=0.2,
         top={"drain_timeout_s": 30},
     )
-    initialise(poller_cli, config)
-    daemon = spawn(config)
-    daemon.wait_log("unleash.api_detected")
+    daemon = spawn(config, ready=True)
     [event_id] = unleash.db.insert_events(1)
     receiver.wait_for(1, path, timeout_s=10)
 
@@ -1310,5 +1288,4 @@ def test_a_second_sigterm_exits_at_once_and_the_event_is_redelivered(
     got = receiver.wait_for(2, path, timeout_s=10)
     assert ids_of(got) == [event_id, event_id]
     assert_stable_webhook_ids(got)
-    daemon.send(signal.SIGTERM)
-    assert daemon.wait() == 0
+    assert daemon.stop() == 0
