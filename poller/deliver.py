@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import email.utils
 import functools
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import aiohttp
@@ -40,17 +41,61 @@ class Outcome:
     delay_s: float = 0.0
 
 
-def _retry_after_s(value: str | None, now: float) -> float | None:
+_DELAY_SECONDS = re.compile(r"[0-9]+", re.ASCII)
+_DAYS = "(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+_LONG_DAYS = "(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday)"
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(?P<month>" + "|".join(_MONTHS) + ")"
+_TIME = "(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
+# RFC 9110 section 5.6.7: IMF-fixdate, and the two obsolete forms a recipient must accept.
+_HTTP_DATES = (
+    re.compile(rf"{_DAYS}, (?P<day>[0-9]{{2}}) {_MONTH} (?P<year>[0-9]{{4}}) {_TIME} GMT", re.A),
+    re.compile(rf"{_LONG_DAYS}, (?P<day>[0-9]{{2}})-{_MONTH}-(?P<yy>[0-9]{{2}}) {_TIME} GMT", re.A),
+    re.compile(rf"{_DAYS} {_MONTH} (?P<day>[ 0-9][0-9]) {_TIME} (?P<year>[0-9]{{4}})", re.A),
+)
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """The wait a `Retry-After` header asks for, capped at RETRY_AFTER_MAX_S, or None when
+    it is neither delay-seconds (ASCII digits only) nor an HTTP date. A receiver's header
+    is untrusted: anything else is ignored, never an error."""
     if not value:
         return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    value = value.strip(" \t")
+    if _DELAY_SECONDS.fullmatch(value):
+        # More digits than a float holds exactly (or than int() takes) is "very long".
+        return RETRY_AFTER_MAX_S if len(value) > 9 else min(float(value), RETRY_AFTER_MAX_S)
+    when = _http_date(value)
+    if when is None:
         return None
-    return max(0.0, when.timestamp() - now)
+    return min(max(0.0, when - now), RETRY_AFTER_MAX_S)
+
+
+def _http_date(value: str) -> float | None:
+    for form in _HTTP_DATES:
+        match = form.fullmatch(value)
+        if match is None:
+            continue
+        fields = match.groupdict()
+        # A two-digit year (RFC 850): RFC 9110 reads it within 50 years of now; this
+        # century's 1970-2069 window is that for as long as this code will run.
+        year = int(fields["year"]) if fields.get("year") else 1900 + int(fields["yy"])
+        if not fields.get("year") and year < 1970:
+            year += 100
+        try:
+            moment = datetime(
+                year,
+                _MONTHS.index(fields["month"]) + 1,
+                int(fields["day"]),
+                int(fields["hour"]),
+                int(fields["minute"]),
+                int(fields["second"]),
+                tzinfo=UTC,
+            )
+        except ValueError:  # 31 February, hour 25, year 0
+            return None
+        return moment.timestamp()
+    return None
 
 
 @functools.cache
@@ -88,7 +133,7 @@ def decide(
         return Outcome("give_up", f"{reason} after {attempts_made} {tries}")
     delay = delays[retries_done] * (1.0 + 0.2 * jitter)
     if attempt.status in (429, 503):
-        asked = _retry_after_s(attempt.retry_after, now)
+        asked = retry_after_s(attempt.retry_after, now)
         if asked is not None:
             delay = min(max(delay, asked), RETRY_AFTER_MAX_S)
     return Outcome("retry", reason, delay)
