@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 
 import pytest
@@ -84,11 +85,8 @@ def test_retry_after_reads_any_ascii_number(header: str) -> None:
 
 @PROPS
 @given(st.datetimes(timezones=st.none()), st.sampled_from(["imf", "rfc850", "asctime"]))
-def test_retry_after_reads_every_date_it_could_be_sent(when: object, form: str) -> None:
+def test_retry_after_reads_every_date_it_could_be_sent(when: dt.datetime, form: str) -> None:
     """Any date written in any of the three HTTP-date forms is read back to the second."""
-    import datetime as dt  # noqa: PLC0415
-
-    assert isinstance(when, dt.datetime)
     when = when.replace(microsecond=0, tzinfo=dt.UTC)
     if form == "rfc850":
         if not 1970 <= when.year <= 2069:
