@@ -10,6 +10,7 @@ are almost always rolled-back transactions).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,8 +33,21 @@ PROGRESS_EVERY_PAGES = 10
 log = get_logger()
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dump(event: Event) -> str:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    """The event as JSON text for the state file. A JavaScript string may hold a lone
+    surrogate (valid JSON, `"\\ud800"`), which UTF-8 cannot carry: it is written as a
+    `\\uXXXX` escape, as JSON.stringify writes it, and reads back as the same string."""
+    text = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Outside strings JSON text is ASCII, so every surrogate sits inside one.
+            text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text
 
 
 @dataclass

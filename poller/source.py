@@ -40,6 +40,7 @@ class UnleashError(Exception):
 
 
 POST_SEARCH_MAX_LIMIT = 100  # Unleash 5.x answers 400 to a larger page
+_REFUSALS_REMEMBERED = 10000  # refused entries not logged twice (bounded memory)
 
 
 @dataclass(frozen=True)
@@ -69,25 +70,75 @@ class Capabilities:
         )
 
 
+# Unleash is a JavaScript server: an id above Number.MAX_SAFE_INTEGER cannot come from it
+# exactly (and SQLite, the state file, stops at 2**63 - 1).
+MAX_EVENT_ID = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class Refused:
+    """An entry of a page that is not an event we can take in; the rest of the page is."""
+
+    index: int
+    id: str  # the id as it came (shortened), or "?" when there is none
+    reason: str
+
+
 @dataclass(frozen=True)
 class Page:
     events: list[Event]
     total: int | None
     skipped: int = 0  # events Unleash failed to serve (see UnleashSource.read)
+    refused: tuple[Refused, ...] = ()
+
+    @property
+    def served(self) -> int:
+        """How many entries the server answered: what the next page's offset moves by."""
+        return len(self.events) + self.skipped + len(self.refused)
 
 
-def _check_event(raw: object, index: int) -> Event:
+def _shown(value: object) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_event(raw: object, index: int) -> Event | Refused:
+    """An entry of the page as an event, or why it cannot be one. One bad entry is refused
+    on its own: refusing the page would stall every event behind it, on every poll."""
     if not isinstance(raw, dict):
-        raise UnleashError("bad_response", f"event #{index} of the page is not an object")
-    event_id = raw.get("id")
-    if not isinstance(event_id, int) or isinstance(event_id, bool) or event_id < 0:
-        raise UnleashError("bad_response", f"event #{index} of the page has no integer id")
-    if not isinstance(raw.get("type"), str):
-        raise UnleashError("bad_response", f"event {event_id} has no string type")
-    return raw
+        return Refused(index, "?", f"entry #{index} of the page is not an object")
+    if "id" not in raw:
+        return Refused(index, "?", f"entry #{index} of the page has no id")
+    problem = _id_problem(raw["id"])
+    if problem is None and not isinstance(raw.get("type"), str):
+        problem = "its type is not a string"
+    return raw if problem is None else Refused(index, _shown(raw["id"]), problem)
 
 
-_EVENT_ID = re.compile(r'\{\s*"id"\s*:\s*(\d+)')
+def _id_problem(event_id: object) -> str | None:
+    if not isinstance(event_id, int) or isinstance(event_id, bool):
+        return "its id is not an integer"
+    if event_id < 0:
+        return "its id is negative"
+    if event_id > MAX_EVENT_ID:
+        return "its id is above 2**53 - 1, more than a JavaScript server can send"
+    return None
+
+
+def _checked(entries: list[object], total: int | None) -> Page:
+    events: list[Event] = []
+    refused: list[Refused] = []
+    for index, entry in enumerate(entries):
+        checked = _check_event(entry, index)
+        if isinstance(checked, Refused):
+            refused.append(checked)
+        else:
+            events.append(checked)
+    return Page(events, total, refused=tuple(refused))
+
+
+_EVENT_ID = re.compile(r'\{\s*"id"\s*:\s*(-?\d+)')
+_MAX_ID_DIGITS = 20  # int() refuses thousands of digits; no event id is that long
 
 
 def _skip_value(text: str, pos: int) -> int:
@@ -123,7 +174,7 @@ def _parse_deep_page(text: str, total_key: str) -> Page:
     start = text.find("[", start) if start >= 0 else -1
     if start < 0:
         raise UnleashError("bad_response", "answer has no 'events' list")
-    decoder = json.JSONDecoder()
+    decoder = _DECODER
     events: list[object] = []
     pos = start + 1
     while True:
@@ -139,8 +190,10 @@ def _parse_deep_page(text: str, total_key: str) -> Page:
                 raise UnleashError(
                     "bad_response", "an event is nested too deeply to read and has no leading id"
                 ) from None
+            digits = match[1]
             event = {
-                "id": int(match[1]),
+                # Too many digits stays text, so the check below refuses it by name.
+                "id": int(digits) if len(digits) <= _MAX_ID_DIGITS else digits,
                 "type": "unreadable",
                 UNREADABLE: f"its JSON is nested too deeply ({end - pos} bytes)",
             }
@@ -151,10 +204,8 @@ def _parse_deep_page(text: str, total_key: str) -> Page:
         pos = _skip_space(text, pos)
         if text.startswith(",", pos):
             pos += 1
-    total = re.search(rf'"{total_key}"\s*:\s*(\d+)', text[pos:])
-    return Page(
-        [_check_event(e, i) for i, e in enumerate(events)], int(total[1]) if total else None
-    )
+    total = re.search(rf'"{total_key}"\s*:\s*(\d{{1,{_MAX_ID_DIGITS}}})\b', text[pos:])
+    return _checked(events, int(total[1]) if total else None)
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -163,12 +214,27 @@ def _skip_space(text: str, pos: int) -> int:
     return pos
 
 
+def _js_number(digits: str) -> int | float:
+    """An integer literal as JavaScript's JSON.parse reads it when Python's int() will not
+    (thousands of digits): a double, possibly Infinity, which JSON.stringify writes as null."""
+    return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
+
+
+_MAX_INT_DIGITS = 4000  # below sys.get_int_max_str_digits()'s default of 4300
+_DECODER = json.JSONDecoder(parse_int=_js_number)
+
+
 def _parse_page(body: bytes, total_key: str) -> Page:
     try:
-        data = json.loads(body)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            # Perhaps an integer too long for int(): parse again, reading numbers as
+            # JavaScript does. Only bad answers pay for the slower second parse.
+            data = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         return _parse_deep_page(body.decode("utf-8", "replace"), total_key)
-    except (ValueError, UnicodeDecodeError):
+    except ValueError:  # UnicodeDecodeError included
         snippet = body[:80].decode("utf-8", "replace")
         raise UnleashError("bad_response", f"answer is not JSON (starts {snippet!r})") from None
     if not isinstance(data, dict) or not isinstance(data.get("events"), list):
@@ -176,7 +242,9 @@ def _parse_page(body: bytes, total_key: str) -> Page:
     total = data.get(total_key)
     if total is not None and (not isinstance(total, int) or isinstance(total, bool)):
         raise UnleashError("bad_response", f"answer's '{total_key}' is not an integer")
-    return Page([_check_event(e, i) for i, e in enumerate(data["events"])], total)
+    if total is not None and total < 0:
+        raise UnleashError("bad_response", f"answer's '{total_key}' is negative")
+    return _checked(data["events"], total)
 
 
 class UnleashSource:
@@ -185,6 +253,8 @@ class UnleashSource:
         self._etag: str | None = None
         self._reads = 0
         self.unreadable = 0
+        self.refused = 0
+        self._refused_seen: set[tuple[str, str]] = set()
         self.capabilities = Capabilities("search", id_filter=True)
         self.reconfigure(config)
 
@@ -329,7 +399,11 @@ class UnleashSource:
 
     async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
         """Pages newest first until the log ends; the caller stops when it has enough.
-        The first page is small, so a poll that finds one new event stays cheap."""
+        The first page is small, so a poll that finds one new event stays cheap.
+
+        A page may hold fewer events than asked for (Unleash 8.2.0 answers a limit over
+        1000 with 50; a proxy may cap pages), so a short page is not the end: the log is
+        read when the server's `total` is reached, or a page comes back empty."""
         if self.capabilities.api == "post-search":
             limit = min(limit, POST_SEARCH_MAX_LIMIT)
         if not self.capabilities.id_filter:
@@ -341,14 +415,33 @@ class UnleashSource:
             limit = max(1, limit - self._reads % 5)
             first_limit = limit
         offset, size = 0, first_limit
+        previous: list[object] | None = None
         while True:
             page = await self.read(offset, size)
+            if page.served == 0 and page.total is not None and page.total > offset:
+                # Unleash answers an empty list when its database fails: no proof of an end.
+                raise UnleashError(
+                    "bad_response",
+                    f"the page at offset {offset} came back empty, but the server says it "
+                    f"holds {page.total} events",
+                )
+            ids = [e["id"] for e in page.events]
+            if offset > 0 and ids and ids == previous:
+                raise UnleashError(
+                    "bad_response",
+                    f"the page at offset {offset} repeats the previous page (ids "
+                    f"{ids[0]}..{ids[-1]}): the server or a proxy ignores `offset`, so the "
+                    "log cannot be read past its first page",
+                )
             yield page
-            served = len(page.events) + page.skipped
-            if served < size or self.capabilities.api == "legacy":
+            offset += page.served
+            if (
+                page.served == 0
+                or self.capabilities.api == "legacy"
+                or (page.total is not None and offset >= page.total)
+            ):
                 return
-            offset += served
-            size = limit
+            previous, size = ids, limit
 
     async def read(self, offset: int, size: int) -> Page:
         """A page, stepping around single events Unleash cannot serve.
@@ -378,8 +471,9 @@ class UnleashSource:
         second = await self.read(offset + half, size - half)
         return Page(
             first.events + second.events,
-            first.total or second.total,
+            first.total if first.total is not None else second.total,
             first.skipped + second.skipped,
+            first.refused + second.refused,
         )
 
     async def fetch_ids(self, ids: Sequence[int]) -> tuple[list[Event], list[int]]:
@@ -441,11 +535,30 @@ class UnleashSource:
             return False
         return True
 
-    @staticmethod
-    def _ok(status: int, body: bytes, path: str, total_key: str) -> Page:
+    def _ok(self, status: int, body: bytes, path: str, total_key: str) -> Page:
         if status != 200:
             raise UnleashError("bad_response", f"{path}: unexpected status {status}")
-        return _parse_page(body, total_key)
+        page = _parse_page(body, total_key)
+        for entry in page.refused:
+            self._refuse(entry)
+        return page
+
+    def _refuse(self, entry: Refused) -> None:
+        """One error line per refused entry; an entry read again by a later poll (or a gap
+        re-check) is not logged again."""
+        key = (entry.id, entry.reason)
+        if key in self._refused_seen:
+            return
+        if len(self._refused_seen) < _REFUSALS_REMEMBERED:
+            self._refused_seen.add(key)
+        self.refused += 1
+        log.error(
+            "poll.event_refused",
+            id=entry.id,
+            reason=entry.reason,
+            detail="this entry of Unleash's answer cannot be taken in as an event; it is "
+            "skipped and the events around it flow on",
+        )
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:

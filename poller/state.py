@@ -324,7 +324,7 @@ class State:
             conn.execute(
                 "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
                 "WHERE webhook = ? AND event_id = ?",
-                (attempts, next_attempt_at, error, webhook, event_id),
+                (attempts, next_attempt_at, _storable(error), webhook, event_id),
             )
 
     def dead_letter(
@@ -336,7 +336,7 @@ class State:
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letters "
                 "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
-                (webhook, event_id, attempts, reason, now),
+                (webhook, event_id, attempts, _storable(reason), now),
             )
             conn.execute(
                 "DELETE FROM outbox WHERE webhook = ? AND event_id = ?", (webhook, event_id)
@@ -417,6 +417,14 @@ class IngestBatch:
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
         )
         self.finished = True
+
+
+def _storable(text: str) -> str:
+    """An error text as SQLite can store it: a receiver's or aiohttp's text may carry lone
+    surrogates (undecodable bytes), which UTF-8 cannot; they become `\\udcxx` escapes."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _statements(script: str) -> list[str]:

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
+from yarl import URL
 
 from poller.config import Secret, UnleashConfig
 from poller.render import UNREADABLE
@@ -48,20 +49,17 @@ def _error(call: Callable[[UnleashSource], Awaitable[object]]) -> UnleashError:
         (503, "", "server", "server error 503"),
         (200, "<html>", "bad_response", "answer is not JSON (starts '<html>')"),
         (200, '{"total": 3}', "bad_response", "answer has no 'events' list"),
-        (
-            200,
-            '{"events": [{"type": "x"}]}',
-            "bad_response",
-            "event #0 of the page has no integer id",
-        ),
-        (200, '{"events": [{"id": "7", "type": "x"}]}', "bad_response", "no integer id"),
-        (200, '{"events": [{"id": 7}]}', "bad_response", "event 7 has no string type"),
         (200, '{"events": [], "total": "many"}', "bad_response", "'total' is not an integer"),
+        (200, '{"events": [], "total": -1}', "bad_response", "'total' is negative"),
+        (200, '{"events": {"id": 1}}', "bad_response", "answer has no 'events' list"),
+        (200, '[{"id": 1, "type": "x"}]', "bad_response", "answer has no 'events' list"),
+        (200, b'{"events": ["\xff"]}', "bad_response", "answer is not JSON"),
+        (200, '{"events": [], "total": ' + "9" * 5000 + "}", "bad_response", "not an integer"),
         (418, "{}", "bad_response", "unexpected status 418"),
     ],
 )
 def test_bad_answers_become_one_clear_error(
-    status: int, body: str, kind: str, message: str
+    status: int, body: str | bytes, kind: str, message: str
 ) -> None:
     """Each kind of bad answer is an UnleashError with a kind and a readable sentence."""
     with aioresponses() as mocked:
@@ -250,3 +248,109 @@ def test_gap_recheck_separates_ids_unleash_cannot_serve() -> None:
         found, failing = _run(lambda s: s.fetch_ids([3, 5]))
     assert [e["id"] for e in found] == [3]
     assert failing == [5]
+
+
+@pytest.mark.parametrize(
+    ("entry", "shown", "reason"),
+    [
+        ({"id": 2**63, "type": "x"}, "9223372036854775808", "above 2**53 - 1"),
+        ({"id": 2**53, "type": "x"}, "9007199254740992", "above 2**53 - 1"),
+        ({"id": -1, "type": "x"}, "-1", "negative"),
+        ({"id": True, "type": "x"}, "true", "not an integer"),
+        ({"id": 5.0, "type": "x"}, "5.0", "not an integer"),
+        ({"id": "7", "type": "x"}, '"7"', "not an integer"),
+        ({"id": 7}, "7", "type is not a string"),
+        ({"id": 7, "type": ["x"]}, "7", "type is not a string"),
+        ({"type": "x"}, "?", "has no id"),
+        ("event", "?", "not an object"),
+        (None, "?", "not an object"),
+    ],
+)
+def test_a_bad_entry_is_refused_alone(entry: object, shown: str, reason: str) -> None:
+    """An entry that is not a usable event is refused by name; its neighbours are read."""
+    body = {"events": [{"id": 9, "type": "a"}, entry, {"id": 7, "type": "b"}], "total": 3}
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, payload=body)
+        page = _run(lambda s: s.page(0, 10))
+    assert [e["id"] for e in page.events] == [9, 7]
+    assert len(page.refused) == 1
+    assert page.refused[0].index == 1
+    assert page.refused[0].id == shown
+    assert reason in page.refused[0].reason
+    assert page.served == 3
+
+
+def test_a_huge_id_in_a_too_deep_event_is_refused_not_a_crash() -> None:
+    """An event too deep to parse whose id has thousands of digits is refused by name."""
+    deep = '{"id": ' + "9" * 5000 + ', "type": "x", "data": ' + "[" * 5000 + "]" * 5000 + "}"
+    body = '{"events": [' + deep + ', {"id": 7, "type": "b"}], "total": 2}'
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, body=body)
+        page = _run(lambda s: s.page(0, 10))
+    assert [e["id"] for e in page.events] == [7]
+    assert page.refused[0].id.startswith('"999')
+    assert page.total == 2
+
+
+def _serve_log(
+    count: int, cap: int, *, ignore_offset: bool = False, total: bool = True
+) -> tuple[Callable[..., CallbackResult], list[tuple[int, int]]]:
+    """A fake search endpoint over ids 1..count, newest first, that never answers more than
+    `cap` events a page (a proxy's cap, or Unleash 8.2.0 on limit > 1000)."""
+    asked: list[tuple[int, int]] = []
+
+    def answer(url: URL, **kwargs: object) -> CallbackResult:
+        params = kwargs.get("params") or {}
+        assert isinstance(params, dict)
+        limit, offset = int(params.get("limit", 50)), int(params.get("offset", 0))
+        asked.append((offset, limit))
+        start = 0 if ignore_offset else offset
+        ids = list(range(count - start, max(0, count - start - min(limit, cap)), -1))
+        payload: dict[str, object] = {"events": [{"id": i, "type": "a"} for i in ids]}
+        if total:
+            payload["total"] = count
+        return CallbackResult(payload=payload)
+
+    return answer, asked
+
+
+def _read_all(source: UnleashSource) -> Awaitable[list[int]]:
+    async def read() -> list[int]:
+        return [int(e["id"]) async for p in source.pages(50, 1000) for e in p.events]  # type: ignore[call-overload]
+
+    return read()
+
+
+@pytest.mark.parametrize("total", [True, False])
+def test_pages_capped_by_a_proxy_are_read_to_the_end(total: bool) -> None:
+    """Pages shorter than asked are not the end of the log: every id is read, by what came
+    back and `total` (or, without one, until an empty page)."""
+    answer, asked = _serve_log(2000, cap=100, total=total)
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, callback=answer, repeat=True)
+        ids = _run(_read_all)
+    assert ids == list(range(2000, 0, -1))
+    assert asked[:3] == [(0, 50), (50, 1000), (150, 1000)]
+    assert len(asked) == 21 + (0 if total else 1)  # 50, then 1950 in pages of 100
+
+
+def test_a_server_that_ignores_offset_is_one_clear_error() -> None:
+    """Pages that repeat the previous one stop the read with one error, not an endless loop."""
+    answer, asked = _serve_log(5000, cap=1000, ignore_offset=True, total=False)
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, callback=answer, repeat=True)
+        error = _error(_read_all)
+    assert error.kind == "bad_response"
+    assert "repeats the previous page" in str(error)
+    assert "ignores `offset`" in str(error)
+    assert len(asked) == 3
+
+
+def test_an_empty_page_before_the_total_is_an_error() -> None:
+    """An empty page while `total` says more exist (Unleash's answer on a database error)
+    is an error to retry, not the end of the log."""
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, payload=_events(9, 8))
+        mocked.get(SEARCH, payload={"events": [], "total": 9})
+        error = _error(_read_all)
+    assert "came back empty, but the server says it holds 9 events" in str(error)
