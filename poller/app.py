@@ -415,6 +415,9 @@ class App:
                     failures=failures,
                     retry_in_s=round(delay, 2),
                 )
+            # A state file deleted or replaced under us: stop (exit 74) rather than keep
+            # writing to a file the next start will not find.
+            self.state.check_in_place()
             if self.state.written_elsewhere():
                 self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
             next_gap = ingest.next_gap_check()

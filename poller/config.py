@@ -68,6 +68,9 @@ class UnleashConfig:
     gap_grace_s: float = 300.0
     backoff_max_s: float = 60.0
     max_page_bytes: int = 32 * 1024 * 1024
+    # The cheap probe trusts a 304; a proxy that answers 304 to every probe would hide new
+    # events for good, so the log is also read without it at least this often.
+    full_read_interval_s: float = 60.0
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     proxy: str | None = field(default=None, repr=False)
 
@@ -290,6 +293,7 @@ _UNLEASH_KEYS = _TLS_KEYS | {
     "gap_grace_s",
     "backoff_max_s",
     "max_page_bytes",
+    "full_read_interval_s",
 }
 _WEBHOOK_KEYS = _TLS_KEYS | {
     "name",
@@ -410,6 +414,9 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
         backoff_max_s=check.get(table, "unleash", "backoff_max_s", (int, float), 60.0, _positive),
         max_page_bytes=check.get(
             table, "unleash", "max_page_bytes", int, 32 * 1024 * 1024, _between(64 * 1024, 1024**3)
+        ),
+        full_read_interval_s=check.get(
+            table, "unleash", "full_read_interval_s", (int, float), 60.0, _positive
         ),
         ssl_context=_tls(check, table, "unleash", base),
         proxy=proxy_for(url, None, trust_env) if url else None,

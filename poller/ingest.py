@@ -57,9 +57,11 @@ class Ingest:
     source: UnleashSource
     wake: Callable[[set[str]], None]
     metrics: MetricsSink = field(default_factory=NullMetrics)
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         self.last_poll_ok_at = 0.0  # Unix time; 0 until Unleash first answers
+        self._full_read_at = self.clock()
         self.high_water = self.state.high_water()
         self.gaps: dict[int, Gap] = {g.id: g for g in self.state.gaps()}
         self._filters = [(h.name, _filter(h)) for h in self.config.webhooks]
@@ -88,9 +90,24 @@ class Ingest:
     async def poll(self, *, force: bool = False) -> int:
         """Take in every event newer than the cursor; return how many were new."""
         high = self.high_water if self.high_water is not None else await self._initialise()
-        if not force and not await self.source.changed():
+        overdue = self.clock() - self._full_read_at >= self.config.unleash.full_read_interval_s
+        unchanged = not force and not await self.source.changed()
+        if unchanged and not overdue:
             self.last_poll_ok_at = time.time()
             return 0
+        self._full_read_at = self.clock()
+        new = await self._read(high)
+        if unchanged and new:
+            log.warning(
+                "poll.probe_missed_events",
+                new_events=new,
+                detail="the If-None-Match probe said nothing changed, yet the read made "
+                "every full_read_interval_s found new events: a proxy or server that "
+                "answers 304 wrongly delays them by up to that interval",
+            )
+        return new
+
+    async def _read(self, high: int) -> int:
         collected: dict[int, Event] = {}
         staged = 0
         reached_known = False

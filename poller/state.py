@@ -139,6 +139,7 @@ class State:
         self._conn = conn
         self._lock_fd = lock_fd
         self._data_version: int | None = None
+        self._identity = _identity(path)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -183,6 +184,20 @@ class State:
                     "DELETE FROM events WHERE id NOT IN (SELECT event_id FROM outbox) "
                     "AND id NOT IN (SELECT event_id FROM dead_letters)"
                 )
+
+    def check_in_place(self) -> None:
+        """Raise StateError when the file at `path` is no longer the one this connection
+        writes (deleted, or replaced by another file): writing on would lose everything
+        at the next start, which would find a different state."""
+        now = _identity(self.path)
+        if now == self._identity:
+            return
+        what = "deleted" if now is None else "replaced by another file"
+        raise StateError(
+            f"{self.path}: the state file was {what} while the daemon ran; stopped. "
+            "Restore it from a backup, or start again on a fresh state file: with "
+            'start_from = "latest" that does not re-send old events'
+        )
 
     def written_elsewhere(self) -> bool:
         """Whether another connection (a `dead-letters replay` beside the daemon) committed
@@ -417,6 +432,14 @@ class IngestBatch:
             "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
         )
         self.finished = True
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _storable(text: str) -> str:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
+from aioresponses import CallbackResult, aioresponses
 
 from poller import __version__
+from poller.cli import main
 from poller.state import State
 
 EVENT = {
@@ -172,3 +179,47 @@ def test_missing_config_file(tmp_path: Path) -> None:
     assert result.returncode == 78
     missing = tmp_path / "nope.toml"
     assert result.stderr.strip() == f"{missing}: cannot read: No such file or directory"
+
+
+def test_a_state_file_deleted_while_running_stops_the_daemon_with_74(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Deleting the state file under a running daemon stops it with exit 74 and one line
+    that says what happened and that a fresh start on `latest` does not flood."""
+    config = tmp_path / "c.toml"
+    state_path = tmp_path / "s.sqlite3"
+    config.write_text(f"""
+[unleash]
+url = "http://unleash.test"
+token = "t"
+poll_interval_s = 0.05
+[state]
+path = "{state_path}"
+[[webhooks]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+""")
+    config.chmod(0o600)
+    probes = []
+
+    def answer(url: object, **kwargs: Any) -> CallbackResult:
+        if kwargs["params"] == {"limit": "1"}:
+            probes.append(url)
+            if len(probes) == 3:
+                state_path.unlink()
+            if len(probes) == 50:  # not noticed: stop it, so the test fails instead of hanging
+                os.kill(os.getpid(), signal.SIGTERM)
+        return CallbackResult(payload={"events": [{"id": 1, "type": "a"}], "total": 1})
+
+    logging = structlog.get_config()
+    try:
+        with aioresponses() as mocked:
+            mocked.get(re.compile(r"^http://unleash\.test/.*"), callback=answer, repeat=True)
+            code = main(["run", "-c", str(config)])
+    finally:
+        structlog.configure(**logging)  # run pointed it at this test's captured stderr
+    assert code == 74
+    assert len(probes) == 3
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"unleash-poller: {state_path}: the state file was deleted")
+    assert 'start_from = "latest" that does not re-send old events' in last

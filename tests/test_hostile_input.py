@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
 
 from poller.app import make_session
 from poller.config import Config, parse_config
@@ -119,3 +120,50 @@ def test_an_id_out_of_range_is_refused_and_its_neighbours_flow(
     assert refused[0]["id"] == json.dumps(bad_id)
     assert refused[0]["log_level"] == "error"
     assert refused[0]["reason"]
+
+
+def test_a_burst_read_through_pages_capped_at_100_is_taken_in_whole(tmp_path: Path) -> None:
+    """A proxy that caps pages at 100 while 12,000 new events wait: every one is taken in
+    (before, a short page ended the read and all but 10,150 of 20,000 were given up)."""
+    config = parse_config(
+        tomllib.loads("""
+[unleash]
+url = "http://unleash.test"
+token = "t"
+start_from = 10
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+"""),
+        tmp_path,
+    )
+    newest = 12_010
+
+    def answer(url: object, **kwargs: object) -> CallbackResult:
+        params = kwargs["params"]
+        assert isinstance(params, dict)
+        offset, limit = int(params.get("offset", 0)), min(int(params["limit"]), 100)
+        ids = range(newest - offset, max(0, newest - offset - limit), -1)
+        return CallbackResult(
+            body="{"
+            + f'"events": [{", ".join(_event(i, "f") for i in ids)}]'
+            + f', "total": {newest}}}'
+        )
+
+    async def poll() -> State:
+        state = State.open(config.state.path)
+        async with make_session(config) as session:
+            ingest = Ingest(config, state, UnleashSource(session, config.unleash), lambda h: None)
+            with aioresponses() as mocked:
+                mocked.get(re.compile(f"^{SEARCH}.*"), callback=answer, repeat=True)
+                await ingest.poll(force=True)
+        return state
+
+    with structlog.testing.capture_logs() as logs:
+        state = asyncio.run(poll())
+    assert state.high_water() == newest
+    assert [p.event_id for p in state.next_pending("a", 20_000)] == list(range(11, newest + 1))
+    assert state.gaps() == []
+    assert not [line for line in logs if line["event"] == "gap.too_large"]

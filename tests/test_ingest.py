@@ -272,3 +272,40 @@ def test_without_id_filter_late_ids_are_found_by_reading_deeper(
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == list(range(2, 40))
     assert state.gaps() == []
+
+
+class StaleProbeLog(FakeLog):
+    """A server (or proxy) that answers 304 to every probe, whatever was added."""
+
+    probes = 0
+
+    async def changed(self) -> bool:
+        self.probes += 1
+        return False
+
+
+def test_a_probe_that_always_says_unchanged_cannot_hide_events(tmp_path: Path) -> None:
+    """With every probe answered 304, new events are still read within
+    full_read_interval_s, with a warning that the probe missed them."""
+    log = StaleProbeLog()
+    log.add(1, 2)
+    now = [1000.0]
+    state = State.open(tmp_path / "s.sqlite3")
+    config = _config(tmp_path, extra="")
+    ingest = Ingest(config, state, log, lambda hooks: None, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert config.unleash.full_read_interval_s == 60.0
+    asyncio.run(ingest.poll())  # `latest`: the cursor starts at 2
+    log.add(3)
+    now[0] += 59.0
+    assert asyncio.run(ingest.poll()) == 0  # trusted: the probe said nothing changed
+    now[0] += 1.0
+    with capture_logs() as logs:
+        assert asyncio.run(ingest.poll()) == 1
+    assert _pending(state, "all") == [3]
+    assert [line["event"] for line in logs if line["log_level"] == "warning"] == [
+        "poll.probe_missed_events"
+    ]
+    log.add(4)
+    now[0] += 30.0
+    assert asyncio.run(ingest.poll()) == 0  # the interval counts from the last full read
+    assert log.probes == 4

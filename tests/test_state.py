@@ -208,3 +208,41 @@ def test_staging_is_discarded_on_open(tmp_path: Path) -> None:
         assert list(state.staged()) == []
     finally:
         state.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_state_file_deleted_or_replaced_under_the_daemon_is_noticed(
+    tmp_path: Path, how: str
+) -> None:
+    """check_in_place raises one clear StateError once the path is no longer this file."""
+    state = _open(tmp_path)
+    try:
+        state.check_in_place()  # untouched: fine
+        if how == "deleted":
+            state.path.unlink()
+        else:
+            other = _open(tmp_path / "other", lock=False)
+            other.close()
+            os.replace(other.path, state.path)
+        with pytest.raises(StateError) as info:
+            state.check_in_place()
+    finally:
+        state.close()
+    message = str(info.value)
+    assert message.startswith(f"{state.path}: the state file was {how}")
+    assert 'start_from = "latest" that does not re-send old events' in message
+    assert "\n" not in message
+
+
+def test_error_texts_with_lone_surrogates_are_stored(tmp_path: Path) -> None:
+    """A retry or dead-letter reason holding undecodable bytes (lone surrogates) is stored
+    escaped instead of failing the transaction."""
+    state = _open(tmp_path)
+    try:
+        state.ingest([(1, '{"id":1}'), (2, '{"id":2}')], [("a", 1), ("a", 2)], 2)
+        state.retry_later("a", 1, 1, 0.0, "bad header \udcff")
+        state.dead_letter("a", 2, 3, "HTTP 400 \ud800 ü")
+        letter = state.dead_letters("a")[0]
+    finally:
+        state.close()
+    assert letter.reason == "HTTP 400 \\ud800 ü"
