@@ -57,9 +57,10 @@ def _parse(body: bytes, total_key: str = "total") -> Page | UnleashError:
     try:
         return _parse_page(body, total_key)
     except UnleashError as exc:
-        assert exc.kind in KINDS
-        assert str(exc)
-        return exc
+        error = exc
+    assert error.kind in KINDS
+    assert str(error)
+    return error
 
 
 def _assert_sane(page: Page, entries: int) -> None:
