@@ -525,6 +525,11 @@ class UnleashSource:
                 "looked for in the newest pages",
             )
             return [], []
+        if page.events and page.total is not None and page.served < min(page.total, len(chunk)):
+            # Fewer than the server says match (a proxy capping pages): ask for the rest.
+            got = {e["id"] for e in page.events}
+            more, failing = await self._fetch_chunk([i for i in chunk if i not in got])
+            return page.events + more, failing
         return page.events, []
 
     async def _serving(self) -> bool:

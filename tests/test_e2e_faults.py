@@ -35,7 +35,7 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import aiohttp
 import pytest
@@ -407,7 +407,9 @@ class FaultProxy:
     "no_events" (Unleash's real answer without its `events` list), "401" (Unleash's
     error body). `hold()` parks requests until `release()`; `on_forward(path_qs)` runs
     (in a thread) before a request is forwarded. Every answer closes its connection, so
-    "refuse" refuses the very next request.
+    "refuse" refuses the very next request. `cap_limit` lowers the `limit` of every
+    forwarded query to at most that (a proxy capping pages); `ignore_offset` drops its
+    `offset` (a cache keyed without it).
     """
 
     MODES = ("pass", "refuse", "500", "hang", "not_json", "no_events", "401")
@@ -418,6 +420,8 @@ class FaultProxy:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.on_forward: Callable[[str], None] | None = None
+        self.cap_limit: int | None = None
+        self.ignore_offset = False
         self.held = 0
         self.seen: list[tuple[str, str]] = []  # (mode, path with query)
         self._mode = "pass"
@@ -529,9 +533,14 @@ class FaultProxy:
         if self.on_forward is not None:
             await asyncio.to_thread(self.on_forward, request.path_qs)
         headers = {k: v for k, v in request.headers.items() if k.lower() in self._FORWARDED}
+        query = dict(request.query)
+        if self.cap_limit is not None and "limit" in query:
+            query["limit"] = str(min(int(query["limit"]), self.cap_limit))
+        if self.ignore_offset:
+            query.pop("offset", None)
         async with self._session.request(
             request.method,
-            self.upstream + request.path_qs,
+            self.upstream + request.path + (f"?{urlencode(query)}" if query else ""),
             headers=headers,
             data=body or None,
             allow_redirects=False,
@@ -819,6 +828,87 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
     assert daemon.logs("gap.opened") == []
     assert status(poller_cli, config)["gaps"] == []
     assert_stable_webhook_ids(got)
+
+
+def test_pages_capped_by_a_proxy_are_read_whole_and_in_order(
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+) -> None:
+    """Through a proxy that caps every page at 20 events, a 300-event burst is read by
+    paging on to `total`: every event arrives once, in order, with no gap opened (before,
+    the first short page ended the read and 280 ids became gaps, delivered late or lost)."""
+    path = "/" + unique("capped")
+    with FaultProxy(unleash.url) as proxy:
+        proxy.cap_limit = 20
+        config = make_config(
+            poller_config,
+            url=proxy.url,
+            webhooks=[{"name": "all", "url": receiver.url(path)}],
+            poll_interval_s=0.2,
+        )
+        start = initialise(poller_cli, config)
+        daemon = spawn(config)
+        daemon.wait_log("unleash.api_detected")
+        proxy.hold()
+        proxy.wait_held(1)  # the burst lands between two polls
+        burst = unleash.db.insert_events(300)
+        proxy.release()
+        wait_for_ids(receiver, path, burst, timeout_s=30)
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait() == 0
+    expected = [e["id"] for e in admin.all_events(after_id=start)]
+    assert expected == burst
+    assert ids_of(receiver.requests(path)) == expected
+    assert daemon.logs("gap.opened") == []
+    capped = [q for _, q in proxy.seen if "offset=" in q and "limit=1000" in q]
+    assert len(capped) >= 300 // 20 - 1
+
+
+def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+) -> None:
+    """A proxy that drops `offset` (and caps pages): the repeated page is one clear
+    bad_response error, retried with back-off instead of paging forever (~160 requests a
+    second before); once the proxy is fixed every event arrives, in order."""
+    path = "/" + unique("no-offset")
+    with FaultProxy(unleash.url) as proxy:
+        proxy.cap_limit = 20
+        config = make_config(
+            poller_config,
+            url=proxy.url,
+            webhooks=[{"name": "all", "url": receiver.url(path)}],
+            poll_interval_s=0.1,
+            extra_unleash={"backoff_max_s": 1},
+        )
+        start = initialise(poller_cli, config)
+        proxy.ignore_offset = True
+        daemon = spawn(config)
+        daemon.wait_log("unleash.api_detected")
+        burst = unleash.db.insert_events(100)
+        errors = daemon.wait_log("unleash.unreachable", count=3, timeout_s=30)
+        assert {e["kind"] for e in errors} == {"bad_response"}
+        assert all("repeats the previous page" in e["error"] for e in errors)
+        seen = len(proxy.seen)
+        first = timestamp(errors[0])
+        later = daemon.wait_log("unleash.unreachable", count=5, timeout_s=30)
+        rate = (len(proxy.seen) - seen) / max(0.1, timestamp(later[-1]) - first)
+        assert rate < 20, f"{rate:.0f} requests a second"
+        assert receiver.requests(path) == []
+        proxy.ignore_offset = False
+        daemon.wait_log("unleash.recovered", timeout_s=30)
+        wait_for_ids(receiver, path, burst, timeout_s=30)
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait() == 0
+    assert ids_of(receiver.requests(path)) == [e["id"] for e in admin.all_events(after_id=start)]
 
 
 # --------------------------------------------------------------------------- 4. Unleash faults
