@@ -122,6 +122,10 @@ def _create(path: Path) -> None:
         conn.close()
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
+    # A state file deleted while open leaves its write-ahead log behind; SQLite would
+    # replay that dead file's pages into the new one (a mix of two databases).
+    for suffix in ("-wal", "-shm", "-journal"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
     tmp.rename(path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:

@@ -409,7 +409,8 @@ class FaultProxy:
     (in a thread) before a request is forwarded. Every answer closes its connection, so
     "refuse" refuses the very next request. `cap_limit` lowers the `limit` of every
     forwarded query to at most that (a proxy capping pages); `ignore_offset` drops its
-    `offset` (a cache keyed without it).
+    `offset` (a cache keyed without it); `stale_probe` answers 304 to every conditional
+    request without asking Unleash (a cache that never revalidates).
     """
 
     MODES = ("pass", "refuse", "500", "hang", "not_json", "no_events", "401")
@@ -422,6 +423,7 @@ class FaultProxy:
         self.on_forward: Callable[[str], None] | None = None
         self.cap_limit: int | None = None
         self.ignore_offset = False
+        self.stale_probe = False
         self.held = 0
         self.seen: list[tuple[str, str]] = []  # (mode, path with query)
         self._mode = "pass"
@@ -515,6 +517,8 @@ class FaultProxy:
                 {"name": "UnauthorizedError", "message": "You must log in to use Unleash."},
                 status=401,
             )
+        elif self.stale_probe and "If-None-Match" in request.headers:
+            response = web.Response(status=304, headers={"ETag": request.headers["If-None-Match"]})
         elif mode == "not_json":
             response = web.Response(
                 text="<html><body><h1>502 Bad Gateway</h1></body></html>",
@@ -547,7 +551,10 @@ class FaultProxy:
         ) as upstream:
             raw = await upstream.read()
             status = upstream.status
-            kept = {k: v for k, v in upstream.headers.items() if k in ("Content-Type", "ETag")}
+            # Unleash spells it "Etag": compare names without case, as HTTP does.
+            kept = {
+                k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "etag")
+            }
         if strip_events and status == 200:
             data = json.loads(raw)
             data.pop("events", None)
@@ -909,6 +916,79 @@ def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
         daemon.send(signal.SIGTERM)
         assert daemon.wait() == 0
     assert ids_of(receiver.requests(path)) == [e["id"] for e in admin.all_events(after_id=start)]
+
+
+def test_a_proxy_answering_304_to_every_probe_delays_events_by_at_most_the_full_read_interval(
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+) -> None:
+    """A proxy that answers 304 to every probe would hide new events forever: the read
+    made every full_read_interval_s finds them, and a warning names the cause."""
+    path = "/" + unique("stale-probe")
+    with FaultProxy(unleash.url) as proxy:
+        config = make_config(
+            poller_config,
+            url=proxy.url,
+            webhooks=[{"name": "all", "url": receiver.url(path)}],
+            poll_interval_s=0.1,
+            extra_unleash={"full_read_interval_s": 2},
+        )
+        start = initialise(poller_cli, config)
+        proxy.stale_probe = True
+        daemon = spawn(config)
+        daemon.wait_log("unleash.api_detected")
+        # The first probe has no ETag to send; wait until conditional ones are answered 304.
+        deadline = time.monotonic() + 10
+        while sum(q.endswith("?limit=1") for _, q in proxy.seen) < 3:
+            assert time.monotonic() < deadline, "the daemon does not probe"
+            time.sleep(0.02)
+        events = unleash.db.insert_events(3)
+        inserted = time.monotonic()
+        wait_for_ids(receiver, path, events, timeout_s=20)
+        waited = time.monotonic() - inserted
+        [warning] = daemon.wait_log("poll.probe_missed_events")
+        assert warning["new_events"] == 3
+        daemon.send(signal.SIGTERM)
+        assert daemon.wait() == 0
+    assert waited < 2 + 3  # the interval, plus delivery on a loaded machine
+    assert ids_of(receiver.requests(path)) == [e["id"] for e in admin.all_events(after_id=start)]
+
+
+def test_a_state_file_deleted_under_the_daemon_stops_it_and_a_fresh_start_does_not_flood(
+    unleash: UnleashServer,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+    tmp_path: Path,
+) -> None:
+    """Deleting the state file of a running daemon stops it with exit 74 and one line;
+    started again on a fresh file (start_from = "latest") it sends nothing old."""
+    path = "/" + unique("state-deleted")
+    config = make_config(
+        poller_config, webhooks=[{"name": "all", "url": receiver.url(path)}], poll_interval_s=0.1
+    )
+    initialise(poller_cli, config)
+    daemon = spawn(config)
+    daemon.wait_log("unleash.api_detected")
+    before = unleash.db.insert_events(5)
+    wait_for_ids(receiver, path, before)
+    (tmp_path / "state.sqlite3").unlink()
+    assert daemon.wait() == 74
+    assert "the state file was deleted while the daemon ran" in daemon.output()
+    assert 'start_from = "latest" that does not re-send old events' in daemon.output()
+    assert "Traceback" not in daemon.output()
+    again = spawn(config)
+    again.wait_log("cursor.initialised")
+    after = unleash.db.insert_events(2)
+    wait_for_ids(receiver, path, after)
+    again.send(signal.SIGTERM)
+    assert again.wait() == 0
+    assert ids_of(receiver.requests(path)) == before + after
 
 
 # --------------------------------------------------------------------------- 4. Unleash faults

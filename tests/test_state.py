@@ -246,3 +246,27 @@ def test_error_texts_with_lone_surrogates_are_stored(tmp_path: Path) -> None:
     finally:
         state.close()
     assert letter.reason == "HTTP 400 \\ud800 ü"
+
+
+def test_a_fresh_state_file_does_not_take_in_a_deleted_files_leftover_wal(
+    tmp_path: Path,
+) -> None:
+    """A state file deleted while open leaves its -wal and -shm behind; a fresh state made
+    at that path starts empty instead of replaying the dead file's log into itself."""
+    state = _open(tmp_path)
+    state.ingest([(5, '{"id":5}')], [("a", 5)], 5)
+    state.path.unlink()
+    state.close()
+    assert state.path.with_name(state.path.name + "-wal").exists()
+    fresh = _open(tmp_path)
+    try:
+        assert fresh.high_water() is None
+        assert fresh.pending_counts() == {}
+        fresh.ingest([(7, '{"id":7}')], [("a", 7)], 7)
+    finally:
+        fresh.close()
+    reopened = _open(tmp_path)
+    try:
+        assert reopened.high_water() == 7
+    finally:
+        reopened.close()
