@@ -882,6 +882,7 @@ def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
     poller_config: PollerConfigFactory,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """A proxy that drops `offset` (and caps pages): the repeated page is one clear
     bad_response error, retried with back-off instead of paging forever (~160 requests a
@@ -909,6 +910,7 @@ def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
         later = daemon.wait_log("unleash.unreachable", count=5, timeout_s=30)
         rate = (len(proxy.seen) - seen) / max(0.1, timestamp(later[-1]) - first)
         assert rate < 20, f"{rate:.0f} requests a second"
+        report(capsys, f"offset ignored: {rate:.1f} requests/s while refused (backoff_max_s 1)")
         assert receiver.requests(path) == []
         proxy.ignore_offset = False
         daemon.wait_log("unleash.recovered", timeout_s=30)
