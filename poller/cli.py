@@ -12,10 +12,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__, log
-from poller.app import EX_IOERR, App
-from poller.config import EX_CONFIG, Config, ConfigError, check_private, load_config
-from poller.render import RenderError
+from poller.app import EX_IOERR, App, ask_server_profile
+from poller.config import (
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    apply_server_profile,
+    check_private,
+    load_config,
+)
+from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
+from poller.source import UnleashError
 from poller.state import State, StateError, StateLockedError
 
 EX_USAGE = 64
@@ -57,6 +65,17 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="event JSON file, as the Unleash admin API returns it",
     )
+    render.add_argument(
+        "--unleash-version",
+        type=_version_argument,
+        help="render as for this Unleash version (escaping, context) without asking the "
+        "server; default: ask it (GET /api/admin/ui-config)",
+    )
+    render.add_argument(
+        "--unleash-url",
+        help="the server's UNLEASH_URL for links when not asking it (default: unleash.url); "
+        "public_url in the config still wins",
+    )
     status = command("status", "cursor, pending and dead letters per webhook (no daemon needed)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     cursor = command("cursor", "move the cursor by hand (the daemon must be stopped)")
@@ -68,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("action", choices=("list", "replay"))
     dead.add_argument("--webhook", help="only this webhook")
     return parser
+
+
+def _version_argument(text: str) -> str:
+    if parse_version(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 8.2.0")
+    return text
 
 
 def _load(path: Path) -> Config:
@@ -102,12 +127,37 @@ def _cmd_check(config: Config) -> int:
     return 0
 
 
-def _cmd_render(config: Config, webhook: str, event_path: Path) -> int:
+def _render_profile(config: Config, version: str | None, url: str | None) -> ServerProfile:
+    """The server to render for: as given on the command line, else as it says it is."""
+    if version is not None or url is not None:
+        return ServerProfile(version, (url or config.unleash.url).rstrip("/"), "command line")
     try:
-        hook = config.webhook(webhook)
+        profile = asyncio.run(ask_server_profile(config))
+    except UnleashError as exc:
+        profile, why = None, str(exc)
+    else:
+        why = "its ui-config did not say"
+    if profile is None:
+        print(
+            f"unleash-poller: could not ask Unleash what it is ({why}); rendering as for "
+            f"8.x with links to {config.unleash.url} (--unleash-version and --unleash-url "
+            "choose)",
+            file=sys.stderr,
+        )
+        return ServerProfile(None, config.unleash.url, "unleash.url")
+    return profile
+
+
+def _cmd_render(
+    config: Config, webhook: str, event_path: Path, version: str | None, url: str | None
+) -> int:
+    try:
+        config.webhook(webhook)
     except KeyError as exc:
         print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
         return EX_USAGE
+    config = apply_server_profile(config, _render_profile(config, version, url))
+    hook = config.webhook(webhook)
     try:
         event = json.loads(event_path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -256,7 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "run": lambda: _cmd_run(config, args.once),
         "check": lambda: _cmd_check(config),
-        "render": lambda: _cmd_render(config, args.webhook, args.event),
+        "render": lambda: _cmd_render(
+            config, args.webhook, args.event, args.unleash_version, args.unleash_url
+        ),
         "status": lambda: _cmd_status(config, args.json),
         "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
         "cursor": lambda: _cmd_cursor(config, args.event_id),
