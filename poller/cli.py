@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -15,12 +16,15 @@ from poller import __version__, log
 from poller.app import EX_IOERR, App, ask_server_profile
 from poller.config import (
     EX_CONFIG,
+    TOKEN_ENV,
     Config,
     ConfigError,
+    Secret,
     apply_server_profile,
     check_private,
     load_config,
 )
+from poller.importer import ImporterError, ImportOptions, import_summary, run_import
 from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
 from poller.source import UnleashError
@@ -86,6 +90,39 @@ def _parser() -> argparse.ArgumentParser:
     dead = command("dead-letters", "list or replay deliveries that failed for good")
     dead.add_argument("action", choices=("list", "replay"))
     dead.add_argument("--webhook", help="only this webhook")
+    imp = commands.add_parser(
+        "import",
+        help="write a config from the integrations configured in Unleash",
+        description="Write a config with one webhook per integration configured in Unleash "
+        "(GET /api/admin/addons, or its addons table with --database).",
+    )
+    imp.add_argument("--unleash", required=True, metavar="URL", help="the Unleash server")
+    imp.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding an admin token (default: ${TOKEN_ENV}); written into the config",
+    )
+    imp.add_argument(
+        "-o", "--output", type=Path, default=Path("config.toml"), help="config file to write"
+    )
+    imp.add_argument(
+        "--state",
+        type=Path,
+        default=Path("/var/lib/unleash-poller/state.sqlite3"),
+        help="state file for the new config (and for --cut-over's start cursor)",
+    )
+    imp.add_argument(
+        "--database",
+        metavar="postgresql://...",
+        help="read Unleash's addons table instead of its API: real secret values, written "
+        "to 0600 files beside the config",
+    )
+    imp.add_argument(
+        "--cut-over",
+        action="store_true",
+        help="also switch over: record the highest event id, disable the integrations in "
+        "Unleash, start the state file's cursor at that id",
+    )
     return parser
 
 
@@ -295,8 +332,44 @@ def _cmd_cursor(config: Config, event_id: int) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    token = None
+    if args.token_file is not None:
+        try:
+            token = Secret(args.token_file.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            print(
+                f"unleash-poller: {args.token_file}: cannot read: {exc.strerror}", file=sys.stderr
+            )
+            return EX_USAGE
+    elif os.environ.get(TOKEN_ENV):
+        token = Secret(os.environ[TOKEN_ENV])
+    else:
+        print(f"unleash-poller: import needs --token-file or ${TOKEN_ENV}", file=sys.stderr)
+        return EX_USAGE
+    options = ImportOptions(
+        unleash_url=args.unleash,
+        token=token,
+        token_file=args.token_file.resolve() if args.token_file else None,
+        output=args.output,
+        state_path=args.state.resolve(),
+        database=args.database,
+        cut_over=args.cut_over,
+    )
+    try:
+        result = asyncio.run(run_import(options))
+    except ImporterError as exc:
+        print(f"unleash-poller: import: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for line in import_summary(result):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "import":
+        return _cmd_import(args)
     try:
         config = _load(args.config)
     except ConfigError as exc:

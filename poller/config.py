@@ -311,7 +311,10 @@ _UNLEASH_KEYS = _TLS_KEYS | {
 }
 _WEBHOOK_KEYS = _TLS_KEYS | {
     "name",
+    "provider",
     "url",
+    "url_file",
+    "url_env",
     "events",
     "projects",
     "environments",
@@ -507,9 +510,15 @@ def _webhook(
     )
     if "name" not in table:
         check.fail(f"{place}.name", "is required")
-    url = check.get(table, place, "url", str, "", _http_url)
-    if "url" not in table:
-        check.fail(f"{place}.url", "is required")
+    url = _webhook_url(check, table, place, base)
+    check.get(
+        table,
+        place,
+        "provider",
+        str,
+        "webhook",
+        lambda v: None if v == "webhook" else f"unknown provider {v!r} (this build knows: webhook)",
+    )
     engine = check.get(
         table,
         place,
@@ -626,6 +635,25 @@ def apply_server_profile(config: Config, profile: ServerProfile) -> Config:
         dataclasses.replace(hook, renderer=_renderer_for(hook, profile)) for hook in config.webhooks
     )
     return dataclasses.replace(config, webhooks=hooks, server=profile)
+
+
+def _webhook_url(check: _Checker, table: Mapping[str, object], place: str, base: Path) -> str:
+    """Inline, or from url_file / url_env: an incoming-webhook URL is a credential (Unleash
+    masks it in its API)."""
+    if not any(k in table for k in ("url", "url_file", "url_env")):
+        check.fail(f"{place}.url", "is required")
+        return ""
+    secret = _secret(check, table, place, "url", base)
+    url = secret.reveal() if secret else ""
+    if "url" not in table and url and (problem := _http_url(url)):
+        check.fail(
+            f"{place}.url", f"(from {'url_file' if 'url_file' in table else 'url_env'}) {problem}"
+        )
+        return ""
+    if "url" in table and isinstance(table["url"], str) and (problem := _http_url(url)):
+        check.fail(f"{place}.url", problem)
+        return ""
+    return url
 
 
 def _tags(check: _Checker, table: Mapping[str, object], place: str) -> tuple[str, ...] | None:
