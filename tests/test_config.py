@@ -420,3 +420,22 @@ def test_tag_filter_is_kept(tmp_path: Path) -> None:
     """A good tag filter reaches the webhook's settings as written."""
     config = _load_text(GOOD + 'tags = ["team:payments", "slack:*"]\n', tmp_path)
     assert config.webhooks[0].tags == ("team:payments", "slack:*")
+
+
+def test_webhook_url_from_a_file_and_the_provider_key(tmp_path: Path) -> None:
+    """url_file reads the URL (a credential for Slack-style hooks); a provider this build
+    does not have is named."""
+    (tmp_path / "hook-url").write_text("https://hooks.example.com/T/x\n")
+    text = GOOD.replace('url = "https://example.com/hook"', 'url_file = "hook-url"')
+    assert _load_text(text + 'provider = "webhook"\n', tmp_path).webhooks[0].url == (
+        "https://hooks.example.com/T/x"
+    )
+    (tmp_path / "bad-url").write_text("ftp://x\n")
+    problems = _problems(text.replace("hook-url", "bad-url") + 'provider = "jira"\n', tmp_path)
+    assert problems == [
+        "webhooks[0].url: (from url_file) must be an http(s) URL",
+        "webhooks[0].provider: unknown provider 'jira' (this build knows: webhook)",
+    ]
+    assert _problems(GOOD.replace('url = "https://example.com/hook"', ""), tmp_path) == [
+        "webhooks[0].url: is required"
+    ]
