@@ -318,7 +318,12 @@ class App:
     async def _detect(self) -> None:
         caps = await self.source.detect()
         log.info("unleash.api_detected", api=caps.api, detail=caps.describe())
-        profile = await read_server_profile(self.source)
+        try:
+            profile = await read_server_profile(self.source)
+        except UnleashError as exc:
+            if exc.kind != "auth":
+                raise
+            profile = None  # a token that reads events but not ui-config still polls
         if profile is None:
             log.warning(
                 "unleash.profile_unknown",
