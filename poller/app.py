@@ -17,13 +17,21 @@ import aiohttp
 
 from poller import log as log_module
 from poller import systemd
-from poller.config import Config, ConfigError, WebhookConfig, check_private, load_config
+from poller.config import (
+    Config,
+    ConfigError,
+    WebhookConfig,
+    apply_server_profile,
+    check_private,
+    load_config,
+)
 from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
 from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
+from poller.render import ServerProfile
 from poller.sink import NullMetrics
-from poller.source import UnleashError, UnleashErrorKind, UnleashSource
+from poller.source import UnleashError, UnleashErrorKind, UnleashSource, read_server_profile
 from poller.state import State
 from poller.worker import Worker, drain
 
@@ -70,6 +78,10 @@ class App:
         self._unleash_error: UnleashErrorKind | None = None
         self._progress_at = time.monotonic()
         self._progress_done = (0, 0)
+        # What the server said it is (version, unleashUrl), asked at start and after each
+        # reload; renderers are rebuilt from it then, never per event.
+        self.profile: ServerProfile | None = None
+        self._detected = False
         self.started_at = time.time()
         self.metrics: Metrics | NullMetrics = NullMetrics()
         if config.metrics.listen:
@@ -231,6 +243,9 @@ class App:
                 ],
             )
             return
+        if self.profile is not None:
+            new = apply_server_profile(new, self.profile)  # until the server is asked again
+        self._detected = False  # re-read the API and ui-config on the next poll
         old_hooks = {h.name: h for h in self.config.webhooks}
         new_hooks = {h.name: h for h in new.webhooks}
         self.config = new
@@ -303,6 +318,49 @@ class App:
     async def _detect(self) -> None:
         caps = await self.source.detect()
         log.info("unleash.api_detected", api=caps.api, detail=caps.describe())
+        try:
+            profile = await read_server_profile(self.source)
+        except UnleashError as exc:
+            if exc.kind != "auth":
+                raise
+            profile = None  # a token that reads events but not ui-config still polls
+        if profile is None:
+            log.warning(
+                "unleash.profile_unknown",
+                detail="GET /api/admin/ui-config did not say the server's version and "
+                "unleashUrl; rendering as for Unleash 8.x with links to unleash.url",
+            )
+        self._apply_profile(profile)
+        self._detected = True
+
+    def _apply_profile(self, profile: ServerProfile | None) -> None:
+        """Rebuild the renderers for the server, hand them to the running workers, and say
+        once what was chosen and why."""
+        if profile is None:
+            if self.config.server is None:
+                return
+            profile = dataclasses.replace(self.config.server, source="unleash.url")
+        self.profile = profile
+        before = self.config.server
+        self.config = apply_server_profile(self.config, profile)
+        for hook in self.config.webhooks:
+            if worker := self.workers.get(hook.name):
+                worker.reconfigure(hook)
+            if hook.name in self._start_after_retire:
+                self._start_after_retire[hook.name] = hook
+        if self.config.server != before or not self._detected:
+            server = self.config.server or profile
+            escape, reason = server.escape()
+            log.info(
+                "render.defaults",
+                unleash_version=server.version,
+                link_base=server.unleash_url,
+                link_base_from=server.source,
+                escape=escape,
+                escape_reason=reason,
+                event_markdown=server.event_markdown,
+                explicit_escape=sorted(h.name for h in self.config.webhooks if h.escape),
+            )
 
     async def _run_once(self) -> int:
         code = EX_OK
@@ -340,6 +398,10 @@ class App:
                 await runner.cleanup()
 
     async def _serve(self) -> int:
+        # Ask the server first, so pending deliveries render for it; if it cannot be read,
+        # the poll loop asks again (until then bodies render as for 8.x).
+        with contextlib.suppress(UnleashError):
+            await self._detect()
         for hook in self.config.webhooks:
             self._start_worker(hook, self.session)
         poller = asyncio.create_task(self._poll_loop(), name="poller")
@@ -384,15 +446,13 @@ class App:
 
     async def _poll_loop(self) -> None:
         failures = 0
-        detected = False
         source, ingest = self.source, self.ingest
         while not self.stop.is_set():
             self._report_progress()
             interval = self.config.unleash.poll_interval_s
             try:
-                if not detected:
+                if not self._detected:
                     await self._detect()
-                    detected = True
                 new = await ingest.poll(force=failures > 0)
                 await ingest.recheck_gaps()
                 self.metrics.on_poll_ok(new, ingest.high_water, len(ingest.gaps))
@@ -432,3 +492,9 @@ def _backoff(interval: float, failures: int, cap: float, jitter: float) -> float
     random) so many pollers do not hammer a recovering Unleash in step."""
     base = min(cap, interval * 2.0 ** min(failures, 30))
     return base / 2 + base / 2 * jitter
+
+
+async def ask_server_profile(config: Config) -> ServerProfile | None:
+    """One look at the server's ui-config (for `render`); raises UnleashError."""
+    async with make_session(config) as session:
+        return await read_server_profile(UnleashSource(session, config.unleash))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sqlite3
 import sys
 import time
@@ -12,10 +13,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__, log
-from poller.app import EX_IOERR, App
-from poller.config import EX_CONFIG, Config, ConfigError, check_private, load_config
-from poller.render import RenderError
+from poller.app import EX_IOERR, App, ask_server_profile
+from poller.config import (
+    EX_CONFIG,
+    TOKEN_ENV,
+    Config,
+    ConfigError,
+    Secret,
+    apply_server_profile,
+    check_private,
+    load_config,
+)
+from poller.importer import ImporterError, ImportOptions, import_summary, run_import
+from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
+from poller.source import UnleashError
 from poller.state import State, StateError, StateLockedError
 
 EX_USAGE = 64
@@ -57,6 +69,17 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="event JSON file, as the Unleash admin API returns it",
     )
+    render.add_argument(
+        "--unleash-version",
+        type=_version_argument,
+        help="render as for this Unleash version (escaping, context) without asking the "
+        "server; default: ask it (GET /api/admin/ui-config)",
+    )
+    render.add_argument(
+        "--unleash-url",
+        help="the server's UNLEASH_URL for links when not asking it (default: unleash.url); "
+        "public_url in the config still wins",
+    )
     status = command("status", "cursor, pending and dead letters per webhook (no daemon needed)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     cursor = command("cursor", "move the cursor by hand (the daemon must be stopped)")
@@ -67,7 +90,46 @@ def _parser() -> argparse.ArgumentParser:
     dead = command("dead-letters", "list or replay deliveries that failed for good")
     dead.add_argument("action", choices=("list", "replay"))
     dead.add_argument("--webhook", help="only this webhook")
+    imp = commands.add_parser(
+        "import",
+        help="write a config from the integrations configured in Unleash",
+        description="Write a config with one webhook per integration configured in Unleash "
+        "(GET /api/admin/addons, or its addons table with --database).",
+    )
+    imp.add_argument("--unleash", required=True, metavar="URL", help="the Unleash server")
+    imp.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding an admin token (default: ${TOKEN_ENV}); written into the config",
+    )
+    imp.add_argument(
+        "-o", "--output", type=Path, default=Path("config.toml"), help="config file to write"
+    )
+    imp.add_argument(
+        "--state",
+        type=Path,
+        default=Path("/var/lib/unleash-poller/state.sqlite3"),
+        help="state file for the new config (and for --cut-over's start cursor)",
+    )
+    imp.add_argument(
+        "--database",
+        metavar="postgresql://...",
+        help="read Unleash's addons table instead of its API: real secret values, written "
+        "to 0600 files beside the config",
+    )
+    imp.add_argument(
+        "--cut-over",
+        action="store_true",
+        help="also switch over: record the highest event id, disable the integrations in "
+        "Unleash, start the state file's cursor at that id",
+    )
     return parser
+
+
+def _version_argument(text: str) -> str:
+    if parse_version(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version like 8.2.0")
+    return text
 
 
 def _load(path: Path) -> Config:
@@ -102,12 +164,37 @@ def _cmd_check(config: Config) -> int:
     return 0
 
 
-def _cmd_render(config: Config, webhook: str, event_path: Path) -> int:
+def _render_profile(config: Config, version: str | None, url: str | None) -> ServerProfile:
+    """The server to render for: as given on the command line, else as it says it is."""
+    if version is not None or url is not None:
+        return ServerProfile(version, (url or config.unleash.url).rstrip("/"), "command line")
     try:
-        hook = config.webhook(webhook)
+        profile = asyncio.run(ask_server_profile(config))
+    except UnleashError as exc:
+        profile, why = None, str(exc)
+    else:
+        why = "its ui-config did not say"
+    if profile is None:
+        print(
+            f"unleash-poller: could not ask Unleash what it is ({why}); rendering as for "
+            f"8.x with links to {config.unleash.url} (--unleash-version and --unleash-url "
+            "choose)",
+            file=sys.stderr,
+        )
+        return ServerProfile(None, config.unleash.url, "unleash.url")
+    return profile
+
+
+def _cmd_render(
+    config: Config, webhook: str, event_path: Path, version: str | None, url: str | None
+) -> int:
+    try:
+        config.webhook(webhook)
     except KeyError as exc:
         print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
         return EX_USAGE
+    config = apply_server_profile(config, _render_profile(config, version, url))
+    hook = config.webhook(webhook)
     try:
         event = json.loads(event_path.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -245,8 +332,44 @@ def _cmd_cursor(config: Config, event_id: int) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    token = None
+    if args.token_file is not None:
+        try:
+            token = Secret(args.token_file.read_text(encoding="utf-8").strip())
+        except OSError as exc:
+            print(
+                f"unleash-poller: {args.token_file}: cannot read: {exc.strerror}", file=sys.stderr
+            )
+            return EX_USAGE
+    elif os.environ.get(TOKEN_ENV):
+        token = Secret(os.environ[TOKEN_ENV])
+    else:
+        print(f"unleash-poller: import needs --token-file or ${TOKEN_ENV}", file=sys.stderr)
+        return EX_USAGE
+    options = ImportOptions(
+        unleash_url=args.unleash,
+        token=token,
+        token_file=args.token_file.resolve() if args.token_file else None,
+        output=args.output,
+        state_path=args.state.resolve(),
+        database=args.database,
+        cut_over=args.cut_over,
+    )
+    try:
+        result = asyncio.run(run_import(options))
+    except ImporterError as exc:
+        print(f"unleash-poller: import: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for line in import_summary(result):
+        print(line)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "import":
+        return _cmd_import(args)
     try:
         config = _load(args.config)
     except ConfigError as exc:
@@ -256,7 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "run": lambda: _cmd_run(config, args.once),
         "check": lambda: _cmd_check(config),
-        "render": lambda: _cmd_render(config, args.webhook, args.event),
+        "render": lambda: _cmd_render(
+            config, args.webhook, args.event, args.unleash_version, args.unleash_url
+        ),
         "status": lambda: _cmd_status(config, args.json),
         "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
         "cursor": lambda: _cmd_cursor(config, args.event_id),

@@ -6,6 +6,7 @@ Every problem is collected (not just the first) and named by its place, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -18,7 +19,16 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
-from poller.render import DEFAULT_MAX_BODY_BYTES, BadTemplateError, Renderer, build_renderer
+from poller.filters import tag_pattern_problem
+from poller.render import (
+    DEFAULT_MAX_BODY_BYTES,
+    BadTemplateError,
+    Escape,
+    Renderer,
+    ServerProfile,
+    build_renderer,
+    offline_profile,
+)
 from poller.signing import Signer, SigningSecretError
 from poller.tls import TlsConfigError, client_ssl_context
 from poller.urls import proxy_for
@@ -27,7 +37,6 @@ EX_CONFIG = 78
 TOKEN_ENV = "UNLEASH_POLLER_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 StartFrom = Literal["latest", "earliest"] | int
-Escape = Literal["unleash", "none", "json"]
 Engine = Literal["mustache", "jinja2"]
 
 
@@ -58,7 +67,8 @@ class Secret:
 class UnleashConfig:
     url: str
     token: Secret
-    public_url: str
+    # None: links follow the `unleashUrl` the server reports (GET /api/admin/ui-config).
+    public_url: str | None
     # An idle poll is one conditional request (~1 ms of CPU): 0.4 s keeps the daemon under
     # 0.3 % of a core while its median latency is under half of Unleash's own integration's.
     poll_interval_s: float = 0.4
@@ -83,6 +93,7 @@ class WebhookConfig:
     events: tuple[str, ...] | None = None
     projects: tuple[str, ...] | None = None
     environments: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
     content_type: str = "application/json"
     authorization: Secret | None = None
     headers: tuple[tuple[str, str], ...] = ()
@@ -93,6 +104,11 @@ class WebhookConfig:
     signer: Signer | None = None
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     proxy: str | None = field(default=None, repr=False)  # may carry proxy credentials
+    # What the renderer is built from, so it can be rebuilt for the server's profile.
+    body_template: str | None = None
+    template_engine: Engine = "mustache"
+    escape: Escape | None = None  # None: follows the server's version
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def ordered(self) -> bool:
@@ -129,6 +145,8 @@ class Config:
     # Places of secrets written into the file itself (the file must then be private).
     inline_secrets: tuple[str, ...] = ()
     source_path: Path | None = field(default=None, compare=False)
+    # The server the renderers were built for (offline_profile until Unleash is asked).
+    server: ServerProfile | None = field(default=None, compare=False)
 
     def webhook(self, name: str) -> WebhookConfig:
         for hook in self.webhooks:
@@ -297,10 +315,14 @@ _UNLEASH_KEYS = _TLS_KEYS | {
 }
 _WEBHOOK_KEYS = _TLS_KEYS | {
     "name",
+    "provider",
     "url",
+    "url_file",
+    "url_env",
     "events",
     "projects",
     "environments",
+    "tags",
     "content_type",
     "authorization",
     "authorization_file",
@@ -403,7 +425,8 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
     unleash = UnleashConfig(
         url=url.rstrip("/"),
         token=token or Secret(""),
-        public_url=check.get(table, "unleash", "public_url", str, url, _http_url).rstrip("/"),
+        public_url=check.get(table, "unleash", "public_url", str, "", _http_url).rstrip("/")
+        or None,
         poll_interval_s=check.get(
             table, "unleash", "poll_interval_s", (int, float), 0.4, _positive
         ),
@@ -470,7 +493,12 @@ def _headers(
 
 
 def _webhook(
-    check: _Checker, data: object, index: int, base: Path, public_url: str, trust_env: bool
+    check: _Checker,
+    data: object,
+    index: int,
+    base: Path,
+    profile: ServerProfile,
+    trust_env: bool,
 ) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
     table = check.table(data, place, _WEBHOOK_KEYS)
@@ -489,9 +517,15 @@ def _webhook(
     )
     if "name" not in table:
         check.fail(f"{place}.name", "is required")
-    url = check.get(table, place, "url", str, "", _http_url)
-    if "url" not in table:
-        check.fail(f"{place}.url", "is required")
+    url = _webhook_url(check, table, place, base)
+    check.get(
+        table,
+        place,
+        "provider",
+        str,
+        "webhook",
+        lambda v: None if v == "webhook" else f"unknown provider {v!r} (this build knows: webhook)",
+    )
     engine = check.get(
         table,
         place,
@@ -505,7 +539,7 @@ def _webhook(
         place,
         "escape",
         str,
-        "unleash",
+        "",
         lambda v: (
             None if v in ("unleash", "none", "json") else 'must be "unleash", "none" or "json"'
         ),
@@ -525,6 +559,7 @@ def _webhook(
         "events": check.string_list(table, place, "events"),
         "projects": check.string_list(table, place, "projects"),
         "environments": check.string_list(table, place, "environments"),
+        "tags": _tags(check, table, place),
         "content_type": check.get(
             table,
             place,
@@ -546,13 +581,20 @@ def _webhook(
         DEFAULT_MAX_BODY_BYTES,
         _between(1024, 256 * 1024 * 1024),
     )
+    spec: dict[str, object] = {
+        "body_template": template or None,
+        "template_engine": engine,
+        "escape": escape or None,
+        "max_body_bytes": max_body,
+    }
     try:
         renderer = build_renderer(
             template or None,
             engine,  # type: ignore[arg-type]
-            escape,  # type: ignore[arg-type]
-            public_url,
+            escape or profile.escape()[0],  # type: ignore[arg-type]
+            profile.unleash_url,
             max_body,
+            event_markdown=profile.event_markdown,
         )
     except BadTemplateError as exc:
         check.fail(f"{place}.body_template", str(exc))
@@ -569,7 +611,69 @@ def _webhook(
         ssl_context=ssl_context,
         proxy=proxy_for(url, proxy or None, trust_env),
         **hook_fields,  # type: ignore[arg-type]
+        **spec,  # type: ignore[arg-type]
     )
+
+
+def _renderer_for(hook: WebhookConfig, profile: ServerProfile) -> Renderer:
+    return build_renderer(
+        hook.body_template,
+        hook.template_engine,
+        hook.escape or profile.escape()[0],
+        profile.unleash_url,
+        hook.max_body_bytes,
+        event_markdown=profile.event_markdown,
+    )
+
+
+def link_profile(unleash: UnleashConfig, profile: ServerProfile) -> ServerProfile:
+    """An explicit public_url wins over the unleashUrl the server reported."""
+    if unleash.public_url:
+        return dataclasses.replace(profile, unleash_url=unleash.public_url, source="public_url")
+    return profile
+
+
+def apply_server_profile(config: Config, profile: ServerProfile) -> Config:
+    """The config with every renderer rebuilt for this server (its version's escaping and
+    context, its unleashUrl for links unless public_url is set). Done once per detection
+    or reload, never per event; templates compiled at load compile again here."""
+    profile = link_profile(config.unleash, profile)
+    hooks = tuple(
+        dataclasses.replace(hook, renderer=_renderer_for(hook, profile)) for hook in config.webhooks
+    )
+    return dataclasses.replace(config, webhooks=hooks, server=profile)
+
+
+def _webhook_url(check: _Checker, table: Mapping[str, object], place: str, base: Path) -> str:
+    """Inline, or from url_file / url_env: an incoming-webhook URL is a credential (Unleash
+    masks it in its API)."""
+    if not any(k in table for k in ("url", "url_file", "url_env")):
+        check.fail(f"{place}.url", "is required")
+        return ""
+    secret = _secret(check, table, place, "url", base)
+    url = secret.reveal() if secret else ""
+    if "url" not in table and url and (problem := _http_url(url)):
+        check.fail(
+            f"{place}.url", f"(from {'url_file' if 'url_file' in table else 'url_env'}) {problem}"
+        )
+        return ""
+    if "url" in table and isinstance(table["url"], str) and (problem := _http_url(url)):
+        check.fail(f"{place}.url", problem)
+        return ""
+    return url
+
+
+def _tags(check: _Checker, table: Mapping[str, object], place: str) -> tuple[str, ...] | None:
+    if "tags" not in table:
+        return None
+    raw = table["tags"]
+    if not isinstance(raw, list) or not raw or not all(isinstance(v, str) for v in raw):
+        check.fail(f"{place}.tags", 'must be a non-empty list of "type:value" strings')
+        return None
+    for i, pattern in enumerate(raw):
+        if problem := tag_pattern_problem(pattern):
+            check.fail(f"{place}.tags[{i}]", problem)
+    return tuple(raw)
 
 
 def _authorization(
@@ -621,9 +725,10 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     if not isinstance(raw_hooks, list) or not raw_hooks:
         check.fail("webhooks", "must list at least one [[webhooks]] table")
         raw_hooks = []
-    public_url = unleash.public_url if unleash else "http://localhost:4242"
+    profile = link_profile(unleash, offline_profile(unleash.url)) if unleash else None
     hooks = [
-        _webhook(check, raw, i, base, public_url, trust_env) for i, raw in enumerate(raw_hooks)
+        _webhook(check, raw, i, base, profile or offline_profile(""), trust_env)
+        for i, raw in enumerate(raw_hooks)
     ]
     seen: dict[str, int] = {}
     for i, hook in enumerate(hooks):
@@ -659,6 +764,7 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
         metrics=MetricsConfig(listen or None),
         inline_secrets=_inline_secrets(top),
         source_path=source,
+        server=profile,
     )
 
 

@@ -287,7 +287,7 @@ class Ingest:
 
 
 def _filter(hook: WebhookConfig) -> EventFilter:
-    return EventFilter(hook.events, hook.projects, hook.environments)
+    return EventFilter(hook.events, hook.projects, hook.environments, hook.tags)
 
 
 class _GapTracker:

@@ -8,6 +8,7 @@ JSON-escaped when it lands inside a double-quoted string.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,57 @@ UNREADABLE = "_unleash_poller_unreadable"
 _CONTEXT_NAMES = frozenset({"event", "eventJson", "eventMarkdown"})
 # Unleash renders eventMarkdown as this placeholder, then splices the text in.
 _MARKDOWN_PLACEHOLDER = "\0UNLEASH_EVENT_MARKDOWN\0"
+
+
+Escape = Literal["unleash", "none", "json"]
+# Unleash's own default UNLEASH_URL: what its integrations link to when none was given.
+UNLEASH_DEFAULT_URL = "http://localhost:4242"
+_VERSION = re.compile(r"\s*v?(\d{1,6})\.(\d{1,6})\.(\d{1,6})")
+
+
+def parse_version(text: object) -> tuple[int, int, int] | None:
+    """ "8.2.0", "v7.6.5", "6.3.0+enterprise" → (major, minor, patch); anything else → None."""
+    if not isinstance(text, str):
+        return None
+    match = _VERSION.match(text)
+    if match is None:
+        return None
+    return int(match[1]), int(match[2]), int(match[3])
+
+
+@dataclass(frozen=True)
+class ServerProfile:
+    """What the Unleash server being polled decides about rendering: its version (escaping,
+    template context) and its `unleashUrl` (the base of every link its integrations write).
+    `version` None: not known (not asked yet, or offline)."""
+
+    version: str | None
+    unleash_url: str
+    source: str = "ui-config"  # where unleash_url came from, for the log line
+
+    @property
+    def event_markdown(self) -> bool:
+        """Whether a webhook template sees `eventMarkdown`: 5.x's webhook has none (it
+        renders empty there); 6.x and later fill it in. Unknown versions: as 8.x."""
+        parsed = parse_version(self.version)
+        return parsed is None or parsed >= (6, 0, 0)
+
+    def escape(self) -> tuple[Escape, str]:
+        """The default `escape` for this server, and why (for the start-up log line)."""
+        parsed = parse_version(self.version)
+        if parsed is None:
+            return "unleash", "server version unknown: mustache.js HTML escaping, as 8.0.3+"
+        if parsed >= (8, 0, 3):
+            return "unleash", f"Unleash {self.version} HTML-escapes {{{{ }}}} (8.0.3 and later)"
+        if parsed >= (6, 0, 0):
+            return "none", f"Unleash {self.version} does not escape {{{{ }}}} (6.0 to 8.0.2)"
+        return "unleash", f"Unleash {self.version} HTML-escapes {{{{ }}}} (5.x webhook)"
+
+
+def offline_profile(url: str) -> ServerProfile:
+    """Before the server was asked (config check, an offline `render`): links to the URL
+    the poller was given, 8.x escaping and context."""
+    return ServerProfile(None, url, source="unleash.url (server not asked)")
 
 
 class BadTemplateError(ValueError):
@@ -144,7 +196,9 @@ def _default_body(event: Event) -> str:
     return json_stringify(unleash_event(event))
 
 
-def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[Event], str]:
+def _mustache_renderer(
+    source: str, escape: str, public_url: str, event_markdown: bool
+) -> Callable[[Event], str]:
     try:
         template = mustache.compile_template(source)
     except mustache.TemplateError as exc:
@@ -155,9 +209,9 @@ def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[E
         "json": mustache.escape_json,
     }[escape]
     wants_json = "eventJson" in source
-    wants_markdown = "eventMarkdown" in source
-    markdown_of = _markdown_formatter(source, public_url)
-    splice = escape == "unleash"
+    wants_markdown = event_markdown and "eventMarkdown" in source
+    markdown_of = _markdown_formatter(source if event_markdown else "", public_url)
+    splice = escape == "unleash" and wants_markdown
 
     def render(event: Event) -> str:
         canonical = unleash_event(event)
@@ -168,7 +222,7 @@ def _mustache_renderer(source: str, escape: str, public_url: str) -> Callable[[E
             "eventMarkdown": _MARKDOWN_PLACEHOLDER if splice else markdown,
         }
         rendered = template.render(view, escape_fn)
-        return _splice_markdown(rendered, markdown) if splice and wants_markdown else rendered
+        return _splice_markdown(rendered, markdown) if splice else rendered
 
     return render
 
@@ -191,7 +245,9 @@ def _jinja_environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[Event], str]:
+def _jinja_renderer(
+    source: str, public_url: str, max_chars: int, event_markdown: bool
+) -> Callable[[Event], str]:
     import jinja2  # noqa: PLC0415 - see imports
     import jinja2.meta  # noqa: PLC0415
 
@@ -207,7 +263,7 @@ def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[E
             f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
             "event, eventJson and eventMarkdown"
         )
-    markdown_of = _markdown_formatter(source, public_url)
+    markdown_of = _markdown_formatter(source if event_markdown else "", public_url)
 
     def render(event: Event) -> str:
         canonical = unleash_event(event)
@@ -243,20 +299,26 @@ def _bounded(join: Callable[[list[str]], str], chunks: Iterator[str], max_chars:
 def build_renderer(
     template: str | None,
     engine: Literal["mustache", "jinja2"] = "mustache",
-    escape: Literal["unleash", "none", "json"] = "unleash",
-    public_url: str = "http://localhost:4242",
+    escape: Escape = "unleash",
+    public_url: str = UNLEASH_DEFAULT_URL,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    event_markdown: bool = True,
 ) -> Renderer:
-    """Compile a webhook's body template once; raise BadTemplateError if it cannot be."""
+    """Compile a webhook's body template once; raise BadTemplateError if it cannot be.
+    `public_url` is the base of eventMarkdown's links; `event_markdown` False renders it
+    empty, as Unleash 5.x's webhook does."""
     # Unleash treats an empty template as no template.
     if not template:
         return Renderer("default JSON", _default_body, max_body_bytes)
     if engine == "jinja2":
         return Renderer(
-            "jinja2", _jinja_renderer(template, public_url, max_body_bytes), max_body_bytes
+            "jinja2",
+            _jinja_renderer(template, public_url, max_body_bytes, event_markdown),
+            max_body_bytes,
         )
     return Renderer(
         f"mustache (escape={escape})",
-        _mustache_renderer(template, escape, public_url),
+        _mustache_renderer(template, escape, public_url, event_markdown),
         max_body_bytes,
     )

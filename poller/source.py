@@ -19,7 +19,7 @@ import aiohttp
 from poller import __version__
 from poller.config import UnleashConfig
 from poller.log import get as get_logger
-from poller.render import UNREADABLE, Event
+from poller.render import UNREADABLE, Event, ServerProfile
 
 log = get_logger()
 Api = Literal["search", "post-search", "legacy"]
@@ -28,6 +28,7 @@ UnleashErrorKind = Literal["auth", "server", "timeout", "connection", "bad_respo
 _SEARCH = "/api/admin/search/events"
 _POST_SEARCH = "/api/admin/events/search"
 _LEGACY = "/api/admin/events"
+_UI_CONFIG = "/api/admin/ui-config"
 LEGACY_PAGE = 100  # the deprecated endpoint answers only the newest 100 events
 
 
@@ -564,6 +565,27 @@ class UnleashSource:
             detail="this entry of Unleash's answer cannot be taken in as an event; it is "
             "skipped and the events around it flow on",
         )
+
+
+def parse_ui_config(body: bytes) -> ServerProfile | None:
+    """`GET /api/admin/ui-config` → the server's version and unleashUrl; None when the
+    answer does not hold them (then the caller keeps the offline profile)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    version, url = data.get("version"), data.get("unleashUrl")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return None
+    return ServerProfile(version if isinstance(version, str) else None, url.rstrip("/"))
+
+
+async def read_server_profile(source: UnleashSource) -> ServerProfile | None:
+    """Ask the server what it is (version) and where its UI lives (unleashUrl)."""
+    status, body, _ = await source._request("GET", _UI_CONFIG)
+    return parse_ui_config(body) if status == 200 else None
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:

@@ -1,4 +1,5 @@
-"""The daemon's lifecycle in-process: signal handlers it installs and removes, reloads."""
+"""The daemon's lifecycle in-process: signal handlers it installs and removes, reloads,
+and the server's profile (renderers rebuilt once per detection/reload)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import aiohttp
 import pytest
 
 from poller.app import App
-from poller.config import Config, WebhookConfig, load_config, parse_config
+from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
+from poller.render import ServerProfile
 from poller.state import State
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -120,3 +122,90 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     finally:
         state.close()
     assert errors == []
+
+
+EVENT = {
+    "id": 1,
+    "type": "feature-created",
+    "createdBy": "ann",
+    "data": {"name": "f", "description": "<b>"},
+    "featureName": "f",
+    "project": "default",
+}
+
+
+class _Reconfigurable:
+    """Stands in for the source and ingest, which a reload only reconfigures."""
+
+    def __init__(self) -> None:
+        self.calls: list[object] = []
+
+    def reconfigure(self, config: Config | UnleashConfig) -> None:
+        self.calls.append(config)
+
+
+class _Worker:
+    """Stands in for a running worker: records the webhook settings it is handed."""
+
+    def __init__(self, hook: WebhookConfig) -> None:
+        self.hook = hook
+        self.handed: list[WebhookConfig] = []
+
+    def reconfigure(self, hook: WebhookConfig) -> None:
+        self.hook = hook
+        self.handed.append(hook)
+
+
+def _write_chat(path: Path, description_escape: str = "") -> Path:
+    path.write_text(
+        f"""
+[unleash]
+url = "http://127.0.0.1:1"
+token = "t"
+[state]
+path = "{path.parent}/state.sqlite3"
+[[webhooks]]
+name = "chat"
+url = "http://127.0.0.1:1/chat"
+body_template = '{{{{eventMarkdown}}}}|{{{{event.data.description}}}}'
+{description_escape}
+"""
+    )
+    path.chmod(0o600)
+    return path
+
+
+def _body(app: App) -> str:
+    return app.config.webhooks[0].renderer.render(EVENT).decode()
+
+
+def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
+    """A detected profile rebuilds the renderers; a reload applies it to the new config at
+    once and asks the server again on the next poll."""
+    path = _write_chat(tmp_path / "c.toml")
+    state = State.open(tmp_path / "state.sqlite3")
+    try:
+        app = App(load_config(path), state)
+        worker = _Worker(app.config.webhooks[0])
+        app.workers["chat"] = worker  # type: ignore[assignment]
+        assert "(http://127.0.0.1:1/projects/default/features/f)" in _body(app)
+        app._apply_profile(ServerProfile("7.6.5", "http://localhost:4242"))
+        assert "(http://localhost:4242/projects/default/features/f)" in _body(app)
+        assert _body(app).endswith("|<b>")  # 7.x: no escaping
+        assert worker.handed == [app.config.webhooks[0]]  # the running worker got it
+        app._detected = True
+        app.source = _Reconfigurable()  # type: ignore[assignment]
+        app.ingest = _Reconfigurable()  # type: ignore[assignment]
+        _write_chat(path, 'escape = "unleash"')
+
+        async def reload() -> None:
+            app._reload(path)
+
+        asyncio.run(reload())
+        assert app.config.webhooks[0].escape == "unleash"
+        assert "(http://localhost:4242/projects/default/features/f)" in _body(app)
+        assert _body(app).endswith("|&lt;b&gt;")  # the explicit value wins
+        assert app._detected is False  # ui-config is read again on the next poll
+        assert worker.hook is app.config.webhooks[0]
+    finally:
+        state.close()

@@ -223,3 +223,22 @@ url = "http://127.0.0.1:1/a"
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"unleash-poller: {state_path}: the state file was deleted")
     assert 'start_from = "latest" that does not re-send old events' in last
+
+
+def test_render_for_a_chosen_unleash_version_and_url(config: Path, tmp_path: Path) -> None:
+    """`render --unleash-version/--unleash-url` renders offline as that server would."""
+    event = tmp_path / "e.json"
+    event.write_text(json.dumps(EVENT))
+    args = ("render", "-c", config, "--webhook", "chat", "--event", event)
+    on_8 = _cli(*args, "--unleash-version", "8.2.0", "--unleash-url", "http://localhost:4242")
+    assert on_8.returncode == 0, on_8.stderr
+    assert "(http://localhost:4242/projects/default/features/f)" in on_8.stdout
+    on_5 = _cli(*args, "--unleash-version", "5.12.8")
+    assert on_5.stdout == '{"text": "", "by": "ann"}'  # 5.x has no eventMarkdown
+    offline = _cli(*args)  # nothing given and Unleash unreachable: says so, renders as 8.x
+    assert offline.returncode == 0
+    assert "could not ask Unleash" in offline.stderr
+    assert "(http://127.0.0.1:1/projects/default/features/f)" in offline.stdout
+    bad = _cli(*args, "--unleash-version", "latest")
+    assert bad.returncode == 2
+    assert "'latest' is not a version like 8.2.0" in bad.stderr

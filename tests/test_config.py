@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from poller.config import ConfigError, Secret, load_config, parse_config
+from poller.config import (
+    Config,
+    ConfigError,
+    Secret,
+    apply_server_profile,
+    load_config,
+    parse_config,
+)
+from poller.render import ServerProfile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +47,11 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     """A minimal file yields the defaults the README documents."""
     config = parse_config(tomllib.loads(GOOD), tmp_path)
     assert config.unleash.url == "http://127.0.0.1:4242"
-    assert config.unleash.public_url == "http://127.0.0.1:4242"
+    # No public_url: links follow the server's unleashUrl once it is asked; until then
+    # (check, an offline render) they use the URL the poller was given.
+    assert config.unleash.public_url is None
+    assert config.server is not None
+    assert config.server.unleash_url == "http://127.0.0.1:4242"
     assert config.unleash.poll_interval_s == 0.4
     assert config.unleash.start_from == "latest"
     assert config.state.path == tmp_path / "state.sqlite3"
@@ -49,6 +61,7 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert hook.authorization is None
     assert (hook.events, hook.projects, hook.environments) == (None, None, None)
     assert hook.retry_delays == (1.0,)
+    assert (hook.escape, hook.tags) == (None, None)  # escape follows the server's version
 
 
 BAD_CASES = [
@@ -326,4 +339,103 @@ def test_secrets_from_env_keys_and_conflicts(
     problems = _problems(GOOD + 'authorization = "a"\nauthorization_file = "f"\n', tmp_path)
     assert problems == [
         "webhooks[0].authorization: give only one of authorization, authorization_file"
+    ]
+
+
+PROFILE_CONFIG = """
+[unleash]
+url = "http://127.0.0.1:4242/"
+token = "t"
+{public_url}
+[[webhooks]]
+name = "follows"
+url = "https://example.com/a"
+body_template = '{{{{eventMarkdown}}}}|{{{{event.data.description}}}}'
+[[webhooks]]
+name = "explicit"
+url = "https://example.com/b"
+escape = "unleash"
+body_template = '{{{{eventMarkdown}}}}|{{{{event.data.description}}}}'
+"""
+PROFILE_EVENT = {
+    "id": 1,
+    "type": "feature-created",
+    "createdBy": "ann",
+    "data": {"name": "f", "description": "<b>"},
+    "featureName": "f",
+    "project": "default",
+}
+
+
+def _load_text(text: str, tmp_path: Path) -> Config:
+    return parse_config(tomllib.loads(text), tmp_path)
+
+
+def _bodies(config: Config) -> dict[str, str]:
+    return {h.name: h.renderer.render(PROFILE_EVENT).decode() for h in config.webhooks}
+
+
+def test_renderers_follow_the_server_profile(tmp_path: Path) -> None:
+    """Without public_url, links use the server's unleashUrl and escaping its version's;
+    an explicit escape keeps its value."""
+    config = _load_text(PROFILE_CONFIG.format(public_url=""), tmp_path)
+    offline = _bodies(config)
+    assert "http://127.0.0.1:4242/projects/default/features/f" in offline["follows"]
+    assert offline["follows"].endswith("|&lt;b&gt;")
+    on_765 = _bodies(apply_server_profile(config, ServerProfile("7.6.5", "http://localhost:4242")))
+    assert "(http://localhost:4242/projects/default/features/f)" in on_765["follows"]
+    assert on_765["follows"].endswith("|<b>")  # 7.x does not escape
+    assert on_765["explicit"].endswith("|&lt;b&gt;")  # an explicit value wins
+    on_5 = _bodies(apply_server_profile(config, ServerProfile("5.12.8", "http://x")))
+    assert on_5["follows"] == "|&lt;b&gt;"  # no eventMarkdown on 5.x
+
+
+def test_public_url_wins_over_the_server_unleash_url(tmp_path: Path) -> None:
+    """An explicit public_url is the link base whatever the server reports."""
+    config = _load_text(
+        PROFILE_CONFIG.format(public_url='public_url = "https://flags.example.com/"'), tmp_path
+    )
+    applied = apply_server_profile(config, ServerProfile("8.2.0", "http://localhost:4242"))
+    body = _bodies(applied)["follows"]
+    assert "(https://flags.example.com/projects/default/features/f)" in body
+    assert "localhost" not in body
+
+
+@pytest.mark.parametrize(
+    ("tags", "problem"),
+    [
+        ('["team"]', "webhooks[0].tags[0]: 'team' must be type:value"),
+        ('["a:b", ":x"]', "webhooks[0].tags[1]: ':x' must be type:value"),
+        ("[]", "webhooks[0].tags: must be a non-empty list"),
+        ('"team:x"', "webhooks[0].tags: must be a non-empty list"),
+    ],
+)
+def test_bad_tag_filters_are_named(tmp_path: Path, tags: str, problem: str) -> None:
+    """A tag filter that is not a list of type:value patterns is named at its place."""
+    problems = _problems(GOOD + f"tags = {tags}\n", tmp_path)
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_tag_filter_is_kept(tmp_path: Path) -> None:
+    """A good tag filter reaches the webhook's settings as written."""
+    config = _load_text(GOOD + 'tags = ["team:payments", "slack:*"]\n', tmp_path)
+    assert config.webhooks[0].tags == ("team:payments", "slack:*")
+
+
+def test_webhook_url_from_a_file_and_the_provider_key(tmp_path: Path) -> None:
+    """url_file reads the URL (a credential for Slack-style hooks); a provider this build
+    does not have is named."""
+    (tmp_path / "hook-url").write_text("https://hooks.example.com/T/x\n")
+    text = GOOD.replace('url = "https://example.com/hook"', 'url_file = "hook-url"')
+    assert _load_text(text + 'provider = "webhook"\n', tmp_path).webhooks[0].url == (
+        "https://hooks.example.com/T/x"
+    )
+    (tmp_path / "bad-url").write_text("ftp://x\n")
+    problems = _problems(text.replace("hook-url", "bad-url") + 'provider = "jira"\n', tmp_path)
+    assert problems == [
+        "webhooks[0].url: (from url_file) must be an http(s) URL",
+        "webhooks[0].provider: unknown provider 'jira' (this build knows: webhook)",
+    ]
+    assert _problems(GOOD.replace('url = "https://example.com/hook"', ""), tmp_path) == [
+        "webhooks[0].url: is required"
     ]

@@ -9,8 +9,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from poller.render import UNREADABLE, BadTemplateError, RenderError, build_renderer
+from poller.render import (
+    UNREADABLE,
+    BadTemplateError,
+    RenderError,
+    ServerProfile,
+    build_renderer,
+    parse_version,
+)
 
 EVENT = {
     "id": 42,
@@ -151,3 +160,74 @@ def test_bad_templates_are_config_errors(template: str, engine: str, message: st
     with pytest.raises(BadTemplateError) as info:
         build_renderer(template, engine=engine)  # type: ignore[arg-type]
     assert str(info.value).startswith(message)
+
+
+# -- the server's profile: escaping, context and links follow the Unleash being polled
+
+VERSION_CASES = [
+    ("8.2.0", "unleash", True),
+    ("8.0.3", "unleash", True),
+    ("8.0.2", "none", True),
+    ("7.6.5", "none", True),
+    ("6.10.1", "none", True),
+    ("6.0.0", "none", True),
+    ("5.12.8", "unleash", False),
+    ("5.0.0+enterprise", "unleash", False),
+    (None, "unleash", True),  # not known: as 8.x
+    ("nonsense", "unleash", True),
+]
+
+
+@pytest.mark.parametrize(("version", "escape", "markdown"), VERSION_CASES)
+def test_default_escape_and_context_follow_the_version(
+    version: str | None, escape: str, markdown: bool
+) -> None:
+    """HTML escaping on 5.x and 8.0.3+, none on 6.0-8.0.2; 5.x has no eventMarkdown."""
+    profile = ServerProfile(version, "http://localhost:4242")
+    chosen, reason = profile.escape()
+    assert chosen == escape
+    assert reason  # the start-up log line says why
+    assert profile.event_markdown is markdown
+
+
+def test_5x_renders_event_markdown_empty() -> None:
+    """On Unleash 5.x `{{eventMarkdown}}` renders empty, as its webhook has no such name."""
+    template = '{"text": "{{eventMarkdown}}", "flag": "{{event.featureName}}"}'
+    body = build_renderer(template, event_markdown=False).render(EVENT).decode()
+    assert body == '{"text": "", "flag": "checkout"}'
+    jinja = build_renderer("[{{ eventMarkdown }}]", "jinja2", event_markdown=False)
+    assert jinja.render(EVENT) == b"[]"
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("8.2.0", (8, 2, 0)),
+        ("v7.6.5", (7, 6, 5)),
+        ("6.3.0+ab12", (6, 3, 0)),
+        ("5.12.8-beta.1", (5, 12, 8)),
+        ("8.2", None),
+        ("", None),
+        (None, None),
+        (8, None),
+    ],
+)
+def test_parse_version(text: object, parsed: tuple[int, int, int] | None) -> None:
+    """Versions as ui-config reports them; anything else is "unknown", not an error."""
+    assert parse_version(text) == parsed
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.tuples(*(st.integers(0, 99999) for _ in range(3))), st.text(max_size=8))
+def test_parse_version_reads_back_any_version(numbers: tuple[int, int, int], suffix: str) -> None:
+    """A.B.C followed by anything parses as (A, B, C)."""
+    text = ".".join(map(str, numbers)) + ("+" + suffix if suffix else "")
+    assert parse_version(text) == numbers
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=20))
+def test_parse_version_never_raises(text: str) -> None:
+    """Whatever a server reports, parsing gives a version or None."""
+    result = parse_version(text)
+    assert result is None or len(result) == 3

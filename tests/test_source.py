@@ -7,6 +7,7 @@ to produce on demand; the happy paths run against a real Unleash in the e2e test
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -14,11 +15,19 @@ from typing import TypeVar
 import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from yarl import URL
 
 from poller.config import Secret, UnleashConfig
-from poller.render import UNREADABLE
-from poller.source import Capabilities, UnleashError, UnleashSource
+from poller.render import UNREADABLE, ServerProfile
+from poller.source import (
+    Capabilities,
+    UnleashError,
+    UnleashSource,
+    parse_ui_config,
+    read_server_profile,
+)
 
 BASE = "http://unleash.test"
 SEARCH = re.compile(r"^http://unleash\.test/api/admin/search/events.*$")
@@ -378,3 +387,58 @@ def test_gap_recheck_through_a_capping_proxy_gets_every_id() -> None:
     assert sorted(int(e["id"]) for e in found) == list(range(2, 21, 2))  # type: ignore[call-overload]
     assert failing == []
     assert len(asked) == 4
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"version": "8.2.0", "unleashUrl": "http://localhost:4242/", "other": 1}',
+            ServerProfile("8.2.0", "http://localhost:4242"),
+        ),
+        (b'{"unleashUrl": "https://u.example.com"}', ServerProfile(None, "https://u.example.com")),
+        (b'{"version": "7.6.5"}', None),  # no link base: keep the offline profile
+        (b'{"version": "7.6.5", "unleashUrl": "localhost"}', None),
+        (b"[1]", None),
+        (b"<html>", None),
+        (b"[" * 100_000, None),
+    ],
+)
+def test_parse_ui_config(body: bytes, expected: ServerProfile | None) -> None:
+    """ui-config gives the version and the unleashUrl; an answer without them gives None."""
+    assert parse_ui_config(body) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.binary(max_size=200)
+    | st.builds(
+        lambda d: json.dumps(d).encode(),
+        st.dictionaries(
+            st.sampled_from(["version", "unleashUrl", "x"]), st.text(max_size=20) | st.integers()
+        ),
+    )
+)
+def test_parse_ui_config_never_raises(body: bytes) -> None:
+    """Whatever ui-config answers, the result is a profile with an http(s) link base or None."""
+    profile = parse_ui_config(body)
+    assert profile is None or profile.unleash_url.startswith(("http://", "https://"))
+
+
+def test_server_profile_is_read_from_ui_config() -> None:
+    """The source asks GET /api/admin/ui-config with the token; a 404 means "not known"."""
+    with aioresponses() as mocked:
+        mocked.get(
+            f"{BASE}/api/admin/ui-config",
+            status=200,
+            body='{"version": "5.12.8", "unleashUrl": "http://localhost:4242"}',
+        )
+        assert _run(read_server_profile) == ServerProfile("5.12.8", "http://localhost:4242")
+        request = next(iter(mocked.requests.values()))[0]
+        assert request.kwargs["headers"]["Authorization"] == "*:*.tok"
+    with aioresponses() as mocked:
+        mocked.get(f"{BASE}/api/admin/ui-config", status=404, body="{}")
+        assert _run(read_server_profile) is None
+    with aioresponses() as mocked:
+        mocked.get(f"{BASE}/api/admin/ui-config", status=401, body="{}")
+        assert _error(read_server_profile).kind == "auth"

@@ -419,10 +419,14 @@ class UnleashServer:
         log_dir: Path | None = None,
         startup_timeout_s: float = 300.0,
         keep_database: bool = False,
+        default_unleash_url: bool = False,
     ) -> None:
         self.version = version
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # True: started without UNLEASH_URL, like a plain default install (its ui-config
+        # and its integrations' links then say http://localhost:4242).
+        self.default_unleash_url = default_unleash_url
         self.admin_token = f"*:*.{secrets.token_hex(24)}"
         self.startup_timeout_s = startup_timeout_s
         self.keep_database = keep_database
@@ -460,7 +464,7 @@ class UnleashServer:
             "TEST_UNLEASH_DB_PORT": str(self._db.port),
             "TEST_UNLEASH_PORT": str(self.port),
             "TEST_UNLEASH_ADMIN_TOKEN": self.admin_token,
-            "TEST_UNLEASH_URL": self.url,
+            "TEST_UNLEASH_URL": "" if self.default_unleash_url else self.url,
             "NODE_ENV": "production",
         }
         started = time.monotonic()

@@ -31,7 +31,10 @@ const loaded = await import(pathToFileURL(require.resolve('unleash-server')).hre
 const start = loaded.start ?? loaded.default?.start;
 
 const port = Number(env('TEST_UNLEASH_PORT', '4242'));
-const url = env('TEST_UNLEASH_URL', `http://127.0.0.1:${port}`);
+const url = `http://127.0.0.1:${port}`;
+// UNLEASH_URL as an operator would set it; TEST_UNLEASH_URL='' leaves it unset, as on a
+// plain default install (Unleash then reports http://localhost:4242 in its ui-config).
+const unleashUrl = env('TEST_UNLEASH_URL', url);
 
 const instance = await start({
     db: {
@@ -42,7 +45,7 @@ const instance = await start({
         port: Number(env('TEST_UNLEASH_DB_PORT', '5432')),
         ssl: false,
     },
-    server: { port, host: '127.0.0.1', unleashUrl: url },
+    server: { port, host: '127.0.0.1', ...(unleashUrl ? { unleashUrl } : {}) },
     authentication: {
         initApiTokens: [
             {
