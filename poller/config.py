@@ -433,6 +433,11 @@ def _secret(
     if len(given) > 1:
         check.fail(f"{place}.{key}", f"give only one of {', '.join(given)}")
         return None
+    for given_key in (f"{key}_file", f"{key}_env"):
+        if table.get(given_key) == "":
+            # Not "no secret": a file or variable was meant and its name is missing.
+            check.fail(f"{place}.{given_key}", "must not be empty")
+            return None
     if f"{key}_file" in table:
         path = check.get(table, place, f"{key}_file", str, "")
         return _read_secret_file(check, f"{place}.{key}_file", path, base) if path else None
@@ -491,8 +496,11 @@ def _unleash_token(check: _Checker, table: Mapping[str, object], base: Path) -> 
 def _unleash_token_from(check: _Checker, table: Mapping[str, object], base: Path) -> Secret | None:
     if secret := _secret(check, table, "unleash", "token", base):
         return secret
+    if table.get("token") == "":
+        check.fail("unleash.token", "is empty")
+        return None
     if any(k in table for k in ("token", "token_file", "token_env")):
-        return None  # given, but empty or unreadable: already reported
+        return None  # given, but unreadable or of the wrong type: already reported
     if env := os.environ.get(TOKEN_ENV):
         return Secret(env)
     if credential := _credentials_file("unleash-token"):

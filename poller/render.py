@@ -240,9 +240,13 @@ def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[E
     try:
         parsed = env.parse(source)
         template = env.from_string(source)
+        unknown = jinja2.meta.find_undeclared_variables(parsed) - _CONTEXT_NAMES
     except jinja2.TemplateSyntaxError as exc:
         raise BadTemplateError(f"invalid Jinja2 at line {exc.lineno}: {exc.message}") from None
-    unknown = jinja2.meta.find_undeclared_variables(parsed) - _CONTEXT_NAMES
+    except (RecursionError, SyntaxError):
+        # Jinja2's parser recurses per nesting level, and Python refuses the code it
+        # generates for blocks nested more than 20 deep (IndentationError is one of these).
+        raise BadTemplateError("Jinja2 template nested too deeply") from None
     if unknown:
         raise BadTemplateError(
             f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
@@ -259,9 +263,16 @@ def _jinja_renderer(source: str, public_url: str, max_chars: int) -> Callable[[E
         )
         try:
             return _bounded(chunks, max_chars)
+        except RenderError:
+            raise
         except TemplateLimitError as exc:
             raise RenderError(str(exc)) from None
-        except jinja2.TemplateError as exc:  # a sandbox refusal is one of these
+        except MemoryError:
+            raise  # reported by the renderer, as for Mustache
+        except Exception as exc:  # noqa: BLE001 - see below
+            # A Jinja2 template is a program, and its filters run on whatever the event
+            # holds: `{{ event|wordwrap }}` raises AttributeError, a sandbox refusal is a
+            # TemplateError. Whatever it raises is that template's failure on that event.
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
 
     return render

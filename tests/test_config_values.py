@@ -190,3 +190,19 @@ def test_a_secret_file_path_with_a_nul_is_refused(tmp_path: Path) -> None:
     problems = _problems(_toml(unleash='token_file = "a\\u0000b"'), tmp_path)
     assert len(problems) == 1, problems
     assert "not a valid path" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ('token = ""', "unleash.token: is empty"),
+        ('token_env = ""', "unleash.token_env: must not be empty"),
+        ('token_file = ""', "unleash.token_file: must not be empty"),
+    ],
+)
+def test_an_empty_token_is_named_not_a_silent_exit_78(
+    tmp_path: Path, entry: str, problem: str
+) -> None:
+    """Found by the config fuzzing: an empty token, token_env or token_file gave a
+    ConfigError with no problem in it, so `check` exited 78 printing nothing."""
+    assert _problems(_toml(unleash=entry), tmp_path) == [problem]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from poller.render import RENDER_TIME_BUDGET_S, RenderError, build_renderer
+from poller.render import RENDER_TIME_BUDGET_S, BadTemplateError, RenderError, build_renderer
 
 SILENT_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
 TAGS_EVENT: dict[str, object] = {
@@ -80,8 +80,9 @@ def test_a_runaway_jinja_render_leaves_the_event_loop_free() -> None:
 
     ticks, result = _within(RENDER_TIME_BUDGET_S + 5, lambda: asyncio.run(main()))  # type: ignore[misc]
     assert isinstance(result, RenderError), result
-    # 2 s of 20 ms timers is 100 ticks; GIL sharing with the render thread costs some.
-    assert ticks >= 40, ticks
+    # 2 s of 20 ms timers is up to 100 ticks (fewer on a loaded machine, as the loop shares
+    # the GIL with the render thread); a loop blocked by the render would see at most one.
+    assert ticks >= 10, ticks
 
 
 def test_a_stopped_render_thread_renders_the_next_event() -> None:
@@ -91,12 +92,14 @@ def test_a_stopped_render_thread_renders_the_next_event() -> None:
         "{% if event.id == 1 %}" + SILENT_LOOP + "{% else %}ok {{ event.id }}{% endif %}",
         engine="jinja2",
     )
+    before = threading.active_count()
     first = _within(RENDER_TIME_BUDGET_S + 5, lambda: renderer.render(TAGS_EVENT))
     assert isinstance(first, RenderError)
-    threads = threading.active_count()
-    for event_id in range(2, 7):
+    for event_id in range(2, 30):
         assert renderer.render({**TAGS_EVENT, "id": event_id}) == b"ok %d" % event_id
-    assert threading.active_count() == threads  # the stopped thread was taken back
+    # The stopped thread comes back to the pool once it has unwound; a render that came
+    # before that got a second thread. No more than that, however many renders follow.
+    assert threading.active_count() <= before + 2
 
 
 @pytest.mark.parametrize(
@@ -188,3 +191,38 @@ def test_ordinary_jinja_arithmetic_and_formatting_still_work() -> None:
     assert build_renderer(template, engine="jinja2").render(TAGS_EVENT) == (
         b"1732790000123 1|---|1024|2999|00001"
     )
+
+
+@pytest.mark.parametrize(
+    ("template", "error"),
+    [
+        ("{{ event|wordwrap(1) }}", "AttributeError"),  # wordwrap calls str methods on a dict
+        ("{{ event.tags|indent }}", "AttributeError"),
+    ],
+)
+def test_any_exception_a_jinja_template_raises_is_its_render_error(
+    template: str, error: str
+) -> None:
+    """Found by the template fuzzing: a filter given the wrong kind of value raised
+    AttributeError, which escaped the renderer and would stop the worker (and the daemon).
+    Whatever a template raises is a RenderError (a dead letter with the reason)."""
+    with pytest.raises(RenderError, match=f"^template failed: {error}"):
+        build_renderer(template, engine="jinja2").render(TAGS_EVENT)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",
+        "{{ " + "[" * 3000 + "]" * 3000 + " }}",
+        "{{ 1" + "|string" * 5000 + " }}",
+        "{% for i in event.tags %}" * 30 + "{% endfor %}" * 30,
+        "{% if 1 %}" * 200 + "{% endif %}" * 200,
+    ],
+)
+def test_a_jinja_template_nested_too_deeply_is_a_config_error(template: str) -> None:
+    """Found while fuzzing the config loader: deep nesting made Jinja2's parser raise
+    RecursionError, and more than 20 nested blocks made Python's compiler raise
+    SyntaxError, out of `check` and `run` as a traceback. Now it is a template error."""
+    with pytest.raises(BadTemplateError, match="nested too deeply"):
+        build_renderer(template, engine="jinja2")
