@@ -34,6 +34,9 @@ from poller.jsvalues import json_stringify
 
 # Integers a template may build: far past any id or timestamp, far short of a slow `**`.
 MAX_INT_BITS = 4096
+# An idle render thread ends after this long: a reload builds new renderers, and the
+# threads of the old ones must not pile up.
+IDLE_THREAD_S = 60.0
 # printf-style widths and precisions in `"%99999999d" % x`, which pad in C.
 _PERCENT_WIDTH = re.compile(r"%[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
@@ -274,7 +277,12 @@ class _RenderThread:
         while True:
             try:
                 if job is None:
-                    job = self._inbox.get()
+                    try:
+                        job = self._inbox.get(timeout=IDLE_THREAD_S)
+                    except queue.Empty:
+                        if self._pool.retire(self):
+                            return
+                        continue  # taken from the pool just now: its job is on the way
                     outcome = None
                     if job.future.set_running_or_notify_cancel():
                         outcome = self._call(job)
@@ -323,6 +331,15 @@ class RenderThreads:
     def give_back(self, thread: _RenderThread) -> None:
         with self._lock:
             self._idle.append(thread)
+
+    def retire(self, thread: _RenderThread) -> bool:
+        """Take an idle thread out of the pool so that it can end; False if a render was
+        just handed to it."""
+        with self._lock:
+            if thread in self._idle:
+                self._idle.remove(thread)
+                return True
+            return False
 
     def _start(self, fn: Callable[[Any], Any], arg: Any) -> tuple[_RenderThread, _Job]:
         with self._lock:
