@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
+import os
 import queue
 import re
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -29,6 +32,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.exceptions import SecurityError
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.utils import Namespace
 
 from poller.jsvalues import json_stringify
 
@@ -57,6 +61,37 @@ def _sized(value: object) -> int | None:
     return len(value) if isinstance(value, str | list | tuple) else None
 
 
+def text_size(value: object, limit: int) -> int:
+    """At least how long `str(value)` is (a list or a dict prints every element), counted
+    no further than just past `limit`. str() of a container is one C call that neither the
+    deadline nor the memory watch can stop, so what would print too long is refused first."""
+    total = 0
+    pending: list[Iterator[object]] = [iter((value,))]
+    while pending:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+            continue
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, list | tuple | set | frozenset):
+            total += 2 + 2 * len(item)
+            pending.append(iter(item))
+        elif isinstance(item, dict):
+            total += 2 + 4 * len(item)
+            pending.append(iter([*item.keys(), *item.values()]))
+        elif isinstance(item, Namespace):
+            pending.append(iter((item._Namespace__attrs,)))  # its attributes print with it
+        else:
+            total += 1
+        if total > limit:
+            break
+    return total
+
+
+_END = object()
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, with every way to build a big value in one C call capped
     at `max_chars` (text and lists) or MAX_INT_BITS (integers), checked before the call."""
@@ -70,8 +105,34 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters.update(self._bounded_filters())
         # Jinja's own tojson escapes for HTML (<, >, &, '), which is wrong inside JSON.
         self.filters["tojson"] = json_stringify
+        # Every filter prints or walks its input in C: none gets one too big to print.
+        self.filters = {name: self._sized_input(f) for name, f in self.filters.items()}
+        # Lorem ipsum of any length is no part of a webhook body.
+        del self.globals["lipsum"]
         # Block sets, macros, call blocks and filter blocks join their buffers with this.
         self.concat = self.bounded_join  # type: ignore[method-assign]
+        # Every {{ value }} is printed with str(): a list too long to print is refused.
+        self.finalize = self._printable
+
+    def _check_text(self, *values: object) -> None:
+        for value in values:
+            if not isinstance(value, str) and text_size(value, self.max_chars) > self.max_chars:
+                raise self.refuse("a printed value")
+            if isinstance(value, str) and len(value) > self.max_chars:
+                raise self.refuse("a value")
+
+    def _printable(self, value: Any) -> Any:
+        if not isinstance(value, str):
+            self._check_text(value)
+        return value
+
+    def _sized_input(self, apply: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(apply)  # keeps jinja_pass_arg
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            self._check_text(*args, *kwargs.values())
+            return apply(*args, **kwargs)
+
+        return checked
 
     def refuse(self, what: str) -> TemplateLimitError:
         return TemplateLimitError(
@@ -80,7 +141,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def bounded_join(self, pieces: Iterable[Any], separator: str = "") -> str:
         """`separator.join(map(str, pieces))`, refused before joining if too long."""
-        texts = [p if isinstance(p, str) else str(p) for p in pieces]
+        items = list(pieces)
+        self._check_text(items)
+        texts = [p if isinstance(p, str) else str(p) for p in items]
         if sum(map(len, texts)) + len(separator) * len(texts) > self.max_chars:
             raise self.refuse("joined text")
         return separator.join(texts)
@@ -102,6 +165,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise TemplateLimitError(
                     f"template would build a power over {MAX_INT_BITS} bits; stopped"
                 )
+        elif operator == "+" and isinstance(left, list | tuple):
+            if text_size((left, right), self.max_chars) > self.max_chars:
+                raise self.refuse("a sum")
         elif operator == "+":
             left_size, right_size = _sized(left), _sized(right)
             if (
@@ -112,11 +178,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 raise self.refuse("a sum")
         elif operator == "%" and isinstance(left, str):
             self._check_widths(left, _PERCENT_WIDTH)
+            self._check_text(right)
         return super().call_binop(context, operator, left, right)
 
     def _check_repeat(self, sequence: object, times: object) -> None:
-        size = _sized(sequence)
-        if size is not None and type(times) is int and size * times > self.max_chars:
+        if _sized(sequence) is None or type(times) is not int or times <= 0:
+            return
+        # As printed: [eventJson] * 100000 is short as a list and huge as text.
+        if text_size(sequence, self.max_chars // times + 1) * times > self.max_chars:
             raise self.refuse("a repetition")
 
     def _check_widths(self, text: str, spec: re.Pattern[str]) -> None:
@@ -188,6 +257,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         """A text's own methods (`"x".center(n)`, `s.replace(a, b)`, `s.join(xs)`,
         `"{:>9}".format(x)`) get the same checks as the filters."""
+        __self._check_text(*args, *kwargs.values())
         # The sandbox hands out str.format wrapped; the text it belongs to is underneath.
         method_obj = getattr(__obj, "__wrapped__", __obj)
         owner = getattr(method_obj, "__self__", None)
@@ -317,16 +387,48 @@ class _RenderThread:
         self._pool.give_back(self)
 
 
+_WATCH_S = 0.05  # how often a render that is still running is checked
+
+
+@functools.cache
+def _statm() -> int | None:
+    try:
+        return os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None  # not Linux: renders are bounded in time only
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory (Linux), about 2 us to read; None where unknown."""
+    fd = _statm()
+    if fd is None:
+        return None
+    return int(os.pread(fd, 64, 0).split()[1]) * _PAGE_SIZE
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
 class RenderThreads:
     """The render threads of one renderer: as many as renders run at once (one for an
-    in-order webhook), made when first needed. `timed_out()` makes the exception a render
-    stopped at its deadline raises."""
+    in-order webhook), made when first needed.
 
-    def __init__(self, budget_s: float, timed_out: Callable[[], Exception]) -> None:
+    A render is stopped when it has run `budget_s`, or when the process has grown by more
+    than `memory_bytes` since it started (checked every 50 ms while it runs: a loop that
+    builds a value element by element is bounded in memory, not only in time).
+    `stopped(reason)` makes the exception such a render raises."""
+
+    def __init__(
+        self, budget_s: float, memory_bytes: int, stopped: Callable[[str], Exception]
+    ) -> None:
         self.budget_s = budget_s
-        self.timed_out = timed_out
+        self.memory_bytes = memory_bytes
+        self.stopped = stopped
         self._lock = threading.Lock()
         self._idle: list[_RenderThread] = []
+
+    def timed_out(self) -> Exception:
+        return self.stopped(f"template ran longer than {self.budget_s:g}s; stopped")
 
     def give_back(self, thread: _RenderThread) -> None:
         with self._lock:
@@ -350,27 +452,51 @@ class RenderThreads:
         thread.submit(job)
         return thread, job
 
+    def _why_stop(self, deadline: float, rss_at_start: int | None) -> str | None:
+        if time.monotonic() >= deadline:
+            return f"template ran longer than {self.budget_s:g}s; stopped"
+        if rss_at_start is not None:
+            grown = (resident_bytes() or 0) - rss_at_start
+            if grown > self.memory_bytes:
+                return f"template used over {self.memory_bytes // 2**20} MiB of memory; stopped"
+        return None
+
     def run(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """`fn(arg)` on a render thread, the caller waiting (the CLI's `render`)."""
+        rss_at_start = resident_bytes()
+        deadline = time.monotonic() + self.budget_s
         thread, job = self._start(fn, arg)
-        try:
-            return job.future.result(self.budget_s)
-        except TimeoutError:
-            if job.future.done():
-                raise  # fn itself raised it
-            thread.interrupt(job)
-            raise self.timed_out() from None
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return job.future.result(max(0.0, min(_WATCH_S, remaining)))
+            except TimeoutError:
+                if job.future.done():
+                    raise  # fn itself raised it
+            reason = self._why_stop(deadline, rss_at_start)
+            if reason is not None:
+                thread.interrupt(job)
+                raise self.stopped(reason)
 
     async def run_async(self, fn: Callable[[Any], Any], arg: Any) -> Any:
         """`fn(arg)` on a render thread while the event loop goes on with other work."""
+        rss_at_start = resident_bytes()
+        deadline = time.monotonic() + self.budget_s
         thread, job = self._start(fn, arg)
+        waiter = asyncio.wrap_future(job.future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(job.future), self.budget_s)
-        except TimeoutError:
-            if job.future.done():
-                raise  # fn itself raised it
-            thread.interrupt(job)
-            raise self.timed_out() from None
+            while True:
+                remaining = deadline - time.monotonic()
+                done, _ = await asyncio.wait((waiter,), timeout=max(0.0, min(_WATCH_S, remaining)))
+                if done:
+                    return waiter.result()
+                reason = self._why_stop(deadline, rss_at_start)
+                if reason is not None:
+                    thread.interrupt(job)
+                    raise self.stopped(reason)
         except asyncio.CancelledError:
             thread.interrupt(job)  # a forced stop: the render must not go on behind it
             raise
+        finally:
+            if not waiter.done():
+                waiter.cancel()  # nothing waits for it now, even after the loop is closed

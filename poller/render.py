@@ -125,8 +125,10 @@ RENDER_TIME_BUDGET_S = 2.0
 JINJA_TIME_BUDGET_S = RENDER_TIME_BUDGET_S  # the name before both engines had one
 
 
-def _timed_out() -> RenderError:
-    return RenderError(f"template ran longer than {RENDER_TIME_BUDGET_S:g}s; stopped")
+def _render_memory_bytes(max_body_bytes: int) -> int:
+    """How much a Jinja2 render may grow the process: room for its output several times
+    over (parts, join, encoding) and for the event's context."""
+    return 64 * 2**20 + 16 * max_body_bytes
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,7 @@ def build_renderer(
             "jinja2",
             _jinja_renderer(template, public_url, max_body_bytes),
             max_body_bytes,
-            RenderThreads(RENDER_TIME_BUDGET_S, _timed_out),
+            RenderThreads(RENDER_TIME_BUDGET_S, _render_memory_bytes(max_body_bytes), RenderError),
         )
     return Renderer(
         f"mustache (escape={escape})",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from poller import jinja
+from poller.jinja import resident_bytes
 from poller.render import RENDER_TIME_BUDGET_S, BadTemplateError, RenderError, build_renderer
 
 SILENT_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
@@ -171,6 +172,12 @@ def test_a_mustache_section_nest_that_prints_nothing_is_stopped_at_the_time_budg
         "{% macro m() %}{% for i in range(100000) %}{{ eventJson }}{% endfor %}{% endmacro %}"
         "{{ m()|length }}",
         "{{ eventJson|indent(100000000) }}",
+        # short lists that print (str(), one C call) as huge texts
+        "{{ [eventJson] * 100000 }}",
+        "{{ range(1)|batch(100000, eventJson)|list }}",
+        "{{ (range(1)|batch(100000, eventJson)|list)|length }}",
+        "{{ '%s' % (range(1)|batch(100000, eventJson)|list) }}",
+        "{{ 'x' ~ (range(1)|batch(100000, eventJson)|list) }}",
     ],
 )
 def test_jinja_values_too_big_to_build_are_refused_before_they_are_built(template: str) -> None:
@@ -246,3 +253,19 @@ def test_idle_render_threads_end(monkeypatch: pytest.MonkeyPatch) -> None:
         time.sleep(0.05)
     assert not any(t.is_alive() for t in started)
     assert renderers[0].render(TAGS_EVENT) == b"1"
+
+
+@pytest.mark.skipif(resident_bytes() is None, reason="resident memory is read from /proc")
+def test_a_jinja_render_that_grows_memory_is_stopped() -> None:
+    """A loop that builds a big value element by element (each step small, so no size
+    check refuses it; 100,000 copies of a 40 kB text would be 4 GB) is stopped once the
+    process has grown by the render's memory budget, long before the time budget."""
+    event = {**TAGS_EVENT, "data": {"name": "f" * 20000}}
+    grow = (
+        "{% set x = range(100000)|map('string')|map('replace', '', eventJson)|list %}{{ x|length }}"
+    )
+    renderer = build_renderer(grow, engine="jinja2")
+    started = time.monotonic()
+    with pytest.raises(RenderError, match=r"^template used over \d+ MiB of memory; stopped"):
+        renderer.render(event)
+    assert time.monotonic() - started < RENDER_TIME_BUDGET_S
