@@ -8,9 +8,13 @@ pool; the event loop only awaits it. At the deadline the awaiting side raises an
 exception inside the render thread (CPython's PyThreadState_SetAsyncExc), which the
 interpreter delivers at the next bytecode, however deep in the template's loops that is.
 
+While it runs, the awaiting side also checks every 50 ms how much the process has grown,
+so a loop that builds a value piece by piece is stopped before it fills memory.
+
 An async exception cannot stop a single C-level operation (a huge `**`, a string
-repeated a billion times): those hold the GIL and would stall the loop as well. The
-sandbox refuses them before they start, by the size of what they would build.
+repeated a billion times, str() of a list that prints as gigabytes): those hold the GIL
+and would stall the loop as well. The sandbox refuses them before they start, by the size
+of what they would build or print.
 """
 
 from __future__ import annotations
