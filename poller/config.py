@@ -7,11 +7,13 @@ Every problem is collected (not just the first) and named by its place, e.g.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import math
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -174,7 +176,9 @@ class _Checker:
         self.problems: list[str] = []
 
     def fail(self, place: str, message: str) -> None:
-        self.problems.append(f"{place}: {message}")
+        problem = f"{place}: {message}"
+        # One line per problem, whatever a key or a value in it holds.
+        self.problems.append(problem if problem.isprintable() else _escaped(problem))
 
     def table(self, data: object, place: str, allowed: set[str]) -> Mapping[str, object]:
         if not isinstance(data, dict):
@@ -226,6 +230,10 @@ class _Checker:
             self.fail(where, 'must not be empty (omit it, or use ["*"], to mean all)')
             return None
         return None if "*" in value else tuple(value)
+
+
+def _escaped(text: str) -> str:
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _kind_name(kind: type | tuple[type, ...]) -> str:
@@ -280,20 +288,27 @@ def _http_url(value: str) -> str | None:
     return None
 
 
-_LISTEN = re.compile(r"^(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d{1,5})$")
+_LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})")
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """ "host:port", "[v6]:port" or ":port" (all addresses) → (host, port)."""
-    match = _LISTEN.match(listen)
+    match = _LISTEN.fullmatch(listen)
     port = int(match["port"]) if match else -1
     if not match or not 0 <= port <= 65535:
         raise ValueError('must be "host:port" (e.g. "127.0.0.1:9464" or "[::1]:9464")')
     return match["v6"] or match["host"] or "", port
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEADER = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Each is used with fullmatch: `$` would also match before a final newline.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEADER = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# An HTTP field value (RFC 9110): visible characters, spaces and tabs; no control
+# characters (aiohttp refuses CR, LF and NUL with an exception, receivers the others), and
+# no lone surrogate (which an environment variable can hold), since it cannot be encoded.
+_HEADER_VALUE = re.compile("[\t\x20-\x7e\x80-\ud7ff\ue000-\U0010ffff]*")
+SECRET_FILE_MAX_BYTES = 64 * 1024
+CONFIG_FILE_MAX_BYTES = 16 * 1024 * 1024  # templates included
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _TLS_KEYS = {"ca_file", "client_cert_file", "client_key_file"}
@@ -346,14 +361,53 @@ _WEBHOOK_KEYS = _TLS_KEYS | {
 def _read_secret_file(check: _Checker, place: str, path_text: str, base: Path) -> Secret | None:
     path = Path(path_text) if Path(path_text).is_absolute() else base / path_text
     try:
-        text = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        check.fail(place, f"cannot read {path}: {exc.strerror}")
+        data = read_small_file(path, SECRET_FILE_MAX_BYTES)
+    except SmallFileError as exc:
+        check.fail(place, str(exc))
+        return None
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        check.fail(place, f"{path} is not UTF-8 text")
         return None
     if not text:
         check.fail(place, f"{path} is empty")
         return None
     return Secret(text)
+
+
+class SmallFileError(Exception):
+    """A file that read_small_file refuses: `reason` says why, in a few words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def read_small_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, a regular file of at most `max_bytes`. Opened without blocking,
+    so that a FIFO is refused instead of waited on, and read no further than the cap, so
+    that /dev/zero is refused instead of filling memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SmallFileError(path, exc.strerror or type(exc).__name__) from None
+    except ValueError:  # a NUL in the path
+        raise SmallFileError(path, "not a valid path") from None
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise SmallFileError(path, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise SmallFileError(path, "not a regular file")
+        try:
+            data = file.read(max_bytes + 1)
+        except OSError as exc:
+            raise SmallFileError(path, exc.strerror or type(exc).__name__) from None
+    if len(data) > max_bytes:
+        raise SmallFileError(path, f"larger than {max_bytes // 1024} KiB")
+    return data
 
 
 def _credentials_file(name: str) -> Path | None:
@@ -401,6 +455,11 @@ def _secret(
     if len(given) > 1:
         check.fail(f"{place}.{key}", f"give only one of {', '.join(given)}")
         return None
+    for given_key in (f"{key}_file", f"{key}_env"):
+        if table.get(given_key) == "":
+            # Not "no secret": a file or variable was meant and its name is missing.
+            check.fail(f"{place}.{given_key}", "must not be empty")
+            return None
     if f"{key}_file" in table:
         path = check.get(table, place, f"{key}_file", str, "")
         return _read_secret_file(check, f"{place}.{key}_file", path, base) if path else None
@@ -448,10 +507,23 @@ def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> Unle
 
 
 def _unleash_token(check: _Checker, table: Mapping[str, object], base: Path) -> Secret | None:
+    """The token, checked: it is sent as the Authorization header."""
+    token = _unleash_token_from(check, table, base)
+    if token is not None and not _HEADER_VALUE.fullmatch(token.reveal()):
+        # Never the value: it is a secret.
+        check.fail("unleash.token", "must be one line without control characters")
+        return None
+    return token
+
+
+def _unleash_token_from(check: _Checker, table: Mapping[str, object], base: Path) -> Secret | None:
     if secret := _secret(check, table, "unleash", "token", base):
         return secret
+    if table.get("token") == "":
+        check.fail("unleash.token", "is empty")
+        return None
     if any(k in table for k in ("token", "token_file", "token_env")):
-        return None  # given, but empty or unreadable: already reported
+        return None  # given, but unreadable or of the wrong type: already reported
     if env := os.environ.get(TOKEN_ENV):
         return Secret(env)
     if credential := _credentials_file("unleash-token"):
@@ -483,10 +555,10 @@ def _headers(
         return ()
     result = []
     for name, value in raw.items():
-        if not _HEADER.match(name):
+        if not _HEADER.fullmatch(name):
             check.fail(f"{place}.headers.{name}", "is not a valid HTTP header name")
-        elif not isinstance(value, str) or "\n" in value or "\r" in value:
-            check.fail(f"{place}.headers.{name}", "must be a single-line string")
+        elif not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
+            check.fail(f"{place}.headers.{name}", "must be a string without control characters")
         else:
             result.append((name, value))
     return tuple(result)
@@ -511,7 +583,7 @@ def _webhook(
         "",
         lambda v: (
             None
-            if _NAME.match(v)
+            if _NAME.fullmatch(v)
             else "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         ),
     )
@@ -566,7 +638,11 @@ def _webhook(
             "content_type",
             str,
             "application/json",
-            lambda v: None if v and "\n" not in v else "must be a non-empty single line",
+            lambda v: (
+                None
+                if v and _HEADER_VALUE.fullmatch(v)
+                else "must be non-empty, without control characters"
+            ),
         ),
         "headers": headers,
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
@@ -680,8 +756,9 @@ def _authorization(
     check: _Checker, table: Mapping[str, object], place: str, base: Path
 ) -> Secret | None:
     secret = _secret(check, table, place, "authorization", base)
-    if secret is not None and ("\n" in secret.reveal() or "\r" in secret.reveal()):
-        check.fail(f"{place}.authorization", "must be a single line")
+    if secret is not None and not _HEADER_VALUE.fullmatch(secret.reveal()):
+        # Never the value: it is a secret.
+        check.fail(f"{place}.authorization", "must be one line without control characters")
         return None
     # Unleash sends no Authorization header for an empty value; so do we.
     return secret
@@ -803,9 +880,9 @@ def check_private(config: Config) -> str | None:
 def load_config(path: Path) -> Config:
     """Read and validate a TOML config file."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raw = read_small_file(path, CONFIG_FILE_MAX_BYTES)
+    except SmallFileError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.reason}"]) from None
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

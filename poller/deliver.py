@@ -15,7 +15,7 @@ from multidict import CIMultiDict
 
 from poller import __version__
 from poller.config import WebhookConfig
-from poller.urls import redact_url
+from poller.urls import redact_url, scrub_urls
 
 RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
 _RESPONSE_READ_LIMIT = 64 * 1024
@@ -202,4 +202,6 @@ async def post(
         error = f"connection failed: {type(exc).__name__}: {exc}"
     except aiohttp.ClientError as exc:
         error = f"request failed: {type(exc).__name__}: {exc}"
-    return Attempt(None, error, None, time.monotonic() - started)
+    # aiohttp's texts carry the full URL (a malformed answer's error names it), and a
+    # receiver's garbage may echo our request line: neither may reach a log or the state.
+    return Attempt(None, scrub_urls(error, hook.url, hook.proxy), None, time.monotonic() - started)

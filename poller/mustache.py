@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ from poller.jsvalues import json_stringify, to_js_string, utf16_length, utf16_un
 
 __all__ = [
     "Escape",
+    "LimitError",
     "RenderError",
     "Template",
     "TemplateError",
@@ -47,6 +49,35 @@ class TemplateError(ValueError):
 
 class RenderError(ValueError):
     """mustache.js would throw while rendering this view with this template."""
+
+
+class LimitError(RenderError):
+    """The render passed its output size or its time budget and was stopped."""
+
+
+class _Output:
+    """Where a render writes: counts what it holds and stops the render once that passes
+    `max_chars`, and, between the items of a section, once `deadline` has passed."""
+
+    __slots__ = ("budget_s", "deadline", "max_chars", "parts", "size")
+
+    def __init__(self, max_chars: float, budget_s: float) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+        self.max_chars = max_chars
+        self.budget_s = budget_s
+        self.deadline = time.monotonic() + budget_s
+
+    def append(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > self.max_chars:
+            raise LimitError(f"template output passed {self.max_chars} characters; stopped")
+
+    def tick(self) -> None:
+        # Sections over lists are the only way a template's work multiplies.
+        if time.monotonic() > self.deadline:
+            raise LimitError(f"template ran longer than {self.budget_s:g}s; stopped")
 
 
 # JavaScript's \s, which is narrower than Python's (no \x1c-\x1f, no \x85).
@@ -307,7 +338,7 @@ def _is_falsy(value: object) -> bool:
 class _Node:
     __slots__ = ()
 
-    def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
+    def render(self, stack: list[object], escape: Escape, out: _Output) -> None:
         raise NotImplementedError
 
 
@@ -317,7 +348,7 @@ class _Text(_Node):
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
+    def render(self, stack: list[object], escape: Escape, out: _Output) -> None:
         out.append(self.text)
 
 
@@ -328,7 +359,7 @@ class _Variable(_Node):
         self.name = name
         self.escaped = escaped
 
-    def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
+    def render(self, stack: list[object], escape: Escape, out: _Output) -> None:
         value = self.name.resolve(stack)
         if value is not None:
             text = value if type(value) is str else to_js_string(value)
@@ -342,7 +373,7 @@ class _Section(_Node):
         self.name = name
         self.children = children
 
-    def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
+    def render(self, stack: list[object], escape: Escape, out: _Output) -> None:
         value = self.name.resolve(stack)
         if _is_falsy(value):
             return
@@ -351,6 +382,7 @@ class _Section(_Node):
             _render_all(self.children, stack, escape, out)
             return
         for item in value if isinstance(value, list) else (value,):
+            out.tick()
             stack.append(item)
             _render_all(self.children, stack, escape, out)
             stack.pop()
@@ -359,14 +391,14 @@ class _Section(_Node):
 class _InvertedSection(_Section):
     __slots__ = ()
 
-    def render(self, stack: list[object], escape: Escape, out: list[str]) -> None:
+    def render(self, stack: list[object], escape: Escape, out: _Output) -> None:
         value = self.name.resolve(stack)
         if _is_falsy(value) or (isinstance(value, list) and not value):
             _render_all(self.children, stack, escape, out)
 
 
 def _render_all(
-    nodes: tuple[_Node, ...], stack: list[object], escape: Escape, out: list[str]
+    nodes: tuple[_Node, ...], stack: list[object], escape: Escape, out: _Output
 ) -> None:
     for node in nodes:
         node.render(stack, escape, out)
@@ -403,16 +435,23 @@ class Template:
     def __init__(self, nodes: tuple[_Node, ...]) -> None:
         self._nodes = nodes
 
-    def render(self, view: Mapping[str, object], escape: Escape) -> str:
+    def render(
+        self,
+        view: Mapping[str, object],
+        escape: Escape,
+        max_chars: float = math.inf,
+        budget_s: float = math.inf,
+    ) -> str:
         """Render like `Mustache.render(source, view, undefined, {escape})`.
 
         Raises RenderError where mustache.js would throw: a plain name looked up
-        inside a section over a list element that is null.
+        inside a section over a list element that is null; LimitError as soon as the
+        output passes `max_chars` or the render has run `budget_s` seconds.
         """
         stack: list[object] = [view if type(view) is dict else dict(view)]
-        out: list[str] = []
+        out = _Output(max_chars, budget_s)
         _render_all(self._nodes, stack, escape, out)
-        return "".join(out)
+        return "".join(out.parts)
 
 
 def compile_template(source: str) -> Template:

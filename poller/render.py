@@ -9,16 +9,15 @@ JSON-escaped when it lands inside a double-quoted string.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from poller import mustache
 from poller.jsvalues import JSDate, encode_utf8, json_stringify
 
 if TYPE_CHECKING:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from poller.jinja import RenderThreads
 
 # Jinja2 and the eventMarkdown formatter are imported only by a configuration that uses
 # them: the daemon's resident memory is part of what it promises.
@@ -134,11 +133,11 @@ def _template_event(canonical: dict[str, object]) -> dict[str, object]:
     return canonical
 
 
-def _inside_double_quotes(text: str, offset: int) -> bool:
-    """Whether `offset` sits inside a "…" string, honouring backslash escapes."""
-    in_string = False
+def _ends_inside_double_quotes(text: str, in_string: bool) -> bool:
+    """Whether a "…" string is open at the end of `text`, given whether one was open at
+    its start; backslash escapes honoured."""
     escaped = False
-    for char in text[:offset]:
+    for char in text:
         if escaped:
             escaped = False
         elif char == "\\":
@@ -148,33 +147,76 @@ def _inside_double_quotes(text: str, offset: int) -> bool:
     return in_string
 
 
-def _splice_markdown(rendered: str, markdown: str) -> str:
+def _splice_markdown(rendered: str, markdown: str, max_chars: int) -> str:
     if _MARKDOWN_PLACEHOLDER not in rendered:
         return rendered
     quoted = json_stringify(markdown)[1:-1]
     parts = rendered.split(_MARKDOWN_PLACEHOLDER)
+    # Refused before splicing: each short placeholder may become a long text.
+    size = len(rendered) + (len(parts) - 1) * (
+        max(len(quoted), len(markdown)) - len(_MARKDOWN_PLACEHOLDER)
+    )
+    if size > max_chars:
+        raise RenderError(f"template output passed {max_chars} characters; stopped")
     out = [parts[0]]
-    offset = len(parts[0])
+    # One pass over the text: the quote state carries from one part to the next (a
+    # backslash before a placeholder escapes only its NUL, which is no quote).
+    in_string = _ends_inside_double_quotes(parts[0], False)
     for part in parts[1:]:
-        out.append(quoted if _inside_double_quotes(rendered, offset) else markdown)
+        out.append(quoted if in_string else markdown)
         out.append(part)
-        offset += len(_MARKDOWN_PLACEHOLDER) + len(part)
+        in_string = _ends_inside_double_quotes(_MARKDOWN_PLACEHOLDER + part, in_string)
     return "".join(out)
 
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-JINJA_TIME_BUDGET_S = 2.0
+# How long one render may take, in either engine. Jinja2 renders run off the event loop and
+# are stopped at this deadline wherever they stand; Mustache renders run on the loop (they
+# are pure Python and quick) and check it between the items of a section.
+RENDER_TIME_BUDGET_S = 2.0
+JINJA_TIME_BUDGET_S = RENDER_TIME_BUDGET_S  # the name before both engines had one
+
+
+def _render_memory_bytes(max_body_bytes: int) -> int:
+    """How much a Jinja2 render may grow the process: room for its output several times
+    over (parts, join, encoding) and for the event's context."""
+    return 64 * 2**20 + 16 * max_body_bytes
 
 
 @dataclass(frozen=True)
 class Renderer:
-    """Turns an event (as the admin API returns it) into the bytes one webhook receives."""
+    """Turns an event (as the admin API returns it) into the bytes one webhook receives.
+
+    A renderer with `threads` runs its renders there, off the event loop and stopped at
+    their deadline (Jinja2); the others render where they are called."""
 
     describe: str
     _render: Callable[[Event], str]
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    threads: RenderThreads | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def off_loop(self) -> bool:
+        """Whether a render must be awaited (render_async) rather than called on the loop."""
+        return self.threads is not None
 
     def render(self, event: Event) -> bytes:
+        """The body for `event`; on a render thread for a Jinja2 template, the caller
+        waiting at most RENDER_TIME_BUDGET_S."""
+        if self.threads is not None:
+            body: bytes = self.threads.run(self._body, event)
+            return body
+        return self._body(event)
+
+    async def render_async(self, event: Event) -> bytes:
+        """The body for `event`, the event loop free to run other work meanwhile when the
+        render runs off the loop."""
+        if self.threads is not None:
+            body: bytes = await self.threads.run_async(self._body, event)
+            return body
+        return self._body(event)
+
+    def _body(self, event: Event) -> bytes:
         unreadable = event.get(UNREADABLE)
         if unreadable:
             raise RenderError(f"event could not be read from Unleash: {unreadable}")
@@ -183,8 +225,12 @@ class Renderer:
             body = encode_utf8(self._render(event))
         except RenderError:
             raise
+        except mustache.LimitError as exc:
+            raise RenderError(str(exc)) from None
         except (RecursionError, ValueError, TypeError, ArithmeticError, LookupError) as exc:
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
+        except MemoryError:
+            raise RenderError("template failed: it needed more memory than there is") from None
         if len(body) > self.max_body_bytes:
             raise RenderError(
                 f"rendered body is {len(body)} bytes, over max_body_bytes ({self.max_body_bytes})"
@@ -197,7 +243,7 @@ def _default_body(event: Event) -> str:
 
 
 def _mustache_renderer(
-    source: str, escape: str, public_url: str, event_markdown: bool
+    source: str, escape: str, public_url: str, max_chars: int, event_markdown: bool
 ) -> Callable[[Event], str]:
     try:
         template = mustache.compile_template(source)
@@ -221,8 +267,8 @@ def _mustache_renderer(
             "eventJson": json_stringify(json_stringify(canonical)) if wants_json else "",
             "eventMarkdown": _MARKDOWN_PLACEHOLDER if splice else markdown,
         }
-        rendered = template.render(view, escape_fn)
-        return _splice_markdown(rendered, markdown) if splice else rendered
+        rendered = template.render(view, escape_fn, max_chars, RENDER_TIME_BUDGET_S)
+        return _splice_markdown(rendered, markdown, max_chars) if splice else rendered
 
     return render
 
@@ -236,28 +282,25 @@ def _markdown_formatter(source: str, public_url: str) -> Callable[[Event], str]:
     return lambda event: format_event_markdown(event, public_url)
 
 
-def _jinja_environment() -> ImmutableSandboxedEnvironment:
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415 - see imports
-
-    env = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
-    # Jinja's own tojson escapes for HTML (<, >, &, '), which is wrong inside a JSON body.
-    env.filters["tojson"] = json_stringify
-    return env
-
-
 def _jinja_renderer(
     source: str, public_url: str, max_chars: int, event_markdown: bool
 ) -> Callable[[Event], str]:
     import jinja2  # noqa: PLC0415 - see imports
     import jinja2.meta  # noqa: PLC0415
 
-    env = _jinja_environment()
+    from poller.jinja import BoundedSandbox, TemplateLimitError  # noqa: PLC0415 - see imports
+
+    env = BoundedSandbox(max_chars)
     try:
         parsed = env.parse(source)
         template = env.from_string(source)
+        unknown = jinja2.meta.find_undeclared_variables(parsed) - _CONTEXT_NAMES
     except jinja2.TemplateSyntaxError as exc:
         raise BadTemplateError(f"invalid Jinja2 at line {exc.lineno}: {exc.message}") from None
-    unknown = jinja2.meta.find_undeclared_variables(parsed) - _CONTEXT_NAMES
+    except (RecursionError, SyntaxError):
+        # Jinja2's parser recurses per nesting level, and Python refuses the code it
+        # generates for blocks nested more than 20 deep (IndentationError is one of these).
+        raise BadTemplateError("Jinja2 template nested too deeply") from None
     if unknown:
         raise BadTemplateError(
             f"unknown name(s) {', '.join(sorted(unknown))}; a template can use "
@@ -273,27 +316,33 @@ def _jinja_renderer(
             eventMarkdown=markdown_of(canonical),
         )
         try:
-            return _bounded("".join, chunks, max_chars)
-        except jinja2.TemplateError as exc:  # a sandbox refusal is one of these
+            return _bounded(chunks, max_chars)
+        except RenderError:
+            raise
+        except TemplateLimitError as exc:
+            raise RenderError(str(exc)) from None
+        except MemoryError:
+            raise  # reported by the renderer, as for Mustache
+        except Exception as exc:  # noqa: BLE001 - see below
+            # A Jinja2 template is a program, and its filters run on whatever the event
+            # holds: `{{ event|wordwrap }}` raises AttributeError, a sandbox refusal is a
+            # TemplateError. Whatever it raises is that template's failure on that event.
             raise RenderError(f"template failed: {type(exc).__name__}: {exc}") from None
 
     return render
 
 
-def _bounded(join: Callable[[list[str]], str], chunks: Iterator[str], max_chars: int) -> str:
-    """Collect a template's output, giving up on a runaway loop: rendering runs on the
-    event loop, so a template must not be able to stall every webhook."""
+def _bounded(chunks: Iterator[str], max_chars: int) -> str:
+    """Collect a template's output, stopping as soon as it passes the body size limit
+    (the time limit is the render thread's)."""
     out: list[str] = []
     size = 0
-    deadline = time.monotonic() + JINJA_TIME_BUDGET_S
     for chunk in chunks:
         out.append(chunk)
         size += len(chunk)
         if size > max_chars:
             raise RenderError(f"template output passed {max_chars} characters; stopped")
-        if time.monotonic() > deadline:
-            raise RenderError(f"template ran longer than {JINJA_TIME_BUDGET_S:g}s; stopped")
-    return join(out)
+    return "".join(out)
 
 
 def build_renderer(
@@ -312,13 +361,16 @@ def build_renderer(
     if not template:
         return Renderer("default JSON", _default_body, max_body_bytes)
     if engine == "jinja2":
+        from poller.jinja import RenderThreads  # noqa: PLC0415 - see imports
+
         return Renderer(
             "jinja2",
             _jinja_renderer(template, public_url, max_body_bytes, event_markdown),
             max_body_bytes,
+            RenderThreads(RENDER_TIME_BUDGET_S, _render_memory_bytes(max_body_bytes), RenderError),
         )
     return Renderer(
         f"mustache (escape={escape})",
-        _mustache_renderer(template, escape, public_url, event_markdown),
+        _mustache_renderer(template, escape, public_url, max_body_bytes, event_markdown),
         max_body_bytes,
     )

@@ -9,6 +9,7 @@ context, and loading certificates is blocking file I/O.
 from __future__ import annotations
 
 import ssl
+import stat
 from pathlib import Path
 
 
@@ -50,6 +51,15 @@ def client_ssl_context(
 
 
 def _check_readable(field: str, path: Path) -> None:
+    # stat, not open: opening a FIFO would wait for a writer and hang `check`.
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise TlsConfigError(field, f"cannot read {path}: {exc.strerror}") from None
+    except ValueError:  # a NUL in the path
+        raise TlsConfigError(field, f"{str(path)!r} is not a valid path") from None
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):  # open() names a directory
+        raise TlsConfigError(field, f"{path} is not a regular file")
     try:
         with path.open("rb"):
             pass

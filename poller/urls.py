@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import urllib.request
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+
+from yarl import URL
 
 MALFORMED = "<malformed URL>"
+REDACTED_PATH = "/<redacted>"
+# Anything that looks like an absolute URL in an error text, up to a quote, a space or
+# the end of a bracketed repr.
+_ANY_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},]+")
 
 
 def redact_url(url: str) -> str:
@@ -23,6 +31,44 @@ def redact_url(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def scrub_urls(text: str, *known: str | None) -> str:
+    """`text` (an error message, say) with every URL in it cut down to what redact_url
+    keeps, and the path and query of each `known` URL removed wherever they appear on
+    their own (a receiver may echo our request line into its malformed answer).
+
+    Spelling variants are covered: as configured, as yarl encodes it for the wire, and
+    percent-decoded."""
+    for url in known:
+        if not url:
+            continue
+        for variant in sorted(_spellings(url), key=len, reverse=True):
+            text = text.replace(variant, redact_url(url))
+        for tail in sorted(_tails(url), key=len, reverse=True):
+            text = text.replace(tail, REDACTED_PATH)
+    return _ANY_URL.sub(lambda match: redact_url(match.group()), text)
+
+
+def _spellings(url: str) -> set[str]:
+    spellings = {url, unquote(url)}
+    with contextlib.suppress(ValueError):  # a URL yarl refuses was never sent
+        spellings.add(str(URL(url)))
+    return spellings
+
+
+def _tails(url: str) -> set[str]:
+    """The parts after host and port that carry a webhook's secret: the path with its
+    query, the query alone, and the path alone, each in every spelling."""
+    tails: set[str] = set()
+    for spelling in _spellings(url):
+        parts = urlsplit(spelling)
+        path_query = parts.path + (f"?{parts.query}" if parts.query else "")
+        tails.update({path_query, parts.query, parts.path, parts.fragment})
+        if parts.username or parts.password:
+            tails.update({parts.username or "", parts.password or ""})
+    # "/" or an empty query gives nothing away, and replacing it would mangle the text.
+    return {tail for tail in tails if len(tail.strip("/")) >= 2}
 
 
 def proxy_for(url: str, proxy: str | None, trust_env: bool) -> str | None:

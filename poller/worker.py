@@ -54,6 +54,15 @@ def render_body(hook: WebhookConfig, body_json: str) -> bytes | Outcome:
         return Outcome("give_up", str(exc))
 
 
+async def render_body_async(hook: WebhookConfig, body_json: str) -> bytes | Outcome:
+    """render_body for a renderer that must not run on the event loop (Jinja2): it runs
+    on a render thread, stopped at its deadline, while the loop serves the others."""
+    try:
+        return await hook.renderer.render_async(json.loads(body_json))
+    except RenderError as exc:
+        return Outcome("give_up", str(exc))
+
+
 class _WhileSending:
     """Runs `work` once a request has been sent, while the receiver handles it, so that the
     work costs no time between two in-order deliveries. `work` must not raise: it runs as
@@ -112,7 +121,10 @@ async def attempt_once(
     the request is out (not at all when nothing is sent)."""
     attempts = attempts_before + 1
     if body is None:
-        body = render_body(hook, body_json)
+        if hook.renderer.off_loop:
+            body = await render_body_async(hook, body_json)
+        else:
+            body = render_body(hook, body_json)
     if isinstance(body, Outcome):
         return AttemptResult(body, attempts, None)
     crash_point("delivery.before_post")
@@ -316,7 +328,8 @@ class Worker:
         next body if renders are quick."""
         try:
             self._commit_marks_if_full()
-            if row is not None and self._render_s < _AHEAD_MAX_S:
+            quick = self._render_s < _AHEAD_MAX_S and not self.hook.renderer.off_loop
+            if row is not None and quick:
                 self._ahead = (row.event_id, self._render(row))
         except Exception as exc:  # noqa: BLE001 - raised in _deliver once the outcome is kept
             self._side_error = exc
@@ -327,7 +340,7 @@ class Worker:
         body: bytes | Outcome | None = None
         if ahead is not None and ahead[0] == row.event_id:
             body = ahead[1]
-        elif ordered:
+        elif ordered and not self.hook.renderer.off_loop:
             body = self._render(row)  # timed: it decides whether to render ahead
         result = await attempt_once(
             self.session,

@@ -16,9 +16,12 @@ import aiohttp
 import pytest
 import trustme
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from yarl import URL
 
 from poller.tls import client_ssl_context
-from poller.urls import MALFORMED, proxy_for, redact_url
+from poller.urls import MALFORMED, proxy_for, redact_url, scrub_urls
 
 REDACT = [
     ("https://hooks.slack.com/services/T000/B000/XXXXXXXX", "https://hooks.slack.com"),
@@ -365,3 +368,75 @@ def test_proxy_refusal_carries_credentials_that_redact_url_removes(
             assert redact_url(str(raised.value.request_info.real_url)) == proxy.url
 
     asyncio.run(scenario())
+
+
+SECRET_URL = "https://hooks.example.com/services/T0/B0/s3cr3tPath?sig=s3cr3tQuery"  # noqa: S105 - a fake
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            f"400, message='Invalid status code', url='{SECRET_URL}'",
+            "400, message='Invalid status code', url='https://hooks.example.com'",
+        ),
+        # yarl's spelling on the wire of a configured URL with a space in it
+        (
+            "url='https://hooks.example.com/a%20b/s3cr3tPath?sig=s3cr3tQuery'",
+            "url='https://hooks.example.com'",
+        ),
+        # a receiver echoing our request line back as its status line
+        (
+            "Invalid status code: b'POST /services/T0/B0/s3cr3tPath?sig=s3cr3tQuery HTTP/1.1'",
+            "Invalid status code: b'POST /<redacted> HTTP/1.1'",
+        ),
+        ("only the query: sig=s3cr3tQuery", "only the query: /<redacted>"),
+        # any other URL with a path, and one with credentials
+        ("see http://other.example/x/y?z=1 now", "see http://other.example now"),
+        (
+            "proxy http://u:pw@proxy.example:3128/ said no",
+            "proxy http://proxy.example:3128 said no",
+        ),
+        (
+            "Cannot connect to host hooks.example.com:443",
+            "Cannot connect to host hooks.example.com:443",
+        ),
+    ],
+)
+def test_scrub_urls(text: str, expected: str) -> None:
+    """Error texts keep scheme, host and port of any URL, and lose the configured URL's
+    path and query wherever and however they are spelled."""
+    known = (
+        "https://hooks.example.com/a b/s3cr3tPath?sig=s3cr3tQuery"
+        if "a%20b" in text
+        else SECRET_URL
+    )
+    assert scrub_urls(text, known, None) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    before=st.text(max_size=40),
+    after=st.text(max_size=40),
+    path=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="?#%"),
+        min_size=3,
+        max_size=30,
+    ),
+    query=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#%"),
+        min_size=3,
+        max_size=30,
+    ),
+    wire=st.booleans(),
+)
+def test_scrub_urls_never_leaves_the_path_or_query(
+    before: str, after: str, path: str, query: str, wire: bool
+) -> None:
+    """Whatever surrounds it, a configured URL placed in a text (as configured or as sent
+    on the wire) leaves neither its path nor its query in the scrubbed text."""
+    url = f"https://hooks.example.com/{path}?{query}"
+    shown = str(URL(url)) if wire else url
+    scrubbed = scrub_urls(f"{before}{shown}{after}", url)
+    assert f"/{path}?{query}" not in scrubbed
+    assert shown not in scrubbed

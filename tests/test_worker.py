@@ -400,3 +400,27 @@ def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> No
         got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert got == [1, 2, 3, 4]
     assert state.dead_letters() == []
+
+
+def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A Jinja2 template whose loops print nothing (issue 11, defect 4) renders off the
+    event loop: the other webhook delivers its 30 events at once, and each runaway event is
+    dead-lettered at the time budget with the reason."""
+    silent = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    runaway = f"template_engine = \"jinja2\"\nbody_template = '{silent}'"
+    config = _config(
+        tmp_path,
+        _hook("runaway", receiver.url("/runaway"), runaway) + _hook("ok", receiver.url("/ok")),
+    )
+    state = State.open(config.state.path)
+    _fill(state, ["ok"], range(1, 31))
+    state.ingest([(i, _event(i)) for i in (31, 32)], [("runaway", 31), ("runaway", 32)], 32)
+    finished = asyncio.run(_drain(config, state))
+    assert len(receiver.requests("/ok")) == 30
+    assert receiver.requests("/runaway") == []
+    assert finished["ok"] < 1.5, finished  # not held up by the 2 s renders
+    assert finished["runaway"] >= 4.0, finished
+    reasons = [d.reason for d in state.dead_letters("runaway")]
+    assert reasons == ["template ran longer than 2s; stopped"] * 2

@@ -1,0 +1,146 @@
+"""A receiver that answers garbage must not make the webhook URL's secret path or query
+show up anywhere (issue 11, defect 6): not in the attempt's error, the log, the state file
+or `dead-letters list`."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poller.app import make_session
+from poller.config import parse_config
+from poller.deliver import post, request_headers
+from poller.state import State
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CANARY = "Xq7Canary"
+SECRET_PATH = f"/services/T0/B0/{CANARY}path?sig={CANARY}query&x=1"
+GARBAGE = [
+    b"HTTP/1.1 abc\r\n\r\n",  # malformed status line
+    b"HTTP/1.1 200 OK\r\nBad Header\r\nContent-Length: 0\r\n\r\n",  # malformed header
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"garbage\r\n\r\n",
+]
+
+
+class GarbageServer:
+    """A real TCP server that reads each request and answers `answer`, which is not HTTP,
+    or echoes the request line back as its status line when `answer` is None (a
+    receiver that repeats our path to us)."""
+
+    def __init__(self, answer: bytes | None) -> None:
+        self.answer = answer
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                line = request.split(b"\r\n", 1)[0]
+                conn.sendall(self.answer if self.answer is not None else line + b"\r\n\r\n")
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{SECRET_PATH}"
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(params=[*GARBAGE, None], ids=[*(g[:20].decode() for g in GARBAGE), "echo"])
+def garbage(request: pytest.FixtureRequest) -> Iterator[GarbageServer]:
+    server = GarbageServer(request.param)
+    yield server
+    server.close()
+
+
+def _toml(url: str, extra: str = "") -> str:
+    return f"""
+[unleash]
+url = "http://127.0.0.1:1"
+token = "t"
+[state]
+path = "state.sqlite3"
+[[webhooks]]
+name = "hook"
+url = "{url}"
+retry_schedule_s = [0.05]
+{extra}
+"""
+
+
+def test_a_malformed_answer_gives_an_error_without_the_url_secret(
+    tmp_path: Path, garbage: GarbageServer
+) -> None:
+    """post() against a real socket that answers garbage: the error names the failure
+    and the host, not the path or the query."""
+    config = parse_config(tomllib.loads(_toml(garbage.url())), tmp_path)
+    hook = config.webhooks[0]
+
+    async def attempt() -> str | None:
+        async with make_session(config) as session:
+            return (await post(session, hook, request_headers(hook), b"{}", "id-1")).error
+
+    error = asyncio.run(attempt())
+    assert error is not None
+    assert f"127.0.0.1:{garbage.port}" in error  # still says where it went wrong
+    assert CANARY not in error, error
+    assert "services" not in error, error
+
+
+def test_no_url_secret_in_the_log_the_state_file_or_dead_letters_list(tmp_path: Path) -> None:
+    """The daemon delivering to a receiver that answers a malformed status line, then
+    echoes our request line: the canary in the URL's path and query appears in none of the
+    log lines (retry and dead letter), the state file, or `dead-letters list`."""
+    for name, answer in (("status", GARBAGE[0]), ("echo", None)):
+        server = GarbageServer(answer)
+        try:
+            work = tmp_path / name
+            work.mkdir()
+            config = work / "config.toml"
+            config.write_text(_toml(server.url()))
+            config.chmod(0o600)
+            state = State.open(work / "state.sqlite3")
+            state.ingest([(1, '{"id": 1, "type": "feature-created"}')], [("hook", 1)], 1)
+            state.close()
+            run = subprocess.run(
+                [sys.executable, "-m", "poller", "run", "--once", "-c", str(config)],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            listed = subprocess.run(
+                [sys.executable, "-m", "poller", "dead-letters", "list", "-c", str(config)],
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+        finally:
+            server.close()
+        log = run.stdout + run.stderr
+        assert "delivery.retry_scheduled" in log, log
+        assert "delivery.dead_lettered" in log, log
+        assert f"127.0.0.1:{server.port}" in listed.stdout, listed.stdout
+        stored = b"".join(p.read_bytes() for p in work.glob("state.sqlite3*"))
+        for where, text in (("log", log), ("dead-letters list", listed.stdout)):
+            assert CANARY not in text, (where, text)
+        assert CANARY.encode() not in stored
