@@ -804,7 +804,8 @@ def _provider_webhook(
     own = _provider_keys(provider)
     for key in sorted(set(table) - _SHARED_KEYS - own):
         why = f"does not belong to provider {provider.name!r}"
-        check.fail(f"{place}.{key}", why if key in _WEBHOOK_KEYS else f"unknown key ({why})")
+        known = key in _WEBHOOK_KEYS or any(key in _provider_keys(p) for p in PROVIDERS.values())
+        check.fail(f"{place}.{key}", why if known else f"unknown key ({why})")
     values: dict[str, object] = {}
     for key, param in provider.params.items():
         value = _provider_value(check, table, place, key, param, provider.name, base)
@@ -883,6 +884,7 @@ def _provider_value(  # noqa: PLR0911 - one return per kind of value
             check.fail(f"{place}.{key}", "must be a list of non-empty strings")
             return None
         return tuple(raw)
+    problems_before = len(check.problems)
     if param.secret:
         secret = _secret(check, table, place, key, base)
         text = secret.reveal() if secret is not None else None
@@ -892,7 +894,7 @@ def _provider_value(  # noqa: PLR0911 - one return per kind of value
     else:
         text = check.get(table, place, key, str, "") or None
     if text is None:
-        if key in table and param.required:
+        if key in table and param.required and len(check.problems) == problems_before:
             check.fail(f"{place}.{key}", "must not be empty")
         return None
     if param.kind == "url" and (problem := _http_url(text)):

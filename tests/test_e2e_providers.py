@@ -15,7 +15,7 @@ import gzip
 import json
 import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,7 @@ def differential(
     receiver: Receiver,
     poller_config: PollerConfigFactory,
     poller_cli: PollerCli,
-) -> Iterator[Run]:
+) -> Run:
     """Both sides configured, the event mix driven, the poller run once."""
     base = "/" + unique("providers")
 
@@ -340,7 +340,7 @@ def differential(
         assert flags
     finally:
         disable_all(unleash)
-    yield Run(
+    return Run(
         unleash,
         events,
         {i.provider: receiver.requests(f"{base}/unleash/{i.provider}") for i in setups},
