@@ -15,7 +15,7 @@ from aiohttp import web
 
 from poller.app import make_session, replay_dead_letters
 from poller.config import Config, parse_config
-from poller.deliver import Outcome
+from poller.deliver import Attempt, Outcome, decide
 from poller.dispatch import combine
 from poller.state import State
 from poller.worker import Worker
@@ -142,6 +142,8 @@ def test_a_final_slack_error_dead_letters_and_replay_sends_only_that_channel(
     ok, failed = asyncio.run(replay_dead_letters(config, state, None))
     assert (ok, failed) == (1, 0)
     assert slack.posts[6:] == ["c"]
+    files = [config.state.path, config.state.path.with_name(config.state.path.name + "-wal")]
+    assert not any(b"xoxb-1" in f.read_bytes() for f in files if f.exists())
     assert state.dead_letters() == []
     assert state.parts_sent("app", 1) == frozenset()
 
@@ -161,3 +163,15 @@ def test_combined_outcome_of_several_requests() -> None:
     ]  # fmt: skip
     for outcomes, expected in cases:
         assert combine(outcomes) == expected
+
+
+def test_a_provider_failure_is_decided_like_an_http_one() -> None:
+    """Slack's ok:false verdicts: a retryable one waits at least what Retry-After asks, a
+    final one gives up at once with Slack's reason."""
+    retry = Attempt(200, None, "30", 0.0, "Slack error: ratelimited", failure_retryable=True)
+    assert decide(retry, 1, [1.0]) == Outcome("retry", "Slack error: ratelimited", 30.0)
+    final = Attempt(200, None, None, 0.0, "Slack error: channel_not_found")
+    assert decide(final, 1, [1.0]) == Outcome(
+        "give_up", "Slack error: channel_not_found after 1 attempt"
+    )
+    assert decide(retry, 2, [1.0]).kind == "give_up"  # the retries are used up

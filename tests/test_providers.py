@@ -9,9 +9,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from poller.config import ConfigError, parse_config
 from poller.providers import PROVIDERS
+from poller.providers.base import js_substring
 from tests.support.node import NODE_MODULES, require_node
 
 HEAD = '[unleash]\nurl = "http://127.0.0.1:1"\ntoken = "t"\n[[webhooks]]\nname = "n"\n'
@@ -192,3 +196,30 @@ def test_check_exits_78_with_one_line_for_a_bad_provider_key(tmp_path: Path) -> 
         .splitlines()[-1]
         .endswith("webhooks[0].api_key: does not belong to provider 'teams'")
     )
+
+
+def test_example_config_provider_blocks_pass_check(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Every commented provider example in config.example.toml is valid once uncommented."""
+    text = (Path(__file__).resolve().parents[1] / "config.example.toml").read_text()
+    section = text.split("# ---- Providers", 1)[1]
+    lines = [line[2:] for line in section.splitlines() if line.startswith("# ")]
+    for name in ("SLACK_BOT_TOKEN", "SLACK_WEBHOOK_URL", "TEAMS_WORKFLOW_URL",
+                 "TEAMS_WEBHOOK_URL", "DD_API_KEY", "NEW_RELIC_LICENSE_KEY"):  # fmt: skip
+        monkeypatch.setenv(name, "https://secret.example/x")
+    config = parse_config(
+        tomllib.loads('[unleash]\nurl = "http://127.0.0.1:1"\ntoken = "t"\n' + "\n".join(lines)),
+        tmp_path,
+    )
+    providers = {h.provider.provider.name for h in config.webhooks if h.provider is not None}
+    assert providers == set(PROVIDERS)
+
+
+@hypothesis_settings(max_examples=80)
+@given(st.text(), st.integers(0, 40))
+def test_js_substring_counts_utf16_units(text: str, length: int) -> None:
+    """substring(0, n): the first min(n, len) UTF-16 units of the text, nothing else."""
+    units = text.encode("utf-16-le", "surrogatepass")
+    cut = js_substring(text, length).encode("utf-16-le", "surrogatepass")
+    assert cut == units[: 2 * length]
