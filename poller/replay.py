@@ -11,8 +11,8 @@ import aiohttp
 from poller.app import make_session
 from poller.config import Config, WebhookConfig
 from poller.deliver import Outcome, request_headers
-from poller.state import State
 from poller.dispatch import deliver_event
+from poller.state import State
 from poller.worker import AttemptResult, attempt_once
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from poller.app import make_session, replay_dead_letters
+from poller.app import make_session
 from poller.config import Config, parse_config
 from poller.deliver import Attempt, Outcome, decide
 from poller.dispatch import combine
+from poller.replay import replay_dead_letters
 from poller.state import State
 from poller.worker import Worker
 
