@@ -20,6 +20,7 @@ from poller.dispatch import combine
 from poller.replay import replay_dead_letters
 from poller.state import State
 from poller.worker import Worker
+from tests.support.receiver import Receiver
 
 
 class FakeSlack:
@@ -176,3 +177,35 @@ def test_a_provider_failure_is_decided_like_an_http_one() -> None:
         "give_up", "Slack error: channel_not_found after 1 attempt"
     )
     assert decide(retry, 2, [1.0]).kind == "give_up"  # the retries are used up
+
+
+@pytest.mark.parametrize("provider", ["teams", "datadog", "new-relic"])
+def test_retry_after_from_other_services_is_honoured(tmp_path: Path, provider: str) -> None:
+    """A 429 with Retry-After from Teams, Datadog or New Relic delays the retry at least
+    that long, although the schedule asks for 0.05 s; then the event is delivered."""
+    keys = {"teams": "", "datadog": 'api_key = "k"', "new-relic": 'license_key = "k"'}
+    with Receiver() as receiver:
+        receiver.respond("/svc", statuses=[429], status=200, retry_after=1)
+        config = parse_config(
+            tomllib.loads(f"""
+[unleash]
+url = "http://127.0.0.1:1"
+token = "t"
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "svc"
+provider = "{provider}"
+url = "{receiver.url("/svc")}"
+retry_schedule_s = [0.05]
+{keys[provider]}
+"""),
+            tmp_path,
+        )
+        state = State.open(config.state.path)
+        state.ingest([(1, _event(1))], [("svc", 1)], 1)
+        asyncio.run(_drain(config, state))
+        first, second = receiver.requests("/svc")
+    assert second.received_at - first.received_at >= 0.95
+    assert state.pending_counts() == {}
+    assert state.dead_letters() == []
