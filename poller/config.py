@@ -581,7 +581,7 @@ def _webhook(
     trust_env: bool,
 ) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
-    if isinstance(data, dict) and data.get("provider", WEBHOOK) != WEBHOOK:
+    if isinstance(data, dict) and data.get("provider") in PROVIDERS:
         return _provider_webhook(check, data, place, base, profile.unleash_url, trust_env)
     table = check.table(data, place, _WEBHOOK_KEYS)
     problems_before = len(check.problems)
@@ -600,6 +600,7 @@ def _webhook(
     if "name" not in table:
         check.fail(f"{place}.name", "is required")
     url = _webhook_url(check, table, place, base)
+    check.get(table, place, "provider", str, WEBHOOK, _known_provider)
     engine = check.get(
         table,
         place,
@@ -792,14 +793,7 @@ def _provider_webhook(
     trust_env: bool,
 ) -> WebhookConfig | None:
     """A webhook whose requests a provider builds (Slack, Teams, Datadog, New Relic)."""
-    name = table.get("provider")
-    provider = PROVIDERS.get(name) if isinstance(name, str) else None
-    if provider is None:
-        check.fail(
-            f"{place}.provider",
-            f"unknown provider {name!r}; one of: {', '.join(provider_names())}",
-        )
-        return None
+    provider = PROVIDERS[str(table["provider"])]
     problems_before = len(check.problems)
     own = _provider_keys(provider)
     for key in sorted(set(table) - _SHARED_KEYS - own):
@@ -846,6 +840,12 @@ def _provider_webhook(
         provider=Configured(provider, Settings(values), link_base),
         **hook_fields,  # type: ignore[arg-type]
     )
+
+
+def _known_provider(name: str) -> str | None:
+    if name == WEBHOOK or name in PROVIDERS:
+        return None
+    return f"unknown provider {name!r}; one of: {', '.join(provider_names())}"
 
 
 def _no_body(provider: str) -> Callable[[Mapping[str, object]], str]:

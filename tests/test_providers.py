@@ -48,7 +48,9 @@ def _problems(hook: str, tmp_path: Path) -> list[str]:
         ('provider = "teams"\nurl = "https://x.example/"\nheaderz = {}',
          ["webhooks[0].headerz: unknown key (does not belong to provider 'teams')"]),
         ('provider = "teams"', ["webhooks[0].url: is required by provider 'teams'"]),
-        ('provider = "slak"', ["webhooks[0].provider: unknown provider 'slak'; one of: webhook, "
+        # An unknown provider is checked as a webhook (which needs a url).
+        ('provider = "slak"', ["webhooks[0].url: is required",
+                               "webhooks[0].provider: unknown provider 'slak'; one of: webhook, "
                                "slack-app, slack, teams, teamsworkflow, datadog, new-relic"]),
         ('provider = "slack"\nurl = "https://hooks.slack.com/x"',
          ["webhooks[0].default_channel: is required by provider 'slack'"]),
