@@ -25,6 +25,7 @@ from poller.config import (
     load_config,
 )
 from poller.importer import ImporterError, ImportOptions, import_summary, run_import
+from poller.providers.base import BuildError, Configured, shown
 from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
 from poller.source import UnleashError
@@ -185,7 +186,7 @@ def _render_profile(config: Config, version: str | None, url: str | None) -> Ser
     return profile
 
 
-def _cmd_render(
+def _cmd_render(  # noqa: PLR0911 - one exit per kind of bad input
     config: Config, webhook: str, event_path: Path, version: str | None, url: str | None
 ) -> int:
     try:
@@ -206,6 +207,8 @@ def _cmd_render(
     if not isinstance(event, dict):
         print(f"unleash-poller: {event_path}: must hold one event (a JSON object)", file=sys.stderr)
         return EX_DATAERR
+    if hook.provider is not None:
+        return _render_requests(hook.provider, webhook, event)
     try:
         body = hook.renderer.render(event)
     except RenderError as exc:
@@ -213,6 +216,25 @@ def _cmd_render(
         return EX_DATAERR
     sys.stdout.buffer.write(body)
     sys.stdout.buffer.flush()
+    return 0
+
+
+def _render_requests(provider: Configured, webhook: str, event: dict[str, object]) -> int:
+    """Every request the provider would send for the event, secrets masked."""
+    try:
+        requests = provider.requests(event)
+    except BuildError as exc:
+        print(f"unleash-poller: webhook {webhook!r}: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    if not requests:
+        print(f"webhook {webhook!r} ({provider.provider.name}) sends nothing for this event")
+        return 0
+    out = sys.stdout.buffer
+    for number, request in enumerate(requests, 1):
+        part = f" ({request.part})" if request.part else ""
+        out.write(f"--- request {number} of {len(requests)}{part}\n".encode())
+        out.write(shown(request) + b"\n")
+    out.flush()
     return 0
 
 

@@ -21,12 +21,17 @@ from pathlib import Path
 from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
+from poller import mustache
 from poller.filters import tag_pattern_problem
+from poller.providers import PROVIDERS, WEBHOOK
+from poller.providers import names as provider_names
+from poller.providers.base import Configured, Param, Provider, Settings
 from poller.render import (
     DEFAULT_MAX_BODY_BYTES,
     BadTemplateError,
     Escape,
     Renderer,
+    RenderError,
     ServerProfile,
     build_renderer,
     offline_profile,
@@ -111,6 +116,9 @@ class WebhookConfig:
     template_engine: Engine = "mustache"
     escape: Escape | None = None  # None: follows the server's version
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Set for a webhook with a `provider` other than "webhook": it builds the requests
+    # (and `renderer` is unused); None is the poller's own webhook.
+    provider: Configured | None = None
 
     @property
     def ordered(self) -> bool:
@@ -573,6 +581,8 @@ def _webhook(
     trust_env: bool,
 ) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
+    if isinstance(data, dict) and data.get("provider") in PROVIDERS:
+        return _provider_webhook(check, data, place, base, profile.unleash_url, trust_env)
     table = check.table(data, place, _WEBHOOK_KEYS)
     problems_before = len(check.problems)
     name = check.get(
@@ -590,14 +600,7 @@ def _webhook(
     if "name" not in table:
         check.fail(f"{place}.name", "is required")
     url = _webhook_url(check, table, place, base)
-    check.get(
-        table,
-        place,
-        "provider",
-        str,
-        "webhook",
-        lambda v: None if v == "webhook" else f"unknown provider {v!r} (this build knows: webhook)",
-    )
+    check.get(table, place, "provider", str, WEBHOOK, _known_provider)
     engine = check.get(
         table,
         place,
@@ -714,10 +717,16 @@ def apply_server_profile(config: Config, profile: ServerProfile) -> Config:
     context, its unleashUrl for links unless public_url is set). Done once per detection
     or reload, never per event; templates compiled at load compile again here."""
     profile = link_profile(config.unleash, profile)
-    hooks = tuple(
-        dataclasses.replace(hook, renderer=_renderer_for(hook, profile)) for hook in config.webhooks
-    )
+    hooks = tuple(_for_profile(hook, profile) for hook in config.webhooks)
     return dataclasses.replace(config, webhooks=hooks, server=profile)
+
+
+def _for_profile(hook: WebhookConfig, profile: ServerProfile) -> WebhookConfig:
+    if hook.provider is not None:
+        # A provider's messages link where eventMarkdown's do; it has no renderer.
+        linked = dataclasses.replace(hook.provider, link_base=profile.unleash_url)
+        return dataclasses.replace(hook, provider=linked)
+    return dataclasses.replace(hook, renderer=_renderer_for(hook, profile))
 
 
 def _webhook_url(check: _Checker, table: Mapping[str, object], place: str, base: Path) -> str:
@@ -750,6 +759,148 @@ def _tags(check: _Checker, table: Mapping[str, object], place: str) -> tuple[str
         if problem := tag_pattern_problem(pattern):
             check.fail(f"{place}.tags[{i}]", problem)
     return tuple(raw)
+
+
+# What every webhook has, whichever provider speaks for it.
+_SHARED_KEYS = _TLS_KEYS | {
+    "name",
+    "provider",
+    "events",
+    "projects",
+    "environments",
+    "retries",
+    "retry_schedule_s",
+    "timeout_s",
+    "max_in_flight",
+    "proxy",
+    "tags",
+}
+
+
+def _provider_keys(provider: Provider) -> set[str]:
+    keys = set(provider.params)
+    for key in provider.secret_keys:
+        keys |= {f"{key}_file", f"{key}_env"}
+    return keys
+
+
+def _provider_webhook(
+    check: _Checker,
+    table: Mapping[str, object],
+    place: str,
+    base: Path,
+    link_base: str,
+    trust_env: bool,
+) -> WebhookConfig | None:
+    """A webhook whose requests a provider builds (Slack, Teams, Datadog, New Relic)."""
+    provider = PROVIDERS[str(table["provider"])]
+    problems_before = len(check.problems)
+    own = _provider_keys(provider)
+    for key in sorted(set(table) - _SHARED_KEYS - own):
+        why = f"does not belong to provider {provider.name!r}"
+        known = key in _WEBHOOK_KEYS or any(key in _provider_keys(p) for p in PROVIDERS.values())
+        check.fail(f"{place}.{key}", why if known else f"unknown key ({why})")
+    values: dict[str, object] = {}
+    for key, param in provider.params.items():
+        value = _provider_value(check, table, place, key, param, provider.name, base)
+        if value is not None:
+            values[key] = value
+    hook_name = check.get(table, place, "name", str, "", _name_problem)
+    if "name" not in table:
+        check.fail(f"{place}.name", "is required")
+    template = values.get("body_template")
+    if isinstance(template, str) and len(template) > 1:
+        try:
+            mustache.compile_template(template)
+        except mustache.TemplateError as exc:
+            check.fail(f"{place}.body_template", f"invalid Mustache: {exc}")
+    retry_schedule = _retry_schedule(check, table, place)
+    proxy = check.get(table, place, "proxy", str, "", _http_url)
+    ssl_context = _tls(check, table, place, base)
+    events = check.string_list(table, place, "events")
+    hook_fields = {
+        "events": events if "events" in table else provider.default_events,
+        "projects": check.string_list(table, place, "projects"),
+        "environments": check.string_list(table, place, "environments"),
+        "tags": _tags(check, table, place),
+        "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
+        "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
+        "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
+    }
+    if len(check.problems) > problems_before:
+        return None
+    url = str(values.get("url") or provider.params["url"].default or "")
+    return WebhookConfig(
+        name=hook_name,
+        url=url,
+        renderer=Renderer(f"provider {provider.name}", _no_body(provider.name)),
+        retry_schedule_s=retry_schedule,
+        ssl_context=ssl_context,
+        proxy=proxy_for(url, proxy or None, trust_env),
+        provider=Configured(provider, Settings(values), link_base),
+        **hook_fields,  # type: ignore[arg-type]
+    )
+
+
+def _known_provider(name: str) -> str | None:
+    if name == WEBHOOK or name in PROVIDERS:
+        return None
+    return f"unknown provider {name!r}; one of: {', '.join(provider_names())}"
+
+
+def _no_body(provider: str) -> Callable[[Mapping[str, object]], str]:
+    def refuse(_event: Mapping[str, object]) -> str:
+        raise RenderError(f"provider {provider!r} builds its own requests")
+
+    return refuse
+
+
+def _name_problem(value: str) -> str | None:
+    if _NAME.match(value):
+        return None
+    return "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def _provider_value(  # noqa: PLR0911 - one return per kind of value
+    check: _Checker,
+    table: Mapping[str, object],
+    place: str,
+    key: str,
+    param: Param,
+    provider: str,
+    base: Path,
+) -> object:
+    """One provider setting, checked; None when absent (or wrong: then reported)."""
+    given = any(k in table for k in (key, f"{key}_file", f"{key}_env"))
+    if not given:
+        if param.required:
+            check.fail(f"{place}.{key}", f"is required by provider {provider!r}")
+        return None
+    if param.kind == "headers":
+        return _headers(check, table, place)
+    if param.kind == "string_list":
+        raw = table[key]
+        if not isinstance(raw, list) or not all(isinstance(v, str) and v for v in raw):
+            check.fail(f"{place}.{key}", "must be a list of non-empty strings")
+            return None
+        return tuple(raw)
+    problems_before = len(check.problems)
+    if param.secret:
+        secret = _secret(check, table, place, key, base)
+        text = secret.reveal() if secret is not None else None
+        if text is not None and ("\n" in text or "\r" in text):
+            check.fail(f"{place}.{key}", "must be a single line")
+            return None
+    else:
+        text = check.get(table, place, key, str, "") or None
+    if text is None:
+        if key in table and param.required and len(check.problems) == problems_before:
+            check.fail(f"{place}.{key}", "must not be empty")
+        return None
+    if param.kind == "url" and (problem := _http_url(text)):
+        check.fail(f"{place}.{key}", problem)
+        return None
+    return text
 
 
 def _authorization(
@@ -853,11 +1004,9 @@ def _inline_secrets(top: Mapping[str, object]) -> tuple[str, ...]:
     hooks = top.get("webhooks")
     for i, hook in enumerate(hooks if isinstance(hooks, list) else []):
         if isinstance(hook, dict):
-            places.extend(
-                f"webhooks[{i}].{key}"
-                for key in ("authorization", "signing_secret")
-                if hook.get(key)
-            )
+            provider = PROVIDERS.get(str(hook.get("provider", WEBHOOK)))
+            secrets = provider.secret_keys if provider else {"authorization", "signing_secret"}
+            places.extend(f"webhooks[{i}].{key}" for key in sorted(secrets) if hook.get(key))
     return tuple(places)
 
 

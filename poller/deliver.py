@@ -15,6 +15,7 @@ from multidict import CIMultiDict
 
 from poller import __version__
 from poller.config import WebhookConfig
+from poller.providers.base import Answer, Judge, Request
 from poller.urls import redact_url, scrub_urls
 
 RETRY_AFTER_MAX_S = 3600.0  # a receiver may ask us to wait, but not for a day
@@ -32,6 +33,10 @@ class Attempt:
     error: str | None = None
     retry_after: str | None = None
     duration_s: float = 0.0
+    # A provider's reading of an answer its HTTP status does not tell (Slack's 200 with
+    # `ok: false`): the reason, and whether it is worth asking again.
+    failure: str | None = None
+    failure_retryable: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,11 @@ def decide(
     `len(delays)` is the number of retries allowed. `jitter` in [0, 1) spreads retries
     by up to +20% so a recovering receiver is not hit by every sender at once.
     """
-    if attempt.status is not None and 200 <= attempt.status < 300:
+    if attempt.failure is not None:
+        reason, retryable = attempt.failure, attempt.failure_retryable
+    elif attempt.status is not None and 200 <= attempt.status < 300:
         return _delivered(attempt.status)
-    if attempt.status is None:
+    elif attempt.status is None:
         reason, retryable = attempt.error or "no response", True
     elif 300 <= attempt.status < 400:
         reason, retryable = f"HTTP {attempt.status} (redirects are not followed)", False
@@ -132,7 +139,7 @@ def decide(
         tries = "attempt" if attempts_made == 1 else "attempts"
         return Outcome("give_up", f"{reason} after {attempts_made} {tries}")
     delay = delays[retries_done] * (1.0 + 0.2 * jitter)
-    if attempt.status in (429, 503):
+    if attempt.status in (429, 503) or attempt.failure is not None:
         asked = retry_after_s(attempt.retry_after, now)
         if asked is not None:
             delay = min(max(delay, asked), RETRY_AFTER_MAX_S)
@@ -205,3 +212,48 @@ async def post(
     # aiohttp's texts carry the full URL (a malformed answer's error names it), and a
     # receiver's garbage may echo our request line: neither may reach a log or the state.
     return Attempt(None, scrub_urls(error, hook.url, hook.proxy), None, time.monotonic() - started)
+
+
+async def send(
+    session: aiohttp.ClientSession, hook: WebhookConfig, request: Request, judge: Judge
+) -> Attempt:
+    """Send one request a provider built, once, exactly as built (no headers of ours but
+    User-Agent), and let the provider judge the answer. Never raises for network trouble."""
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    headers.setdefault("User-Agent", f"unleash-poller/{__version__}")
+    started = time.monotonic()
+    try:
+        async with session.request(
+            request.method,
+            request.url,
+            data=request.body,
+            headers=headers,
+            allow_redirects=False,
+            skip_auto_headers=_SKIP_AUTO_HEADERS,
+            ssl=hook.ssl_context or True,
+            proxy=hook.proxy,
+            timeout=_timeout(hook.timeout_s),
+        ) as resp:
+            body = await resp.content.read(_RESPONSE_READ_LIMIT)
+            status = resp.status
+            retry_after = resp.headers.get("Retry-After")
+    except TimeoutError:
+        error = f"timed out after {hook.timeout_s:g}s"
+    except aiohttp.ClientHttpProxyError as exc:
+        error = f"proxy {redact_url(str(exc.request_info.real_url))} answered HTTP {exc.status}"
+    except aiohttp.ClientConnectionError as exc:
+        error = f"connection failed: {type(exc).__name__}: {exc}"
+    except aiohttp.ClientError as exc:
+        error = f"request failed: {type(exc).__name__}: {exc}"
+    else:
+        duration = time.monotonic() - started
+        failure = judge(Answer(status, body))
+        if failure is None:
+            return Attempt(status, None, None if status < 300 else retry_after, duration)
+        return Attempt(status, None, retry_after, duration, failure.reason, failure.retryable)
+    # As for a webhook: no URL (a Slack or Teams URL is a credential) in an error text.
+    return Attempt(
+        None, scrub_urls(error, request.url, hook.proxy), None, time.monotonic() - started
+    )

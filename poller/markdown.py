@@ -1,7 +1,8 @@
 """`eventMarkdown`: Unleash 8.2.0's one-line description of an event, byte for byte.
 
-A port of Unleash's `FeatureEventFormatterMd` as its webhook integration builds it:
-Markdown links and single-asterisk bold. Unleash formats the event as its store holds it
+A port of Unleash's `FeatureEventFormatterMd` as its integrations build it: Markdown
+links (Slack's `<url|text>` for the Slack ones), single-asterisk bold, and the event's
+"Open in Unleash" link. Unleash formats the event as its store holds it
 in memory (absent columns are null, `createdAt` is a Date) and its formatter computes on
 JavaScript values, so this module reproduces JavaScript's truthiness, strict equality,
 property reads and string conversion wherever the text depends on them, and raises
@@ -223,6 +224,87 @@ _ACTIONS: Final[Mapping[str, mustache.Template]] = {
     event_type: mustache.compile_template(source) for event_type, source in _ACTION_SOURCES.items()
 }
 
+# Unleash's EVENT_MAP paths, verbatim: the "Open in Unleash" link the integrations send
+# (a Mustache template too; a type without one gets no link).
+_CHANGE_REQUEST: Final = (
+    "/projects/{{event.project}}/change-requests/{{event.data.changeRequestId}}"
+)
+_FEATURE: Final = "/projects/{{event.project}}/features/{{event.featureName}}"
+_PATH_SOURCES: Final[Mapping[str, str]] = {
+    "addon-config-created": "/integrations",
+    "addon-config-deleted": "/integrations",
+    "addon-config-updated": "/integrations",
+    "api-token-created": "/admin/api",
+    "api-token-deleted": "/admin/api",
+    "change-added": _CHANGE_REQUEST,
+    "change-discarded": _CHANGE_REQUEST,
+    "change-edited": _CHANGE_REQUEST,
+    "change-request-applied": _CHANGE_REQUEST,
+    "change-request-approval-added": _CHANGE_REQUEST,
+    "change-request-approved": _CHANGE_REQUEST,
+    "change-request-cancelled": _CHANGE_REQUEST,
+    "change-request-created": _CHANGE_REQUEST,
+    "change-request-discarded": _CHANGE_REQUEST,
+    "change-request-rejected": _CHANGE_REQUEST,
+    "change-request-sent-to-review": _CHANGE_REQUEST,
+    "change-request-scheduled": _CHANGE_REQUEST,
+    "change-request-scheduled-application-success": _CHANGE_REQUEST,
+    "change-request-scheduled-application-failure": _CHANGE_REQUEST,
+    "change-request-schedule-suspended": _CHANGE_REQUEST,
+    "context-field-created": "/context",
+    "context-field-deleted": "/context",
+    "context-field-updated": "/context",
+    "feature-archived": "/projects/{{event.project}}/archive",
+    "feature-created": _FEATURE,
+    "feature-deleted": "/projects/{{event.project}}",
+    "feature-environment-disabled": _FEATURE,
+    "feature-environment-enabled": _FEATURE,
+    "feature-environment-variants-updated": _FEATURE + "/variants",
+    "feature-metadata-updated": _FEATURE,
+    "feature-completed": _FEATURE,
+    "feature-potentially-stale-on": _FEATURE,
+    "feature-project-change": _FEATURE,
+    "feature-revived": _FEATURE,
+    "feature-stale-off": _FEATURE,
+    "feature-stale-on": _FEATURE,
+    "feature-strategy-add": _FEATURE,
+    "feature-strategy-remove": _FEATURE,
+    "feature-strategy-update": _FEATURE,
+    "feature-tagged": _FEATURE,
+    "feature-untagged": _FEATURE,
+    "group-created": "/admin/groups",
+    "group-deleted": "/admin/groups",
+    "group-updated": "/admin/groups",
+    "banner-created": "/admin/message-banners",
+    "banner-deleted": "/admin/message-banners",
+    "banner-updated": "/admin/message-banners",
+    "project-created": "/projects",
+    "project-archived": "/projects-archive",
+    "project-deleted": "/projects",
+    "segment-created": "/segments",
+    "segment-deleted": "/segments",
+    "segment-updated": "/segments",
+    "service-account-created": "/admin/service-accounts",
+    "service-account-token-created": "/admin/service-accounts",
+    "service-account-token-deleted": "/admin/service-accounts",
+    "service-account-deleted": "/admin/service-accounts",
+    "service-account-updated": "/admin/service-accounts",
+    "user-created": "/admin/users",
+    "user-deleted": "/admin/users",
+    "user-updated": "/admin/users",
+    "release-plan-added": _FEATURE,
+    "release-plan-removed": _FEATURE,
+    "release-plan-milestone-started": _FEATURE,
+    "release-plan-progressions-paused": _FEATURE,
+    "release-plan-progressions-resumed": _FEATURE,
+    "user-access-request-registered": "/admin/users",
+    "user-access-request-approved": "/admin/users",
+    "user-access-request-rejected": "/admin/users",
+}
+_PATHS: Final[Mapping[str, mustache.Template]] = {
+    event_type: mustache.compile_template(source) for event_type, source in _PATH_SOURCES.items()
+}
+
 _OPERATOR_DESCRIPTIONS: Final[Mapping[str, str]] = {
     "IN": "is one of",
     "NOT_IN": "is not one of",
@@ -300,8 +382,17 @@ def format_event_markdown(event: Event, unleash_url: str) -> str:
     `event` is one event as the admin API returns it; `unleash_url` is Unleash's public
     URL (its `unleashUrl` option), used verbatim in links.
     """
+    return format_event(event, unleash_url)[0]
+
+
+def format_event(
+    event: Event, unleash_url: str, *, slack_links: bool = False
+) -> tuple[str, str | None]:
+    """Unleash's formatter output for `event`: the text, and the link into Unleash's UI
+    for the event's type (None for a type Unleash gives no link). `slack_links` writes
+    links as Slack's `<url|text>` (Unleash's LinkStyle.SLACK) instead of Markdown."""
     held = _as_held_by_unleash(event)
-    links = _Links(unleash_url, held)
+    links = _Links(unleash_url, held, slack=slack_links)
     view: dict[str, object] = {
         "user": held["createdBy"],
         "event": held,
@@ -315,9 +406,12 @@ def format_event_markdown(event: Event, unleash_url: str) -> str:
     # A name that is absent and one that holds `undefined` render alike at the top level.
     view = {name: value for name, value in view.items() if value is not _UNDEFINED}
     try:
-        return _action_for(held).render(view, mustache.escape_none)
+        text = _action_for(held).render(view, mustache.escape_none)
+        path = _PATHS.get(_js_string(held["type"]))
+        url = None if path is None else unleash_url + path.render(view, mustache.escape_none)
     except mustache.RenderError as exc:
         raise UnformattableEventError(str(exc)) from None
+    return text, url
 
 
 def _as_held_by_unleash(event: Event) -> dict[str, object]:
@@ -362,15 +456,19 @@ def _bold(value: object) -> str:
 class _Links:
     """Markdown links into Unleash's UI, as the formatter writes them."""
 
-    def __init__(self, unleash_url: str, held: Mapping[str, object]) -> None:
+    def __init__(self, unleash_url: str, held: Mapping[str, object], *, slack: bool) -> None:
         self._url = unleash_url
         self._held = held
+        self._slack = slack
+
+    def _link(self, text: str, url: str) -> str:
+        return f"<{url}|{text}>" if self._slack else f"[{text}]({url})"
 
     def feature(self) -> object:
         name = self._held["featureName"]
         if not _truthy(name):
             return _UNDEFINED
-        return f"[{_js_string(name)}]({self._feature_url()})"
+        return self._link(_js_string(name), self._feature_url())
 
     def _feature_url(self) -> str:
         project = self._held["project"]
@@ -388,7 +486,7 @@ class _Links:
         if not _truthy(project):
             return _UNDEFINED
         name = _js_string(project)
-        return f"[{name}]({self._url}/projects/{name})"
+        return self._link(name, f"{self._url}/projects/{name}")
 
     def change_request(self) -> object:
         held = self._held
@@ -404,7 +502,7 @@ class _Links:
         environment = held["environment"]
         return "".join(
             (
-                _bold(f"[#{request}]({url})"),
+                _bold(self._link(f"#{request}", url)),
                 f" for feature flag {_bold(feature)}" if _truthy(feature) else "",
                 f" in the {_bold(environment)} environment" if _truthy(environment) else "",
                 f" in project {_bold(self.project())}",

@@ -11,8 +11,9 @@ import aiohttp
 from poller.app import make_session
 from poller.config import Config, WebhookConfig
 from poller.deliver import Outcome, request_headers
+from poller.dispatch import deliver_event
 from poller.state import State
-from poller.worker import attempt_once
+from poller.worker import AttemptResult, attempt_once
 
 
 async def replay_dead_letters(
@@ -33,7 +34,7 @@ async def replay_dead_letters(
             while batch := state.dead_letters(name, after=after, limit=500):
                 for letter in batch:
                     after = letter.event_id
-                    outcome = await _replay_one(session, hook, letter.event_id, letter.body)
+                    outcome = await _replay_one(session, hook, state, letter.event_id, letter.body)
                     if outcome.kind == "delivered":
                         state.remove_dead_letter(name, letter.event_id)
                         ok += 1
@@ -48,12 +49,18 @@ async def replay_dead_letters(
 
 
 async def _replay_one(
-    session: aiohttp.ClientSession, hook: WebhookConfig, event_id: int, body: str
+    session: aiohttp.ClientSession, hook: WebhookConfig, state: State, event_id: int, body: str
 ) -> Outcome:
     attempts = 0
     headers = request_headers(hook)
     while True:
-        result = await attempt_once(session, hook, headers, event_id, body, attempts)
+        if hook.provider is not None:
+            # Sends only the requests of the event not yet answered 2xx (State.parts_sent).
+            result = AttemptResult(
+                *await deliver_event(session, hook, state, event_id, body, attempts)
+            )
+        else:
+            result = await attempt_once(session, hook, headers, event_id, body, attempts)
         attempts = result.attempts
         if result.outcome.kind != "retry":
             return result.outcome

@@ -66,7 +66,37 @@ CREATE TRIGGER IF NOT EXISTS dead_letter_done AFTER DELETE ON dead_letters BEGIN
         AND NOT EXISTS (SELECT 1 FROM outbox WHERE event_id = OLD.event_id)
         AND NOT EXISTS (SELECT 1 FROM dead_letters WHERE event_id = OLD.event_id);
 END;
+-- The requests of an event (one per Slack channel) that were answered 2xx, so a retry or a
+-- replay sends only the others. Kept while the webhook owes the event or holds it as a dead
+-- letter; an older build that ignores this table just re-sends the whole event.
+CREATE TABLE IF NOT EXISTS parts_sent (
+    webhook TEXT NOT NULL,
+    event_id INTEGER NOT NULL,
+    part TEXT NOT NULL,
+    PRIMARY KEY (webhook, event_id, part)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS parts_done_outbox AFTER DELETE ON outbox BEGIN
+    DELETE FROM parts_sent WHERE webhook = OLD.webhook AND event_id = OLD.event_id
+        AND NOT EXISTS (SELECT 1 FROM dead_letters
+                        WHERE webhook = OLD.webhook AND event_id = OLD.event_id);
+END;
+CREATE TRIGGER IF NOT EXISTS parts_done_dead_letter AFTER DELETE ON dead_letters BEGIN
+    DELETE FROM parts_sent WHERE webhook = OLD.webhook AND event_id = OLD.event_id
+        AND NOT EXISTS (SELECT 1 FROM outbox
+                        WHERE webhook = OLD.webhook AND event_id = OLD.event_id);
+END;
 """
+_DERIVED_NAMES = frozenset(
+    {
+        "outbox_event",
+        "dead_letters_event",
+        "outbox_done",
+        "dead_letter_done",
+        "parts_sent",
+        "parts_done_outbox",
+        "parts_done_dead_letter",
+    }
+)
 
 
 class StateError(Exception):
@@ -175,10 +205,10 @@ class State:
         names = {
             row[0]
             for row in self._conn.execute(
-                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')"
+                "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger', 'table')"
             )
         }
-        if {"outbox_event", "dead_letters_event", "outbox_done", "dead_letter_done"} <= names:
+        if names >= _DERIVED_NAMES:
             return
         with self._transaction() as conn:
             for statement in _statements(_DERIVED):
@@ -360,6 +390,22 @@ class State:
             conn.execute(
                 "DELETE FROM outbox WHERE webhook = ? AND event_id = ?", (webhook, event_id)
             )
+
+    def parts_sent(self, webhook: str, event_id: int) -> frozenset[str]:
+        """The requests of a multi-request event already answered 2xx."""
+        rows = self._conn.execute(
+            "SELECT part FROM parts_sent WHERE webhook = ? AND event_id = ?", (webhook, event_id)
+        )
+        return frozenset(row[0] for row in rows)
+
+    def part_sent(self, webhook: str, event_id: int, part: str) -> None:
+        """Record one request of an event as answered 2xx (committed at once: its sibling
+        requests may be retried for hours, and this one must not be sent again)."""
+        crash_point("state.before_commit")
+        self._conn.execute(
+            "INSERT OR IGNORE INTO parts_sent (webhook, event_id, part) VALUES (?, ?, ?)",
+            (webhook, event_id, part),
+        )
 
     def pending_counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT webhook, count(*) FROM outbox GROUP BY webhook")

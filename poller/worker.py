@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 
 from poller.config import WebhookConfig
 from poller.deliver import Outcome, decide, post, request_headers
+from poller.dispatch import deliver_event
 from poller.faults import crash_point
 from poller.log import debug_enabled
 from poller.log import get as get_logger
@@ -334,7 +335,14 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - raised in _deliver once the outcome is kept
             self._side_error = exc
 
-    async def _deliver(self, row: Pending, following: Pending | None = None) -> Outcome:
+    async def _attempt(self, row: Pending, following: Pending | None) -> AttemptResult:
+        if self.hook.provider is not None:
+            # A provider builds its own requests (maybe several); the rest is shared.
+            return AttemptResult(
+                *await deliver_event(
+                    self.session, self.hook, self.state, row.event_id, row.body, row.attempts
+                )
+            )
         ahead, self._ahead = self._ahead, None
         ordered = self.hook.ordered
         body: bytes | Outcome | None = None
@@ -342,7 +350,7 @@ class Worker:
             body = ahead[1]
         elif ordered and not self.hook.renderer.off_loop:
             body = self._render(row)  # timed: it decides whether to render ahead
-        result = await attempt_once(
+        return await attempt_once(
             self.session,
             self.hook,
             self._headers,
@@ -352,7 +360,11 @@ class Worker:
             body=body,
             while_sending=(lambda: self._render_ahead(following)) if ordered else None,
         )
+
+    async def _deliver(self, row: Pending, following: Pending | None = None) -> Outcome:
+        result = await self._attempt(row, following)
         outcome, attempts, duration_s = result.outcome, result.attempts, result.duration_s
+        ordered = self.hook.ordered
         name = self.hook.name
         if outcome.kind == "delivered":
             self._unmarked.append(row.event_id)

@@ -434,7 +434,8 @@ def test_webhook_url_from_a_file_and_the_provider_key(tmp_path: Path) -> None:
     problems = _problems(text.replace("hook-url", "bad-url") + 'provider = "jira"\n', tmp_path)
     assert problems == [
         "webhooks[0].url: (from url_file) must be an http(s) URL",
-        "webhooks[0].provider: unknown provider 'jira' (this build knows: webhook)",
+        "webhooks[0].provider: unknown provider 'jira'; one of: webhook, slack-app, slack,"
+        " teams, teamsworkflow, datadog, new-relic",
     ]
     assert _problems(GOOD.replace('url = "https://example.com/hook"', ""), tmp_path) == [
         "webhooks[0].url: is required"

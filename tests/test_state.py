@@ -79,10 +79,11 @@ def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Pa
     )
     state.dead_letter("a", 3, 2, "HTTP 500")
     conn = state._conn
-    for name in ("outbox_done", "dead_letter_done"):
+    for name in ("outbox_done", "dead_letter_done", "parts_done_outbox", "parts_done_dead_letter"):
         conn.execute(f"DROP TRIGGER {name}")
     for name in ("outbox_event", "dead_letters_event"):
         conn.execute(f"DROP INDEX {name}")
+    conn.execute("DROP TABLE parts_sent")
     state.delivered("a", 1)  # as an earlier build did: the body of 1 stays behind
     assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 3
     state.close()
@@ -108,6 +109,8 @@ def test_state_file_from_an_earlier_build_gets_indexes_and_triggers(tmp_path: Pa
             "dead_letters_event",
             "outbox_done",
             "dead_letter_done",
+            "parts_done_outbox",
+            "parts_done_dead_letter",
         }
         ids = [r[0] for r in state._conn.execute("SELECT id FROM events ORDER BY id")]
         assert ids == [2, 3]  # 1 was owed to nobody; 2 is pending, 3 a dead letter

@@ -1,0 +1,115 @@
+"""One event through a provider: its requests, each sent until answered 2xx, once.
+
+The seam the worker calls for a webhook with a `provider` (the poller's own webhook goes
+through `worker.attempt_once`). An event may make several requests (Slack: one per
+channel). The outbox row stays one per (webhook, event), so order, retries and dead
+letters work as for any webhook; what it adds is a record of which of the event's
+requests were answered 2xx (`State.part_sent`), written as each one succeeds, so a retry
+or a replay sends only the requests still owed. A crash between a 2xx and that record
+re-sends that one request: at least once, as everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import aiohttp
+
+from poller.config import WebhookConfig
+from poller.deliver import Outcome, decide, send
+from poller.faults import crash_point
+from poller.log import get as get_logger
+from poller.providers.base import BuildError, Request
+from poller.render import UNREADABLE
+from poller.state import State
+
+log = get_logger()
+
+
+def requests_for(hook: WebhookConfig, body_json: str) -> list[Request] | Outcome:
+    """The requests a stored event makes, or the give-up outcome when it makes none
+    that can be sent."""
+    assert hook.provider is not None
+    event = json.loads(body_json)
+    if unreadable := event.get(UNREADABLE):
+        return Outcome("give_up", f"event could not be read from Unleash: {unreadable}")
+    try:
+        return hook.provider.requests(event)
+    except BuildError as exc:
+        return Outcome("give_up", str(exc))
+
+
+def combine(outcomes: list[tuple[str, Outcome]]) -> Outcome:
+    """One outcome for the event from its requests' outcomes: delivered when all were;
+    retried (after the longest wait asked for) while any may still succeed; else given
+    up, naming each request that failed."""
+    failed = [(part, o) for part, o in outcomes if o.kind != "delivered"]
+    if not failed:
+        return outcomes[0][1] if outcomes else Outcome("delivered", "nothing to send")
+    reason = "; ".join(f"{part}: {o.reason}" if part else o.reason for part, o in failed)
+    retries = [o for _, o in failed if o.kind == "retry"]
+    if retries:
+        return Outcome("retry", reason, max(o.delay_s for o in retries))
+    return Outcome("give_up", reason)
+
+
+async def deliver_event(
+    session: aiohttp.ClientSession,
+    hook: WebhookConfig,
+    state: State,
+    event_id: int,
+    body_json: str,
+    attempts_before: int,
+) -> tuple[Outcome, int, float | None]:
+    """Send the event's requests still owed, once each; return what it means for the
+    event, the attempt count and the HTTP time (None when nothing was sent)."""
+    assert hook.provider is not None
+    attempts = attempts_before + 1
+    built = requests_for(hook, body_json)
+    if isinstance(built, Outcome):
+        return built, attempts, None
+    several = len(built) > 1
+    done = state.parts_sent(hook.name, event_id) if several else frozenset()
+    judge = hook.provider.provider.judge
+    outcomes: list[tuple[str, Outcome]] = []
+    took: float | None = None
+    for request in built:
+        if request.part in done:
+            continue
+        crash_point("delivery.before_post")
+        attempt = await send(session, hook, request, judge)
+        crash_point("delivery.after_post")
+        took = (took or 0.0) + attempt.duration_s
+        outcome = decide(
+            attempt,
+            attempts,
+            hook.retry_delays,
+            jitter=random.random(),  # noqa: S311
+            now=time.time(),
+        )
+        if outcome.kind == "delivered" and several:
+            state.part_sent(hook.name, event_id, request.part)
+        elif outcome.kind != "delivered":
+            log.warning(
+                "delivery.request_failed",
+                webhook=hook.name,
+                event_id=event_id,
+                part=request.part,
+                attempt=attempts,
+                status=attempt.status,
+                reason=outcome.reason,
+            )
+        outcomes.append((request.part, outcome))
+    outcome = combine(outcomes)
+    if outcome.kind == "retry":
+        log.warning(
+            "delivery.retry_scheduled",
+            webhook=hook.name,
+            event_id=event_id,
+            attempt=attempts,
+            reason=outcome.reason,
+            retry_in_s=round(outcome.delay_s, 2),
+        )
+    return outcome, attempts, took
