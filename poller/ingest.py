@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
+from poller.backoff import backoff_s
 from poller.config import Config, WebhookConfig
 from poller.faults import crash_point
 from poller.filters import EventFilter
@@ -280,7 +281,7 @@ class Ingest:
             )
         waiting = [g for g in due if g.id not in found_by_id and g.id not in set(expired)]
         for checks in {g.checks for g in waiting}:
-            delay = min(2.0**checks, GAP_RECHECK_MAX_S)
+            delay = backoff_s(checks, 1.0, GAP_RECHECK_MAX_S)
             self.state.reschedule_gaps([g.id for g in waiting if g.checks == checks], now + delay)
         self.gaps = {g.id: g for g in self.state.gaps()}
 

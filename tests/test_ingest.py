@@ -7,6 +7,7 @@ same behaviour is proven against a real Unleash in the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -222,6 +223,33 @@ def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) ->
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 11))
     assert state.gaps() == []
     assert sink.gaps_expired == [1]
+
+
+def test_gap_rechecks_back_off_doubling_to_a_cap(tmp_path: Path, log: FakeLog) -> None:
+    """A missing id is asked again after 1, 2, 4 ... s, at most 30 s apart, however many
+    times it has been asked (a long grace period once overflowed 2.0**checks)."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)  # gap_grace_s 10: not reached below
+    asyncio.run(ingest.poll())
+    log.add(3)
+    asyncio.run(ingest.poll())
+    [gap] = state.gaps()
+    now = gap.next_check_at
+    waits = []
+    for _ in range(3):
+        asyncio.run(ingest.recheck_gaps(now=now))
+        [gap] = state.gaps()
+        waits.append(gap.next_check_at - now)
+        now = gap.next_check_at
+    assert waits == [1.0, 2.0, 4.0]
+    with sqlite3.connect(tmp_path / "s.sqlite3") as db:
+        db.execute("UPDATE gaps SET checks = 1100")
+    db.close()
+    ingest.gaps = {g.id: g for g in state.gaps()}
+    asyncio.run(ingest.recheck_gaps(now=now))
+    [gap] = state.gaps()
+    assert gap.next_check_at - now == 30.0
+    assert gap.checks == 1101
 
 
 def test_legacy_burst_overflow_is_reported_to_the_sink(tmp_path: Path, log: FakeLog) -> None:
