@@ -17,6 +17,7 @@ import aiohttp
 
 from poller import log as log_module
 from poller import systemd
+from poller.backoff import backoff_s
 from poller.config import (
     Config,
     ConfigError,
@@ -467,7 +468,7 @@ class App:
                 self._unleash_error = exc.kind
                 source.forget_probe()
                 jitter = random.random()  # noqa: S311 - jitter, not a secret
-                delay = _backoff(interval, failures, self.config.unleash.backoff_max_s, jitter)
+                delay = backoff_s(failures, interval, self.config.unleash.backoff_max_s, jitter)
                 log.error(
                     "unleash.unreachable",
                     kind=exc.kind,
@@ -485,13 +486,6 @@ class App:
                 delay = max(0.0, min(delay, next_gap - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
-
-
-def _backoff(interval: float, failures: int, cap: float, jitter: float) -> float:
-    """Exponential from the poll interval, capped, with "equal jitter" (half fixed, half
-    random) so many pollers do not hammer a recovering Unleash in step."""
-    base = min(cap, interval * 2.0 ** min(failures, 30))
-    return base / 2 + base / 2 * jitter
 
 
 async def ask_server_profile(config: Config) -> ServerProfile | None:

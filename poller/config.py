@@ -22,6 +22,7 @@ from typing import Literal, TypeVar
 from urllib.parse import urlsplit
 
 from poller import mustache
+from poller.backoff import backoff_s
 from poller.filters import tag_pattern_problem
 from poller.providers import PROVIDERS, WEBHOOK
 from poller.providers import names as provider_names
@@ -130,7 +131,7 @@ class WebhookConfig:
         out once: it is read after every delivery)."""
         if self.retry_schedule_s:
             return self.retry_schedule_s
-        return tuple(min(1.0 * 2**i, 30.0) for i in range(self.retries))
+        return tuple(backoff_s(i, 1.0, 30.0) for i in range(self.retries))
 
 
 @dataclass(frozen=True)

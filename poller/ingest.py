@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
+from poller.backoff import backoff_s
 from poller.config import Config, WebhookConfig
 from poller.faults import crash_point
 from poller.filters import EventFilter
@@ -108,20 +109,30 @@ class Ingest:
         return new
 
     async def _read(self, high: int) -> int:
+        collected, staged, reached_known = await self._collect(high)
+        if not reached_known and self.source.capabilities.api == "legacy" and high > 0:
+            self._warn_overflow(high, collected)
+        if staged:
+            self.state.stage([(i, _dump(e)) for i, e in collected.items()])
+            new = self._take_staged(high)
+        else:
+            new = self._take(high, collected)
+        self.last_poll_ok_at = time.time()
+        return new
+
+    async def _collect(self, high: int) -> tuple[dict[int, Event], int, bool]:
+        """Read pages, newest first, down to the first one that reaches ids already known.
+        Returns the new events still in memory, how many were staged to the state file,
+        and whether the known ids were reached (if not, older new events may be missed)."""
         collected: dict[int, Event] = {}
         staged = 0
-        reached_known = False
         pages = 0
         async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
             pages += 1
             # Without re-checks by id, late ids can only be found by reading down to them.
             floor = min(self.gaps, default=high) if not self.source.capabilities.id_filter else high
-            for event in page.events:
-                event_id = int(event["id"])  # type: ignore[call-overload]
-                if event_id > high or event_id in self.gaps:
-                    collected[event_id] = event
-                elif event_id <= floor:
-                    reached_known = True
+            new, reached_known = _new_in(page.events, high, self.gaps, floor)
+            collected.update(new)
             log.debug(
                 "poll.page_fetched",
                 events=len(page.events),
@@ -142,16 +153,8 @@ class Ingest:
                 staged += len(collected)
                 collected.clear()
             if reached_known:
-                break
-        if not reached_known and self.source.capabilities.api == "legacy" and high > 0:
-            self._warn_overflow(high, collected)
-        if staged:
-            self.state.stage([(i, _dump(e)) for i, e in collected.items()])
-            new = self._take_staged(high)
-        else:
-            new = self._take(high, collected)
-        self.last_poll_ok_at = time.time()
-        return new
+                return collected, staged, True
+        return collected, staged, False
 
     def _warn_overflow(self, high: int, collected: dict[int, Event]) -> None:
         lowest = min(collected, default=high + 1)
@@ -278,12 +281,28 @@ class Ingest:
             )
         waiting = [g for g in due if g.id not in found_by_id and g.id not in set(expired)]
         for checks in {g.checks for g in waiting}:
-            delay = min(2.0**checks, GAP_RECHECK_MAX_S)
+            delay = backoff_s(checks, 1.0, GAP_RECHECK_MAX_S)
             self.state.reschedule_gaps([g.id for g in waiting if g.checks == checks], now + delay)
         self.gaps = {g.id: g for g in self.state.gaps()}
 
     def next_gap_check(self) -> float | None:
         return min((g.next_check_at for g in self.gaps.values()), default=None)
+
+
+def _new_in(
+    events: Iterable[Event], high: int, gaps: Container[int], floor: int
+) -> tuple[list[tuple[int, Event]], bool]:
+    """The events of a page above the cursor `high` or filling a gap, by id, and whether
+    the page reached down to `floor` (ids already known, so no older page is needed)."""
+    new: list[tuple[int, Event]] = []
+    reached_known = False
+    for event in events:
+        event_id = int(event["id"])  # type: ignore[call-overload]
+        if event_id > high or event_id in gaps:
+            new.append((event_id, event))
+        elif event_id <= floor:
+            reached_known = True
+    return new, reached_known
 
 
 def _filter(hook: WebhookConfig) -> EventFilter:

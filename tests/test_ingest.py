@@ -7,6 +7,7 @@ same behaviour is proven against a real Unleash in the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ class FakeLog:
         self.capabilities = Capabilities("search", id_filter=True)
         self.on_page: list[Event] = []  # events that become visible after the first page
         self.order = "id"  # or "created": newest-first by position in `visible` (commit time)
+        self.pages_read = 0
 
     def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
         for i in ids:
@@ -74,6 +76,7 @@ class FakeLog:
         offset, size = 0, first_limit
         while True:
             page = await self.page(offset, size)
+            self.pages_read += 1
             yield page
             if self.on_page:
                 self.visible.extend(self.on_page)
@@ -222,6 +225,33 @@ def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) ->
     assert sink.gaps_expired == [1]
 
 
+def test_gap_rechecks_back_off_doubling_to_a_cap(tmp_path: Path, log: FakeLog) -> None:
+    """A missing id is asked again after 1, 2, 4 ... s, at most 30 s apart, however many
+    times it has been asked (a long grace period once overflowed 2.0**checks)."""
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)  # gap_grace_s 10: not reached below
+    asyncio.run(ingest.poll())
+    log.add(3)
+    asyncio.run(ingest.poll())
+    [gap] = state.gaps()
+    now = gap.next_check_at
+    waits = []
+    for _ in range(3):
+        asyncio.run(ingest.recheck_gaps(now=now))
+        [gap] = state.gaps()
+        waits.append(gap.next_check_at - now)
+        now = gap.next_check_at
+    assert waits == [1.0, 2.0, 4.0]
+    with sqlite3.connect(tmp_path / "s.sqlite3") as db:
+        db.execute("UPDATE gaps SET checks = 1100")
+    db.close()
+    ingest.gaps = {g.id: g for g in state.gaps()}
+    asyncio.run(ingest.recheck_gaps(now=now))
+    [gap] = state.gaps()
+    assert gap.next_check_at - now == 30.0
+    assert gap.checks == 1101
+
+
 def test_legacy_burst_overflow_is_reported_to_the_sink(tmp_path: Path, log: FakeLog) -> None:
     """When the legacy API's newest events do not reach down to the cursor, the poll
     reports one burst overflow to the metrics sink."""
@@ -239,6 +269,51 @@ def test_legacy_burst_overflow_is_reported_to_the_sink(tmp_path: Path, log: Fake
     asyncio.run(ingest.poll())
     assert sink.burst_overflows == [1]
     assert _pending(state, "all") == list(range(101, 201))
+
+
+def test_legacy_gap_below_a_small_burst_is_not_an_overflow(tmp_path: Path, log: FakeLog) -> None:
+    """On the legacy API a burst that reaches down to the cursor is no overflow, even when
+    a rolled-back id leaves its lowest new id above cursor + 1."""
+    log.capabilities = Capabilities("legacy", id_filter=False)
+    log.add(1)
+    sink = RecordingSink()
+    ingest, state, _ = _ingest(tmp_path, log, sink=sink)
+    asyncio.run(ingest.poll())
+    log.add(*range(3, 20))  # 2 rolled back
+    with capture_logs() as logs:
+        assert asyncio.run(ingest.poll()) == 17
+    assert sink.burst_overflows == []
+    assert [e for e in logs if e["event"] == "poll.burst_overflow"] == []
+    assert [g.id for g in state.gaps()] == [2]
+
+
+def test_reading_stops_at_the_page_that_reaches_the_cursor(tmp_path: Path, log: FakeLog) -> None:
+    """A poll reads no page past the first one holding an id at or below the cursor."""
+    log.add(*range(1, 200))
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(200, 255))  # 55 new: the first page (50) and part of the second
+    log.pages_read = 0
+    assert asyncio.run(ingest.poll()) == 55
+    assert log.pages_read == 2
+    assert _pending(state, "all") == list(range(200, 255))
+
+
+def test_a_long_catch_up_logs_its_progress(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tenth page a catch-up logs how far it has got, counting staged events too."""
+    monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
+    log.add(1)
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 252))  # pages of 50 then 10: 250 new events fill 21 pages
+    with capture_logs() as logs:
+        assert asyncio.run(ingest.poll()) == 250
+    progress = [(e["pages"], e["new_events"]) for e in logs if e["event"] == "poll.catching_up"]
+    assert progress == [(10, 140), (20, 240)]
+    assert {e["total_in_unleash"] for e in logs if e["event"] == "poll.catching_up"} == {251}
+    assert _pending(state, "all") == list(range(2, 252))
 
 
 def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> None:
