@@ -57,6 +57,10 @@ class EventFilter:
         if self.tags is not None:
             object.__setattr__(self, "_tags", compile_tag_patterns(self.tags))
 
+    @property
+    def matches_everything(self) -> bool:
+        return self.events is None and self.projects is None and self.environments is None
+
     def matches(self, event: Mapping[str, object]) -> bool:
         if self._types is not None:
             kind = event.get("type")
