@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def tag_pattern_problem(pattern: str) -> str | None:
@@ -59,7 +59,8 @@ class EventFilter:
 
     @property
     def matches_everything(self) -> bool:
-        return self.events is None and self.projects is None and self.environments is None
+        """No filter set (each one's None means "all"), so every event passes."""
+        return all(getattr(self, f.name) is None for f in fields(self) if f.init)
 
     def matches(self, event: Mapping[str, object]) -> bool:
         if self._types is not None:

@@ -90,6 +90,8 @@ class Ingest:
             # could hold part of the newest transaction's events and miss its highest id.
             page = await self.source.read(0, self.config.unleash.page_size)
             high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
+            if len(page.events) >= GIVE_BACK_AT:
+                asyncio.get_running_loop().call_soon(self._give_back)
         self.state.ingest([], [], high)
         self.high_water = high
         log.info("cursor.initialised", start_from=start, high_water=high)

@@ -451,3 +451,27 @@ def test_a_catch_up_gives_memory_back_once_workers_are_woken(
     assert asyncio.run(poll_then_turn()) == []  # not before the workers get to run
     assert calls == ["trim"]
     assert woken == {"all"}
+
+
+def test_starting_from_latest_over_a_full_page_gives_memory_back(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`latest` reads a whole page to find where to start: that page's memory is handed
+    back too, once it is a large one."""
+    monkeypatch.setattr(ingest_module, "GIVE_BACK_AT", 10)
+    calls: list[str] = []
+    monkeypatch.setattr(ingest_module.memory, "give_back", lambda: calls.append("trim") or True)
+    log.add(*range(1, 10))
+    small, _, _ = _ingest(tmp_path / "small", log)
+
+    async def poll_then_turn(ingest: Ingest) -> None:
+        await ingest.poll()
+        await asyncio.sleep(0)
+
+    asyncio.run(poll_then_turn(small))
+    assert calls == []
+    log.add(10)
+    full, _, _ = _ingest(tmp_path / "full", log)
+    asyncio.run(poll_then_turn(full))
+    assert calls == ["trim"]
+    assert full.high_water == 10
