@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import random
 import statistics
@@ -215,14 +216,12 @@ class Side:
 
     @property
     def median_s(self) -> float:
-        return statistics.median(r[0] for r in self.runs)
+        """Over the bursts that arrived at all (a side that lost one has no time for it)."""
+        times = [r[0] for r in self.runs if math.isfinite(r[0])]
+        return statistics.median(times) if times else math.nan
 
     def each(self) -> str:
-        return " ".join(f"{r[0]:.2f}" for r in self.runs)
-
-    def spread(self) -> str:
-        times = [r[0] for r in self.runs]
-        return f"{min(times):.2f}-{max(times):.2f}"
+        return " ".join(f"{r[0]:.2f}" if math.isfinite(r[0]) else "none" for r in self.runs)
 
 
 def poller_burst(
