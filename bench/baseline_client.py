@@ -3,18 +3,28 @@ keep-alive aiohttp connection, doing nothing else (no state, no rendering, no lo
 With a concurrency N > 1: N such loops share the bodies (the limit for unordered delivery
 with max_in_flight = N).
 
+`--fetch` is the floor of a burst (benchmark 1): read the newest COUNT events from
+Unleash's search endpoint in pages of 1000, newest first (each checked by id: the pages
+must hold COUNT distinct ids), then POST them as webhook bodies in id order over one
+connection. The token comes from the environment (BENCH_UNLEASH_TOKEN), not argv.
+
     python -m bench.baseline_client URL BODIES_FILE [N]   # one body per line; prints JSON
+    python -m bench.baseline_client --fetch UNLEASH_URL COUNT URL    # prints JSON
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+
+UNLEASH_ONLY_FIELDS = ("label", "summary")  # added by the search endpoint, not in webhook bodies
+PAGE = 1000
 
 
 async def post_all(url: str, bodies: list[bytes], concurrency: int = 1) -> dict[str, float]:
@@ -36,7 +46,52 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int = 1) -> dict[
     return {"posted": len(bodies), "elapsed_s": elapsed}
 
 
+def webhook_body(event: dict[str, object]) -> bytes:
+    """The event as Unleash's webhook (and the poller by default) sends it."""
+    body = {k: v for k, v in event.items() if k not in UNLEASH_ONLY_FIELDS}
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+async def fetch_and_post(unleash_url: str, token: str, count: int, url: str) -> dict[str, float]:
+    """Fetch the newest `count` events page by page, then POST them in id order."""
+    headers = {"Authorization": token, "Accept": "application/json"}
+    post_headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+        started = time.monotonic()
+        found: dict[int, dict[str, object]] = {}
+        offset = 0
+        while len(found) < count:
+            params = {"limit": str(min(PAGE, count - offset)), "offset": str(offset)}
+            async with session.get(
+                f"{unleash_url}/api/admin/search/events", params=params, headers=headers
+            ) as resp:
+                page = (await resp.json())["events"]
+            if not page:
+                raise RuntimeError(f"the log ended after {len(found)} of {count} events")
+            found.update((int(e["id"]), e) for e in page)
+            offset += len(page)
+        fetched = time.monotonic()
+        for event_id in sorted(found):
+            body = webhook_body(found[event_id])
+            async with session.post(url, data=body, headers=post_headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"receiver answered {resp.status}")
+        done = time.monotonic()
+    return {
+        "posted": len(found),
+        "started": started,
+        "fetch_s": fetched - started,
+        "elapsed_s": done - started,
+    }
+
+
 def main() -> None:
+    if sys.argv[1] == "--fetch":
+        unleash_url, count, url = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        token = os.environ["BENCH_UNLEASH_TOKEN"]
+        print(json.dumps(asyncio.run(fetch_and_post(unleash_url, token, count, url))))
+        return
     url, path = sys.argv[1], Path(sys.argv[2])
     concurrency = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     bodies = path.read_bytes().splitlines()

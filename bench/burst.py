@@ -1,38 +1,57 @@
-"""Benchmark 1 — a 5,000-event burst: unleash-poller beside Unleash's own webhook integration.
+"""Benchmark 1 — a 5,000-event burst: unleash-poller against Unleash's own webhook integration.
 
 One real Unleash, one lean receiver. Unleash's own webhook integration is created through
 the admin API and posts to /unleash (it caches integrations for up to 60 s, so probe
-events are inserted until one reaches it). The daemon (`python -m poller run`, default
-settings, start_from = latest) posts to /poller. Then 5,000 events are inserted in ONE
-statement and both deliver the same burst at the same time; each time is from the
-insert's commit to that side's last receipt. That is repeated (`--bursts`, default 3) and
-medians are compared: whether the daemon's poll reaches Unleash before or after Unleash's
-own once-a-second announcer starts its 5,000 POSTs (which keep Node busy, so the search
-pages are served late) swings a single burst between ~2.5 s and ~8 s.
+events are inserted until one reaches it); it is subscribed to one event type only.
 
-A last burst of another event type, which the integration is not subscribed to, times
-the daemon alone (nothing else competing for the 2 cores).
-Target: poller time <= 0.25 x Unleash's; no loss; poller in id order.
+Default mode, `--mode alone`: alternating rounds, each side alone on the same Unleash and a
+burst of the same size, never two at once. Each round: Unleash's own webhook delivers a
+burst of its type (no daemon running); then a fresh daemon at default settings (ordered)
+delivers a burst of another type, which the integration ignores; then the floor: a bare
+aiohttp client (bench/baseline_client.py --fetch) reads that burst's pages from Unleash and
+POSTs the bodies in id order over one connection, timed from its start; then a fresh daemon
+with `max_in_flight = 8` delivers another burst (the order of the two daemons swaps every
+round). Each daemon is started, has taken its first look at the log, and only then is its
+burst inserted; its time is from the insert's commit to its last receipt. Printed: medians
+and each round, ordered / floor and max_in_flight = 8 / Unleash's own (ratios of the
+medians). Then one more daemon at default settings idles for `--idle-s` seconds (its CPU
+and RSS before any burst), delivers three bursts, and idles again: its RSS 30 s after the
+last delivery, and its CPU over the next `--idle-s` seconds.
 
-    .venv/bin/python -m bench.burst [--events 5000] [--bursts 3] [--json out.json]
+`--mode concurrent` (the old benchmark): both deliver the same bursts at the same time,
+which is what an operator sees while both run; Unleash's Node process then serves the
+daemon's page reads late while it fires its own POSTs, so it measures the contention.
+
+    .venv/bin/python -m bench.burst [--events 5000] [--rounds 3] [--idle-s 30] [--json out.json]
+    .venv/bin/python -m bench.burst --mode concurrent [--events 5000] [--bursts 3]
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import json
+import math
+import os
 import random
 import statistics
+import subprocess
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from tests.support.unleash import UnleashServer
 
 from bench.lib import (
+    PYTHON,
+    REPO_ROOT,
     Daemon,
     LeanReceiver,
     Report,
     arguments,
     delivery,
     last_event_id,
+    proc_stat,
     say,
     unleash,
     workdir,
@@ -41,6 +60,7 @@ from bench.lib import (
 
 PROBE_TYPE = "feature-updated"  # the integration is subscribed to this type only
 ALONE_TYPE = "feature-metadata-updated"
+POLLER_TYPES = ("feature-metadata-updated", "feature-stale-on", "feature-stale-off")
 SETTLE_S = 15.0  # no new receipt for this long: that side is done
 
 
@@ -101,14 +121,9 @@ def taken_in_s(daemon: Daemon, ids: range, committed_wall: float) -> float:
     return float("nan")
 
 
-def main() -> None:
-    parser = arguments(__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=5000)
-    parser.add_argument(
-        "--bursts", type=int, default=3, help="bursts both sides deliver (the figure is the median)"
-    )
-    args = parser.parse_args()
-    report = Report("1 burst")
+def run_concurrent(args: argparse.Namespace) -> None:
+    """Both sides deliver the same bursts at the same time (the old benchmark)."""
+    report = Report("1 burst (concurrent)")
     with workdir("burst", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
         admin = server.admin()
         admin.create_webhook(receiver.url("/unleash"), events=[PROBE_TYPE])
@@ -189,6 +204,278 @@ def main() -> None:
     report.add("unleash-poller alone: lost / out of order", f"{alone[1]} / {alone[2]}")
     report.save(args.json)
     say("done")
+
+
+@dataclass
+class Side:
+    """One side's bursts: (seconds to the last receipt, lost, out of order, duplicates)."""
+
+    name: str
+    runs: list[tuple[float, int, int, int]]
+    taken_in: list[float]
+
+    @property
+    def median_s(self) -> float:
+        """Over the bursts that arrived at all (a side that lost one has no time for it)."""
+        times = [r[0] for r in self.runs if math.isfinite(r[0])]
+        return statistics.median(times) if times else math.nan
+
+    def each(self) -> str:
+        return " ".join(f"{r[0]:.2f}" if math.isfinite(r[0]) else "none" for r in self.runs)
+
+
+def poller_burst(
+    server: UnleashServer,
+    receiver: LeanReceiver,
+    work: Path,
+    name: str,
+    hook: dict[str, object],
+    count: int,
+    type_: str,
+) -> tuple[tuple[float, int, int, int], float]:
+    """A fresh daemon; once it has taken its first look at the log, one burst."""
+    path = f"/{name}"
+    config = write_config(
+        work / f"{name}.toml",
+        server,
+        [{"name": "burst", "url": receiver.url(path), **hook}],
+        start_from="latest",
+    )
+    daemon = Daemon(config)
+    try:
+        high = daemon.wait_log("cursor.initialised")["high_water"]
+        time.sleep(2.0)  # past its first polls: the burst is what it finds next
+        if last_event_id(server.db) != high:
+            raise RuntimeError("an event slipped in between start-up and the burst")
+        ids, committed_at, wall = insert_burst(server, count, type_)
+        wait_settled(receiver, path, ids, 300)
+        figures = burst_figures(receiver, path, ids, committed_at)
+        taken_in = taken_in_s(daemon, ids, wall)
+    finally:
+        daemon.stop()
+    say(f"{name}: {figures[0]:.2f} s (taken in after {taken_in:.2f} s)")
+    return figures, taken_in
+
+
+def floor_burst(
+    server: UnleashServer, receiver: LeanReceiver, name: str, ids: range
+) -> tuple[float, float]:
+    """The bare client over the newest `len(ids)` events (the burst just delivered):
+    (seconds from its start to the last receipt, of which reading the pages)."""
+    path = f"/{name}"
+    completed = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "bench.baseline_client",
+            "--fetch",
+            server.url,
+            str(len(ids)),
+            receiver.url(path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_UNLEASH_TOKEN": server.admin_token},
+    )
+    summary = json.loads(completed.stdout)
+    received, times = receiver.stats(path)
+    got = delivery(received, ids)
+    if got.lost or got.out_of_order:
+        raise RuntimeError(f"the floor client lost {got.lost}, {got.out_of_order} out of order")
+    elapsed = max(times) - float(summary["started"])
+    say(f"{name}: {elapsed:.2f} s (pages read in {summary['fetch_s']:.2f} s)")
+    return elapsed, float(summary["fetch_s"])
+
+
+def idle_after_bursts(
+    server: UnleashServer,
+    receiver: LeanReceiver,
+    work: Path,
+    count: int,
+    bursts: int,
+    idle_s: float,
+) -> dict[str, float]:
+    """One daemon at default settings idles for `idle_s` (RSS and CPU before any burst),
+    delivers `bursts` bursts, then idles: RSS 30 s after the last delivery, CPU over the
+    `idle_s` after that."""
+    path = "/idle"
+    config = write_config(
+        work / "idle.toml",
+        server,
+        [{"name": "idle", "url": receiver.url(path)}],
+        start_from="latest",
+    )
+    daemon = Daemon(config)
+    rng = random.Random(11)
+    try:
+        daemon.wait_log("cursor.initialised")
+        time.sleep(5.0)
+        fresh = proc_stat(daemon.pid)
+        time.sleep(idle_s)  # the same daemon idle before any burst, for comparison
+        before = proc_stat(daemon.pid)
+        times: list[float] = []
+        for n in range(bursts):
+            ids, committed_at, _ = insert_burst(server, count, POLLER_TYPES[n % len(POLLER_TYPES)])
+            wait_settled(receiver, path, ids, 300)
+            times.append(burst_figures(receiver, path, ids, committed_at)[0])
+            time.sleep(rng.uniform(3.0, 4.0))
+        _, receipts = receiver.stats(path)
+        last = max(receipts)
+        time.sleep(max(0.0, last + 30.0 - time.monotonic()))
+        at_30 = proc_stat(daemon.pid)
+        time.sleep(idle_s)
+        end = proc_stat(daemon.pid)
+    finally:
+        daemon.stop()
+    say(f"idle daemon: bursts {' '.join(f'{t:.2f}' for t in times)} s")
+    return {
+        "rss_mb": at_30.rss_kb / 1024,
+        "anon_mb": at_30.anon_kb / 1024,
+        "file_mb": at_30.file_kb / 1024,
+        "hwm_mb": end.hwm_kb / 1024,
+        "rss_end_mb": end.rss_kb / 1024,
+        "cpu_pct": (end.cpu_ns - at_30.cpu_ns) / 1e9 / idle_s * 100,
+        "fresh_rss_mb": before.rss_kb / 1024,
+        "fresh_anon_mb": before.anon_kb / 1024,
+        "fresh_cpu_pct": (before.cpu_ns - fresh.cpu_ns) / 1e9 / idle_s * 100,
+        "burst_cpu_s": (at_30.cpu_ns - before.cpu_ns) / 1e9,
+        "median_burst_s": statistics.median(times),
+    }
+
+
+def run_alone(args: argparse.Namespace) -> None:
+    """Alternating rounds, each side alone (see the module docstring)."""
+    report = Report("1 burst")
+    own = Side("Unleash's own", [], [])
+    ordered = Side("ordered", [], [])
+    wide = Side("max_in_flight = 8", [], [])
+    floor: list[tuple[float, float]] = []
+    loads: list[float] = []
+    rng = random.Random(7)
+    with workdir("burst", args.keep) as work, unleash(work) as server, LeanReceiver() as receiver:
+        if args.rounds:
+            server.admin().create_webhook(receiver.url("/unleash"), events=[PROBE_TYPE])
+            waited = wait_for_integration(server, receiver)
+            say(f"Unleash's integration delivers (after {waited:.0f} s of probes)")
+        for n in range(args.rounds):
+            loads.append(os.getloadavg()[0])
+            ids, committed_at, _ = insert_burst(server, args.events, PROBE_TYPE)
+            wait_settled(receiver, "/unleash", ids, 300)
+            own.runs.append(burst_figures(receiver, "/unleash", ids, committed_at))
+            say(f"round {n + 1}: Unleash's own {own.runs[-1][0]:.2f} s")
+            time.sleep(rng.uniform(3.0, 4.0))  # its announcer has nothing left to do
+            plan = [("ordered", ordered, {}), ("wide", wide, {"max_in_flight": 8})]
+            for name, side, hook in plan if n % 2 == 0 else plan[::-1]:
+                type_ = POLLER_TYPES[0]
+                figures, taken_in = poller_burst(
+                    server, receiver, work, f"{name}-{n}", hook, args.events, type_
+                )
+                side.runs.append(figures)
+                side.taken_in.append(taken_in)
+                if name == "ordered":
+                    last = last_event_id(server.db)
+                    floor.append(
+                        floor_burst(
+                            server, receiver, f"floor-{n}", range(last - args.events + 1, last + 1)
+                        )
+                    )
+            loads.append(os.getloadavg()[0])
+        idle = idle_after_bursts(server, receiver, work, args.events, 3, args.idle_s)
+        loads.append(os.getloadavg()[0])
+    print(
+        f"\n1. {args.rounds} alternating rounds of {args.events:,}-event bursts, each side "
+        f"alone (medians; each round listed); load average {min(loads):.1f}-{max(loads):.1f}"
+    )
+    if args.rounds:
+        report_rounds(report, own, ordered, wide, floor)
+    report_idle(report, idle, args.idle_s)
+    report.save(args.json)
+    say("done")
+
+
+def report_rounds(
+    report: Report, own: Side, ordered: Side, wide: Side, floor: list[tuple[float, float]]
+) -> None:
+    floor_s = statistics.median(f[0] for f in floor)
+    for side in (own, ordered, wide):
+        report.add(f"{side.name}: insert -> last receipt", side.median_s, "s")
+        report.add("  each round", side.each(), "s")
+    report.add("floor (bare client: read the pages, POST in order)", floor_s, "s")
+    report.add("  each round", " ".join(f"{f[0]:.2f}" for f in floor), "s")
+    report.add("  of which reading the pages", " ".join(f"{f[1]:.2f}" for f in floor), "s")
+    for side in (ordered, wide):
+        report.add(
+            f"{side.name}: insert -> taken in (cursor.advanced)",
+            " ".join(f"{t:.2f}" for t in side.taken_in),
+            "s",
+        )
+    ratio = ordered.median_s / floor_s
+    report.add("ordered / floor (medians)", ratio, "x", "<= 1.10", ratio <= 1.10)
+    report.add(
+        "  each round",
+        " ".join(f"{o[0] / f[0]:.2f}" for o, f in zip(ordered.runs, floor, strict=True)),
+        "x",
+    )
+    ratio = wide.median_s / own.median_s
+    report.add("max_in_flight = 8 / Unleash's own (medians)", ratio, "x", "<= 0.15", ratio <= 0.15)
+    ratio = ordered.median_s / own.median_s
+    report.add("ordered / Unleash's own (medians)", ratio, "x")
+    report.add("Unleash's own: out of order, each round", " ".join(str(o[2]) for o in own.runs))
+    disorder = sum(p[2] for p in ordered.runs)
+    report.add("ordered: out of order, all rounds", disorder, "", "0", disorder == 0)
+    for side in (own, ordered, wide):
+        lost = sum(r[1] for r in side.runs)
+        report.add(
+            f"{side.name}: lost / duplicates, all rounds",
+            f"{lost} / {sum(r[3] for r in side.runs)}",
+            "",
+            "0 lost",
+            lost == 0,
+        )
+
+
+def report_idle(report: Report, idle: dict[str, float], idle_s: float) -> None:
+    print(f"\n   after three bursts (ordered, default settings), idle for {idle_s:.0f} s")
+    rss = idle["rss_mb"]
+    report.add("idle RSS 30 s after the last delivery", rss, "MB", "<= 40 MB", rss <= 40)
+    report.add(
+        "  of which RssAnon / RssFile", f"{idle['anon_mb']:.1f} / {idle['file_mb']:.1f}", "MB"
+    )
+    report.add(
+        f"  RSS after {idle_s:.0f} s more / peak (VmHWM)",
+        f"{idle['rss_end_mb']:.1f} / {idle['hwm_mb']:.1f}",
+        "MB",
+    )
+    report.add(
+        "  before any burst: RSS (RssAnon)",
+        f"{idle['fresh_rss_mb']:.1f} ({idle['fresh_anon_mb']:.1f})",
+        "MB",
+    )
+    cpu = idle["cpu_pct"]
+    report.add("idle CPU after the bursts", cpu, "% core", "<= 0.25 %", cpu <= 0.25)
+    report.add("  before any burst", idle["fresh_cpu_pct"], "% core")
+    report.add("CPU for the three bursts", idle["burst_cpu_s"], "s")
+    report.add("  median burst time of that daemon", idle["median_burst_s"], "s")
+
+
+def main() -> None:
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("alone", "concurrent"), default="alone")
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alone: alternating rounds (0: only the idle daemon)"
+    )
+    parser.add_argument("--idle-s", type=float, default=30.0, help="alone: idle CPU window")
+    parser.add_argument(
+        "--bursts", type=int, default=3, help="concurrent: bursts both sides deliver at once"
+    )
+    args = parser.parse_args()
+    if args.mode == "alone":
+        run_alone(args)
+    else:
+        run_concurrent(args)
 
 
 if __name__ == "__main__":

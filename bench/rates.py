@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tests.support.unleash import UnleashServer
 
+from bench.baseline_client import webhook_body
 from bench.lib import (
     PYTHON,
     REPO_ROOT,
@@ -32,8 +33,6 @@ from bench.lib import (
     workdir,
     write_config,
 )
-
-UNLEASH_ONLY_FIELDS = ("label", "summary")  # added by the search endpoint, not in webhook bodies
 
 
 @dataclass
@@ -71,11 +70,7 @@ def make_backlog(server: UnleashServer, count: int) -> Backlog:
 def bodies_file(server: UnleashServer, backlog: Backlog, path: Path) -> Path:
     """The backlog's events as Unleash's webhook (and the poller by default) sends them."""
     events = server.admin().all_events(after_id=backlog.before)
-    lines = []
-    for event in events:
-        if backlog.first <= event["id"] <= backlog.last:
-            body = {k: v for k, v in event.items() if k not in UNLEASH_ONLY_FIELDS}
-            lines.append(json.dumps(body, ensure_ascii=False, separators=(",", ":")))
+    lines = [webhook_body(e).decode() for e in events if backlog.first <= e["id"] <= backlog.last]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -18,7 +18,7 @@ from bench.lib import PYTHON, REPO_ROOT, machine
 
 # (number, module, full-size arguments, quick arguments)
 BENCHMARKS: list[tuple[str, str, list[str], list[str]]] = [
-    ("1", "bench.burst", [], ["--events", "2000"]),
+    ("1", "bench.burst", [], ["--events", "2000", "--rounds", "1", "--idle-s", "10"]),
     ("2", "bench.ordered_rate", [], ["--events", "5000", "--rounds", "1"]),
     ("3", "bench.unordered_rate", [], ["--events", "5000", "--rounds", "1"]),
     ("4", "bench.fanout", [], ["--events", "1000", "--rounds", "1"]),

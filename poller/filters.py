@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 def tag_pattern_problem(pattern: str) -> str | None:
@@ -56,6 +56,11 @@ class EventFilter:
             object.__setattr__(self, "_types", re.compile(patterns))
         if self.tags is not None:
             object.__setattr__(self, "_tags", compile_tag_patterns(self.tags))
+
+    @property
+    def matches_everything(self) -> bool:
+        """No filter set (each one's None means "all"), so every event passes."""
+        return all(getattr(self, f.name) is None for f in fields(self) if f.init)
 
     def matches(self, event: Mapping[str, object]) -> bool:
         if self._types is not None:

@@ -9,12 +9,14 @@ are almost always rolled-back transactions).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
+from poller import memory
 from poller.backoff import backoff_s
 from poller.config import Config, WebhookConfig
 from poller.faults import crash_point
@@ -26,7 +28,12 @@ from poller.source import UnleashSource
 from poller.state import Gap, State
 
 FIRST_PAGE = 50  # most polls find a handful of events: ask for a small page first
-STAGE_AT = 5000  # beyond this many new events, spill to the state file, not memory
+# Beyond this many new events, spill to the state file, not memory. Small, because the
+# events held are many small Python objects: the allocator keeps the memory they took
+# (not all of it can be given back), so a burst held whole would raise the daemon's
+# resident memory for good by a few kB per event.
+STAGE_AT = 1000
+GIVE_BACK_AT = 1000  # after taking in this many events, give the memory back to the OS
 MAX_NEW_GAPS = 10000  # a jump this large in the id sequence is not a set of open transactions
 GAP_RECHECK_MAX_S = 30.0
 PROGRESS_EVERY_PAGES = 10
@@ -83,6 +90,8 @@ class Ingest:
             # could hold part of the newest transaction's events and miss its highest id.
             page = await self.source.read(0, self.config.unleash.page_size)
             high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
+            if len(page.events) >= GIVE_BACK_AT:
+                asyncio.get_running_loop().call_soon(self._give_back)
         self.state.ingest([], [], high)
         self.high_water = high
         log.info("cursor.initialised", start_from=start, high_water=high)
@@ -169,18 +178,35 @@ class Ingest:
                 "Upgrade Unleash or lower poll_interval_s",
             )
 
+    def _wanted(self, event: Event) -> list[str]:
+        """The webhooks that want `event`. One we could not read cannot be filtered: every
+        webhook dead-letters it."""
+        return [name for name, flt in self._filters if UNREADABLE in event or flt.matches(event)]
+
     def _owed(
         self, events: Iterable[tuple[int, Event]]
     ) -> tuple[list[tuple[int, str]], list[tuple[str, int]]]:
         rows: list[tuple[int, str]] = []
         owed: list[tuple[str, int]] = []
         for event_id, event in events:
-            # An event we could not read cannot be filtered: every webhook dead-letters it.
-            wanted = [
-                name for name, flt in self._filters if UNREADABLE in event or flt.matches(event)
-            ]
-            if wanted:
+            if wanted := self._wanted(event):
                 rows.append((event_id, _dump(event)))
+                owed.extend((name, event_id) for name in wanted)
+        return rows, owed
+
+    def _owed_staged(
+        self, staged: list[tuple[int, str]]
+    ) -> tuple[list[tuple[int, str]], list[tuple[str, int]]]:
+        """`_owed` for staged rows, whose bodies are already the text to store: it is kept
+        as it is, and parsed only when some webhook filters what it gets."""
+        if all(flt.matches_everything for _, flt in self._filters):
+            names = [name for name, _ in self._filters]
+            return staged, [(name, event_id) for event_id, _ in staged for name in names]
+        rows: list[tuple[int, str]] = []
+        owed: list[tuple[str, int]] = []
+        for event_id, body in staged:
+            if wanted := self._wanted(json.loads(body)):
+                rows.append((event_id, body))
                 owed.extend((name, event_id) for name in wanted)
         return rows, owed
 
@@ -209,7 +235,7 @@ class Ingest:
                 for i, _ in staged:
                     tracker.see(i)
                 settled.extend(i for i, _ in staged if i in self.gaps)
-                rows, owed = self._owed((i, json.loads(body)) for i, body in staged)
+                rows, owed = self._owed_staged(staged)
                 batch.add(rows, owed)
                 owed_count += len(owed)
                 hooks.update(name for name, _ in owed)
@@ -221,6 +247,9 @@ class Ingest:
         return tracker.count
 
     def _after_take(self, old: int, tracker: _GapTracker, settled: list[int], owed: int) -> None:
+        if tracker.count >= GIVE_BACK_AT:
+            # Once the workers' first requests are out (they were just woken), not before.
+            asyncio.get_running_loop().call_soon(self._give_back)
         self.high_water = tracker.high
         self.gaps = {g.id: g for g in self.state.gaps()}
         if settled:
@@ -239,6 +268,12 @@ class Ingest:
                 events=tracker.count,
                 deliveries=owed,
             )
+
+    def _give_back(self) -> None:
+        """What a catch-up held is free now: hand it back to the OS."""
+        self.state.release_memory()
+        if memory.give_back():
+            log.debug("memory.given_back")
 
     async def recheck_gaps(self, now: float | None = None) -> None:
         """Ask again for missing ids that are due; give up on those past the grace period."""

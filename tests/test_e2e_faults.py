@@ -668,7 +668,7 @@ def test_kill_9_at_any_instant_loses_no_event(
     cursor = status(poller_cli, config)["cursor"]
     assert cursor >= start + 1600
 
-    # A catch-up longer than the staging threshold (5000), killed after it was staged.
+    # A catch-up staged 1,000 events at a time (STAGE_AT), killed after 5,000 were staged.
     db.insert_events(5200, type="feature-updated", environment="production")
     daemon = spawn(config, crash_at="poll.page_fetched:7")
     assert daemon.wait(60) == -signal.SIGKILL, daemon.tail()

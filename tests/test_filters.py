@@ -106,3 +106,18 @@ def test_exact_tag_pattern_matches_only_itself(kind: str, value: str) -> None:
 def test_tag_pattern_problem(pattern: str, ok: bool) -> None:
     """A tag pattern must be type:value with both sides non-empty."""
     assert (tag_pattern_problem(pattern) is None) is ok
+
+
+@pytest.mark.parametrize(
+    ("flt", "everything"),
+    [
+        (EventFilter(), True),
+        (EventFilter(events=("feature-*",)), False),
+        (EventFilter(projects=("web",)), False),
+        (EventFilter(environments=("production",)), False),
+        (EventFilter(tags=("team:*",)), False),
+    ],
+)
+def test_matches_everything_only_without_any_filter(flt: EventFilter, everything: bool) -> None:
+    """A filter says it matches every event exactly when it filters on nothing."""
+    assert flt.matches_everything is everything

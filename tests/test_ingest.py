@@ -384,3 +384,94 @@ def test_a_probe_that_always_says_unchanged_cannot_hide_events(tmp_path: Path) -
     now[0] += 30.0
     assert asyncio.run(ingest.poll()) == 0  # the interval counts from the last full read
     assert log.probes == 4
+
+
+def _unfiltered_config(tmp_path: Path) -> Config:
+    text = """
+[unleash]
+url = "http://u"
+token = "t"
+start_from = "latest"
+page_size = 10
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "all"
+url = "http://h/all"
+[[webhooks]]
+name = "also"
+url = "http://h/also"
+events = ["*"]
+"""
+    return parse_config(tomllib.loads(text), tmp_path)
+
+
+@pytest.mark.parametrize("stage_at", [25, 10_000])
+def test_unfiltered_webhooks_get_the_bodies_as_read(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch, stage_at: int
+) -> None:
+    """With no webhook filtering, a burst is owed to every webhook with the body as Unleash
+    sent it, whether it was spilled to the state file (kept as text) or held in memory."""
+    monkeypatch.setattr(ingest_module, "STAGE_AT", stage_at)
+    log.add(1)
+    state = State.open(tmp_path / "s.sqlite3")
+    ingest = Ingest(_unfiltered_config(tmp_path), state, log, lambda hooks: None)  # type: ignore[arg-type]
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 103))
+    log.visible[5]["data"] = {"ü": [1.5, None, "\u2028"], "n": 10**20}
+    assert asyncio.run(ingest.poll()) == 101
+    expected = [ingest_module._dump(e) for e in sorted(log.visible[1:], key=lambda e: e["id"])]  # type: ignore[arg-type,return-value]
+    for hook in ("all", "also"):
+        assert [p.body for p in state.next_pending(hook, 1000)] == expected
+
+
+def test_a_catch_up_gives_memory_back_once_workers_are_woken(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taking in GIVE_BACK_AT events or more hands the memory back (right after the poll,
+    on the next loop turn); a smaller take does not."""
+    monkeypatch.setattr(ingest_module, "GIVE_BACK_AT", 50)
+    monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
+    calls: list[str] = []
+    monkeypatch.setattr(ingest_module.memory, "give_back", lambda: calls.append("trim") or True)
+    log.add(1)
+    ingest, _, woken = _ingest(tmp_path, log)
+
+    async def poll_then_turn() -> list[str]:
+        await ingest.poll()
+        seen = list(calls)
+        await asyncio.sleep(0)
+        return seen
+
+    asyncio.run(poll_then_turn())
+    log.add(*range(2, 51))  # 49 events
+    assert asyncio.run(poll_then_turn()) == []
+    assert calls == []
+    log.add(*range(51, 101))  # 50 events
+    assert asyncio.run(poll_then_turn()) == []  # not before the workers get to run
+    assert calls == ["trim"]
+    assert woken == {"all"}
+
+
+def test_starting_from_latest_over_a_full_page_gives_memory_back(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`latest` reads a whole page to find where to start: that page's memory is handed
+    back too, once it is a large one."""
+    monkeypatch.setattr(ingest_module, "GIVE_BACK_AT", 10)
+    calls: list[str] = []
+    monkeypatch.setattr(ingest_module.memory, "give_back", lambda: calls.append("trim") or True)
+    log.add(*range(1, 10))
+    small, _, _ = _ingest(tmp_path / "small", log)
+
+    async def poll_then_turn(ingest: Ingest) -> None:
+        await ingest.poll()
+        await asyncio.sleep(0)
+
+    asyncio.run(poll_then_turn(small))
+    assert calls == []
+    log.add(10)
+    full, _, _ = _ingest(tmp_path / "full", log)
+    asyncio.run(poll_then_turn(full))
+    assert calls == ["trim"]
+    assert full.high_water == 10
