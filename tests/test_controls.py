@@ -126,7 +126,11 @@ def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
     fast = [r.received_at for r in receiver.requests("/fast")]
     took = slow[-1] - slow[0]
     expected = (count - 1) / 5
-    print(f"rate limit: {count} events in {took:.2f} s, max {_max_in_window(slow, 1.0)} in 1 s")
+    print(
+        f"FIGURES: rate limit (max_in_flight {max_in_flight}): {count} events at 5/s in "
+        f"{took:.2f} s, at most {_max_in_window(slow, 1.0)} in any 1 s window; unlimited "
+        f"webhook beside it {fast[-1] - fast[0]:.2f} s"
+    )
     assert expected - 0.8 <= took <= expected + 1.2, took
     assert _max_in_window(slow, 1.0) <= 6
     assert fast[-1] - fast[0] < 3.0
@@ -153,6 +157,10 @@ def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
     holds = [
         got[n + 1].received_at - got[n].received_at for n, s in enumerate(statuses[:-1]) if s == 429
     ]
+    print(
+        f"FIGURES: 429 one in three: {len(got)} requests for 12 events, {len(holds)} holds of "
+        f"{min(holds):.2f}-{max(holds):.2f} s, no dead letters"
+    )
     assert len(holds) >= 5
     assert min(holds) >= 2.0, holds
     log = state.attempt_log("a")
@@ -184,8 +192,9 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
     probes of the head event only; once it is back, events 6-200 arrive in order, once each.
 
     The issue's 5 minutes are scaled down through config, not by changing behaviour:
-    retry_schedule_s = [0.05] (one quick retry) and probe_interval_s = 0.5, so the outage
-    lasts about 4 s here; events are added in batches of 20 while it lasts."""
+    retry_schedule_s = [0.05] (one quick retry) and probe_interval_s = 0.5 (doubling), so
+    the outage lasts until two probes have failed (about 2 s here); the 200 events are
+    added in batches of 20 while it lasts, and the receiver comes back only after that."""
     receiver.respond("/a", status=500)
     config = _config(
         tmp_path,
@@ -214,7 +223,9 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
             and sum(1 for r in receiver.requests("/a") if r.received_at > paused_seen[0]) >= 2
         )
 
+    started = time.monotonic()
     asyncio.run(_run(config, state, probed_twice, timeout_s=60, meanwhile=feed))
+    outage_s = time.monotonic() - started
     pause = state.pause("a")
     assert pause is not None
     assert not pause.awaits_resume
@@ -228,6 +239,11 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
     back = time.monotonic()
     asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=60))
     after = [r for r in receiver.requests("/a") if r.received_at > back]
+    print(
+        f"FIGURES: receiver down {outage_s:.1f} s with 200 events: "
+        f"{len(state.dead_letters('a'))} dead letters, paused, {len(during)} probes; "
+        f"{len(after)} delivered in order {after[-1].received_at - back:.2f} s after it came back"
+    )
     assert _ids(after) == list(range(6, 201))
     assert state.pause("a") is None
     assert len(state.dead_letters("a")) == 5
