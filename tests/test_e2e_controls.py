@@ -190,7 +190,10 @@ def test_pause_by_hand_is_picked_up_by_the_running_daemon(
         asked = time.monotonic()
         poller_cli("webhooks", "pause", "a", "-c", config)
         daemon.wait_for_log("webhook.paused", timeout_s=10)
-        print(f"pause picked up in {time.monotonic() - asked:.2f} s (poll interval 0.2 s)")
+        print(
+            f"FIGURES: pause by hand picked up {time.monotonic() - asked:.2f} s after the CLI "
+            "started (its own start-up included; poll_interval_s 0.2)"
+        )
         created = _flags(admin, run, 3)
         _wait(
             lambda: (
