@@ -90,7 +90,11 @@ class App:
             # memory a daemon without a metrics listener has no use for.
             from poller.metrics import Metrics  # noqa: PLC0415
 
-            self.metrics = Metrics([h.name for h in config.webhooks], pending=state.pending_counts)
+            self.metrics = Metrics(
+                [h.name for h in config.webhooks],
+                pending=state.pending_counts,
+                paused=lambda: state.pauses().keys(),
+            )
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -98,7 +102,9 @@ class App:
                 worker.wake.set()
 
     def _count(self, hook: str, outcome: Outcome, lag_s: float, duration_s: float | None) -> None:
-        self.metrics.on_delivery(hook, outcome.kind, duration_s, lag_s)
+        # A 410's pause keeps the event to try again later: a retry, as the metrics count.
+        kind = "retry" if outcome.kind == "pause" else outcome.kind
+        self.metrics.on_delivery(hook, kind, duration_s, lag_s)
         if outcome.kind == "delivered":
             self.delivered += 1
         elif outcome.kind == "give_up":
@@ -119,9 +125,11 @@ class App:
     def status_line(self) -> str:
         pending = sum(self.state.pending_counts().values())
         head = f"Unleash unreachable ({self._unleash_error})" if self._unleash_error else "polling"
+        paused = sorted(self.state.pauses())
         return (
             f"{head}; cursor {self.ingest.high_water}, {pending} pending, "
             f"{self.delivered} delivered, {self.dead_lettered} dead-lettered"
+            + (f"; paused: {', '.join(paused)}" if paused else "")
         )
 
     def _request_stop(self) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from poller import __version__, log
-from poller.app import EX_IOERR, App, ask_server_profile
+from poller.app import EX_IOERR, EX_UNAVAILABLE, App, ask_server_profile
 from poller.config import (
     EX_CONFIG,
     TOKEN_ENV,
@@ -26,8 +28,10 @@ from poller.config import (
 )
 from poller.importer import ImporterError, ImportOptions, import_summary, run_import
 from poller.providers.base import BuildError, Configured, shown
+from poller.redeliver import Range, RangeError, parse_time, redeliver_from
 from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
+from poller.schedule import Pause
 from poller.source import UnleashError
 from poller.state import State, StateError, StateLockedError
 
@@ -124,6 +128,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also switch over: record the highest event id, disable the integrations in "
         "Unleash, start the state file's cursor at that id",
     )
+    hooks = command("webhooks", "pause or resume a webhook (daemon running or stopped)")
+    hooks.add_argument("action", choices=("pause", "resume"))
+    hooks.add_argument("name", help="webhook name")
+    attempts = command("attempts", "the attempt log: every delivery attempt, newest last")
+    attempts.add_argument("--webhook", help="only this webhook")
+    attempts.add_argument("--event", type=int, help="only this event id")
+    attempts.add_argument("--last", type=int, default=50, help="this many (default 50)")
+    attempts.add_argument("--json", action="store_true", help="one JSON object per line")
+    again = command("redeliver", "re-read events from Unleash's history and queue them again")
+    again.add_argument("--webhook", required=True, help="webhook name")
+    again.add_argument("--from-id", type=int, help="first event id (inclusive)")
+    again.add_argument("--to-id", type=int, help="last event id (inclusive; default newest)")
+    again.add_argument("--since", help="ISO 8601 time (inclusive; UTC without a zone)")
+    again.add_argument("--until", help="ISO 8601 time (inclusive; default now)")
     return parser
 
 
@@ -242,6 +260,7 @@ def _cmd_status(config: Config, as_json: bool) -> int:
     state = State.open(config.state.path, create=False, lock=False)
     try:
         pending, dead = state.pending_counts(), state.dead_letter_counts()
+        pauses = state.pauses()
         oldest = state.oldest_pending()
         gaps = state.gaps()
         now = time.time()
@@ -253,6 +272,13 @@ def _cmd_status(config: Config, as_json: bool) -> int:
                 "dead_letters": dead.get(name, 0),
                 "oldest_pending_age_s": round(now - oldest[name], 1) if name in oldest else None,
                 "configured": any(h.name == name for h in config.webhooks),
+                "paused": None
+                if name not in pauses
+                else {
+                    "reason": pauses[name].reason,
+                    "since": _utc(pauses[name].since),
+                    "probing": not pauses[name].awaits_resume,
+                },
             }
             for name in hooks
         }
@@ -272,12 +298,19 @@ def _cmd_status(config: Config, as_json: bool) -> int:
     for name, row in per_hook.items():
         age = row["oldest_pending_age_s"]
         note = "" if row["configured"] else "   (not in config)"
+        paused = pauses.get(name)
         print(
-            f"  {name}: pending {row['pending']}, dead letters {row['dead_letters']}"
+            f"  {name}: "
+            + (f"paused since {_utc(paused.since)} ({paused.reason}); " if paused else "")
+            + f"pending {row['pending']}, dead letters {row['dead_letters']}"
             + (f", oldest pending {age}s" if age is not None else "")
             + note
         )
     return 0
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
 def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
@@ -330,6 +363,117 @@ def _replay(config: Config, webhook: str | None) -> int:
         state.close()
     print(f"\nreplay: {ok} delivered, {failed} still failing", file=sys.stderr)
     return 0 if failed == 0 else 1
+
+
+def _known_webhook(config: Config, name: str | None) -> bool:
+    """Whether `name` (if given) is configured; prints the one line that says not."""
+    if name is None:
+        return True
+    try:
+        config.webhook(name)
+    except KeyError as exc:
+        print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
+        return False
+    return True
+
+
+def _open_beside_daemon(config: Config) -> State:
+    """The state file for a command that writes beside a running daemon or without one
+    (the latter also upgrades an old file)."""
+    try:
+        return State.open(config.state.path, create=True, lock=True)
+    except StateLockedError:
+        return State.open(config.state.path, create=False, lock=False)
+
+
+def _cmd_webhooks(config: Config, action: str, name: str) -> int:
+    if not _known_webhook(config, name):
+        return EX_USAGE
+    state = _open_beside_daemon(config)
+    try:
+        if action == "pause":
+            state.set_pause(
+                name, Pause("paused by hand", time.time(), awaits_resume=True, probe_at=math.inf)
+            )
+            print(f"{name}: paused; its events stay pending until `webhooks resume {name}`")
+        else:
+            was = state.resume(name, retry_now=True)
+            pending = state.pending_counts().get(name, 0)
+            print(
+                f"{name}: resumed; {pending} pending event(s) are delivered now"
+                if was
+                else f"{name}: was not paused ({pending} pending)"
+            )
+    finally:
+        state.close()
+    return 0
+
+
+def _cmd_attempts(
+    config: Config, webhook: str | None, event_id: int | None, last: int, as_json: bool
+) -> int:
+    if not _known_webhook(config, webhook):
+        return EX_USAGE
+    if last <= 0:
+        print("unleash-poller: --last must be at least 1", file=sys.stderr)
+        return EX_USAGE
+    state = State.open(config.state.path, create=False, lock=False)
+    try:
+        records = state.attempt_log(webhook, event_id, last)
+    finally:
+        state.close()
+    for r in records:
+        when = (
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.at)) + f".{int(r.at % 1 * 1000):03d}Z"
+        )
+        if as_json:
+            print(json.dumps({**dataclasses.asdict(r), "at": when}))
+            continue
+        result = f"HTTP {r.status}" if r.status is not None else (r.error or "no response")
+        latency = "-" if r.latency_ms is None else f"{r.latency_ms:.1f}ms"
+        print(f"{when}\t{r.webhook}\t{r.event_id}\t#{r.attempt}\t{result}\t{latency}\t{r.outcome}")
+    return 0
+
+
+def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
+    if not _known_webhook(config, args.webhook):
+        return EX_USAGE
+    try:
+        wanted = Range(
+            args.from_id,
+            args.to_id,
+            None if args.since is None else parse_time(args.since, "--since"),
+            None if args.until is None else parse_time(args.until, "--until"),
+        )
+    except RangeError as exc:
+        print(f"unleash-poller: redeliver: {exc}", file=sys.stderr)
+        return EX_USAGE
+    log.configure(config.log_level)
+    state = _open_beside_daemon(config)
+    shown = [0.0]
+
+    def progress(read: int, doing: str) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 1.0:
+            shown[0] = now
+            print(f"\rread {read} event(s): {doing}", end="", file=sys.stderr, flush=True)
+
+    try:
+        result = asyncio.run(
+            redeliver_from(config, state, config.webhook(args.webhook), wanted, progress)
+        )
+    except RangeError as exc:
+        print(f"\nunleash-poller: redeliver: {exc}", file=sys.stderr)
+        return EX_DATAERR
+    except UnleashError as exc:
+        print(f"\nunleash-poller: redeliver: Unleash: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    finally:
+        state.close()
+    print(f"\nredeliver: {result.method}", file=sys.stderr)
+    extra = f", {result.already_pending} already pending" if result.already_pending else ""
+    print(f"{result.queued} queued, {result.filtered_out} filtered out{extra}")
+    return 0
 
 
 def _cmd_cursor(config: Config, event_id: int) -> int:
@@ -407,6 +551,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: _cmd_status(config, args.json),
         "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
         "cursor": lambda: _cmd_cursor(config, args.event_id),
+        "webhooks": lambda: _cmd_webhooks(config, args.action, args.name),
+        "attempts": lambda: _cmd_attempts(config, args.webhook, args.event, args.last, args.json),
+        "redeliver": lambda: _cmd_redeliver(config, args),
     }
     try:
         return commands[args.command]()

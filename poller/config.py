@@ -109,6 +109,12 @@ class WebhookConfig:
     retry_schedule_s: tuple[float, ...] = ()
     timeout_s: float = 10.0
     max_in_flight: int = 1
+    # Delivery controls (see poller.schedule).
+    max_per_second: float | None = None
+    max_rate_limit_wait_s: float = 3600.0
+    pause_after_failures: int = 5
+    probe_interval_s: float = 60.0
+    attempt_log_size: int = 1000
     signer: Signer | None = None
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
     proxy: str | None = field(default=None, repr=False)  # may carry proxy credentials
@@ -274,6 +280,20 @@ def _positive(value: float) -> str | None:
     return None if value > 0 and math.isfinite(value) else "must be greater than 0"
 
 
+def _rate(value: float) -> str | None:
+    if not math.isfinite(value) or value <= 0:
+        return "must be a number of deliveries per second greater than 0 (e.g. 1 or 0.5)"
+    return None
+
+
+def _rate_limit_wait(value: float) -> str | None:
+    # Retry-After is read up to an hour (deliver.RETRY_AFTER_MAX_S): a longer bound could
+    # not tell a receiver's "two hours" from "one".
+    if not math.isfinite(value) or not 0 < value <= 3600:
+        return "must be greater than 0 and at most 3600 (the longest Retry-After honoured)"
+    return None
+
+
 def _at_least(low: int) -> Callable[[int], str | None]:
     return lambda v: None if v >= low else f"must be at least {low}"
 
@@ -362,6 +382,12 @@ _WEBHOOK_KEYS = _TLS_KEYS | {
     "signing_secret",
     "signing_secret_file",
     "signing_secret_env",
+    "signing_secrets",
+    "max_per_second",
+    "max_rate_limit_wait_s",
+    "pause_after_failures",
+    "probe_interval_s",
+    "attempt_log_size",
     "proxy",
     "max_body_bytes",
 }
@@ -445,14 +471,38 @@ def _tls(
 
 
 def _signer(check: _Checker, table: Mapping[str, object], place: str, base: Path) -> Signer | None:
-    secret = _secret(check, table, place, "signing_secret", base)
-    if secret is None:
-        return None
+    """One key (`signing_secret`, `_file`, `_env`) or several (`signing_secrets`, or a
+    `signing_secret_file` with one per line): every delivery is signed with each, so
+    receivers can move from one key to the next (see the README's rotation steps)."""
+    if "signing_secrets" in table:
+        if any(k in table for k in ("signing_secret", "signing_secret_file", "signing_secret_env")):
+            check.fail(
+                f"{place}.signing_secrets", "give signing_secrets or signing_secret, not both"
+            )
+            return None
+        raw = table["signing_secrets"]
+        if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v for v in raw):
+            check.fail(f"{place}.signing_secrets", "must be a non-empty list of non-empty strings")
+            return None
+        secrets: list[str] = list(raw)
+        where = f"{place}.signing_secrets"
+    else:
+        secret = _secret(check, table, place, "signing_secret", base)
+        if secret is None:
+            return None
+        secrets = split_secret_lines(secret.reveal())
+        where = f"{place}.signing_secret"
     try:
-        return Signer(secret.reveal())
+        return Signer(*secrets)
     except SigningSecretError as exc:
-        check.fail(f"{place}.signing_secret", str(exc))
+        check.fail(where, str(exc))
         return None
+
+
+def split_secret_lines(text: str) -> list[str]:
+    """The secrets in a secret file's text: one per line, blank lines skipped, each
+    stripped (an editor's trailing space must not change a key)."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def _secret(
@@ -652,6 +702,21 @@ def _webhook(
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
+        # 0.0 stands for "not given" (a given 0 is refused by _rate): no limit.
+        "max_per_second": check.get(table, place, "max_per_second", (int, float), 0.0, _rate)
+        or None,
+        "max_rate_limit_wait_s": check.get(
+            table, place, "max_rate_limit_wait_s", (int, float), 3600.0, _rate_limit_wait
+        ),
+        "pause_after_failures": check.get(
+            table, place, "pause_after_failures", int, 5, _between(0, 1_000_000)
+        ),
+        "probe_interval_s": check.get(
+            table, place, "probe_interval_s", (int, float), 60.0, _positive
+        ),
+        "attempt_log_size": check.get(
+            table, place, "attempt_log_size", int, 1000, _between(0, 1_000_000)
+        ),
     }
     max_body = check.get(
         table,
@@ -1007,6 +1072,8 @@ def _inline_secrets(top: Mapping[str, object]) -> tuple[str, ...]:
         if isinstance(hook, dict):
             provider = PROVIDERS.get(str(hook.get("provider", WEBHOOK)))
             secrets = provider.secret_keys if provider else {"authorization", "signing_secret"}
+            # signing_secrets (key rotation) holds secrets whatever the provider.
+            secrets = {*secrets, "signing_secrets"}
             places.extend(f"webhooks[{i}].{key}" for key in sorted(secrets) if hook.get(key))
     return tuple(places)
 

@@ -41,9 +41,17 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Outcome:
-    kind: OutcomeKind
+    """`pause`: the receiver said the endpoint is gone (410); the webhook pauses.
+    `rate_limited`: a 429. `webhook_wait`: the delay holds the whole webhook, not just
+    this event. `counted`: whether this attempt counts toward `retries` (a 429 the
+    webhook can wait out does not)."""
+
+    kind: OutcomeKind | Literal["pause"]
     reason: str
     delay_s: float = 0.0
+    rate_limited: bool = False
+    webhook_wait: bool = False
+    counted: bool = True
 
 
 _DELAY_SECONDS = re.compile(r"[0-9]+", re.ASCII)
@@ -115,22 +123,33 @@ def decide(
     delays: Sequence[float],
     jitter: float = 0.0,
     now: float = 0.0,
+    *,
+    rate_limited_before: int = 0,
+    max_rate_limit_wait_s: float = RETRY_AFTER_MAX_S,
 ) -> Outcome:
     """Classify a delivery attempt.
 
-    `attempts_made` counts this one; `delays[i]` is the wait before retry i+1, so
-    `len(delays)` is the number of retries allowed. `jitter` in [0, 1) spreads retries
-    by up to +20% so a recovering receiver is not hit by every sender at once.
+    `attempts_made` counts this one (the attempts that count toward `retries`);
+    `delays[i]` is the wait before retry i+1, so `len(delays)` is the number of retries
+    allowed. `jitter` in [0, 1) spreads retries by up to +20% so a recovering receiver
+    is not hit by every sender at once. `rate_limited_before` is how many 429s in a row
+    this webhook had before this attempt (see `_rate_limited`).
     """
     if attempt.failure is not None:
         reason, retryable = attempt.failure, attempt.failure_retryable
     elif attempt.status is not None and 200 <= attempt.status < 300:
         return _delivered(attempt.status)
+    elif attempt.status == 410:
+        return Outcome("pause", "HTTP 410 Gone (the receiver says this endpoint is gone)")
+    elif attempt.status == 429:
+        return _rate_limited(
+            attempt, attempts_made, delays, jitter, now, rate_limited_before, max_rate_limit_wait_s
+        )
     elif attempt.status is None:
         reason, retryable = attempt.error or "no response", True
     elif 300 <= attempt.status < 400:
         reason, retryable = f"HTTP {attempt.status} (redirects are not followed)", False
-    elif attempt.status in (408, 429) or attempt.status >= 500:
+    elif attempt.status == 408 or attempt.status >= 500:
         reason, retryable = f"HTTP {attempt.status}", True
     else:
         reason, retryable = f"HTTP {attempt.status} (not retried)", False
@@ -139,11 +158,43 @@ def decide(
         tries = "attempt" if attempts_made == 1 else "attempts"
         return Outcome("give_up", f"{reason} after {attempts_made} {tries}")
     delay = delays[retries_done] * (1.0 + 0.2 * jitter)
-    if attempt.status in (429, 503) or attempt.failure is not None:
+    if attempt.status == 503 or attempt.failure is not None:
         asked = retry_after_s(attempt.retry_after, now)
         if asked is not None:
             delay = min(max(delay, asked), RETRY_AFTER_MAX_S)
     return Outcome("retry", reason, delay)
+
+
+def _rate_limited(
+    attempt: Attempt,
+    attempts_made: int,
+    delays: Sequence[float],
+    jitter: float,
+    now: float,
+    rate_limited_before: int,
+    max_wait_s: float,
+) -> Outcome:
+    """A 429 holds the whole webhook: for its Retry-After, or else for a back-off that
+    doubles with each 429 in a row (1 s, 2 s, 4 s, ...). A wait within `max_wait_s` does
+    not count toward `retries`; a longer one (or one of RETRY_AFTER_MAX_S or more) does,
+    waiting `max_wait_s`, and gives up only once the retries have run out."""
+    asked = retry_after_s(attempt.retry_after, now)
+    if asked is not None:
+        wait, why = asked, f"Retry-After {attempt.retry_after}"
+    else:
+        wait = 2.0 ** min(rate_limited_before, 40) * (1.0 + 0.2 * jitter)
+        why = "no Retry-After"
+    # retry_after_s caps what it reads at RETRY_AFTER_MAX_S, so a wait that long stands
+    # for "that long or longer": over any bound (which config keeps within it).
+    if wait <= max_wait_s and wait < RETRY_AFTER_MAX_S:
+        return Outcome(
+            "retry", f"HTTP 429 ({why})", wait, rate_limited=True, webhook_wait=True, counted=False
+        )
+    reason = f"HTTP 429 ({why}; a wait of {wait:g}s is over max_rate_limit_wait_s {max_wait_s:g})"
+    if attempts_made - 1 >= len(delays):
+        tries = "attempt" if attempts_made == 1 else "attempts"
+        return Outcome("give_up", f"{reason} after {attempts_made} {tries}", rate_limited=True)
+    return Outcome("retry", reason, max_wait_s, rate_limited=True, webhook_wait=True)
 
 
 def request_headers(hook: WebhookConfig) -> CIMultiDict[str]:

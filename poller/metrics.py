@@ -63,11 +63,16 @@ class _HookSeries:
 
 class Metrics:
     def __init__(
-        self, webhooks: Iterable[str] = (), pending: Callable[[], Mapping[str, int]] | None = None
+        self,
+        webhooks: Iterable[str] = (),
+        pending: Callable[[], Mapping[str, int]] | None = None,
+        paused: Callable[[], Iterable[str]] | None = None,
     ) -> None:
-        """`webhooks` get their series at 0 from the start. `pending`, if given, is asked
-        for the outbox sizes at each scrape (see `refresh`)."""
+        """`webhooks` get their series at 0 from the start. `pending` and `paused`, if
+        given, are asked for the outbox sizes and the paused webhooks at each scrape (see
+        `refresh`)."""
         self._pending_source = pending
+        self._paused_source = paused
         self.registry = CollectorRegistry()
         r = self.registry
         Info("unleash_poller_build", "Version of the running daemon.", registry=r).info(
@@ -107,6 +112,13 @@ class Metrics:
         self._pending = Gauge(
             "unleash_poller_outbox_pending",
             "Deliveries waiting in the outbox (retries included).",
+            ["webhook"],
+            registry=r,
+        )
+        self._paused = Gauge(
+            "unleash_poller_webhook_paused",
+            "1 while a webhook is paused (receiver failing or gone, or paused by hand): "
+            "its events wait in the outbox.",
             ["webhook"],
             registry=r,
         )
@@ -155,6 +167,7 @@ class Metrics:
                 lag=self._lag.labels(webhook=webhook),
             )
             self._pending.labels(webhook=webhook).set(0)
+            self._paused.labels(webhook=webhook).set(0)
             self._hooks[webhook] = series
         return series
 
@@ -194,6 +207,16 @@ class Metrics:
         to run on every poll during a backlog of millions, cheap once per scrape."""
         if self._pending_source is not None:
             self.set_pending(self._pending_source())
+        if self._paused_source is not None:
+            self.set_paused(self._paused_source())
+
+    def set_paused(self, paused: Iterable[str]) -> None:
+        """The webhooks paused now; every other known webhook is not."""
+        names = set(paused)
+        for name in names - self._hooks.keys():
+            self._hook(name)
+        for name in self._hooks:
+            self._paused.labels(webhook=name).set(1 if name in names else 0)
 
     def set_pending(self, pending: Mapping[str, int]) -> None:
         """Outbox sizes per webhook; a known webhook missing from `pending` has none."""

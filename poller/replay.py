@@ -10,10 +10,10 @@ import aiohttp
 
 from poller.app import make_session
 from poller.config import Config, WebhookConfig
-from poller.deliver import Outcome, request_headers
+from poller.deliver import Attempt, Outcome, request_headers
 from poller.dispatch import deliver_event
 from poller.state import State
-from poller.worker import AttemptResult, attempt_once
+from poller.worker import AttemptResult, attempt_once, attempt_record
 
 
 async def replay_dead_letters(
@@ -62,6 +62,27 @@ async def _replay_one(
         else:
             result = await attempt_once(session, hook, headers, event_id, body, attempts)
         attempts = result.attempts
+        if hook.attempt_log_size:
+            state.record_attempts(
+                [attempt_record(hook.name, event_id, attempts, _attempt(result), _logged(result))],
+                {hook.name: hook.attempt_log_size},
+            )
         if result.outcome.kind != "retry":
             return result.outcome
         await asyncio.sleep(result.outcome.delay_s)
+
+
+def _logged(result: AttemptResult) -> str:
+    """A replay's outcome as the attempt log names the worker's: a letter that fails
+    again stays a dead letter."""
+    kind = result.outcome.kind
+    return kind if kind in ("delivered", "retry") else "dead_letter"
+
+
+def _attempt(result: AttemptResult) -> Attempt:
+    """What the attempt log keeps: the POST itself, or (a provider's several requests)
+    the outcome's reason."""
+    if result.attempt is not None:
+        return result.attempt
+    failed = None if result.outcome.kind == "delivered" else result.outcome.reason
+    return Attempt(None, failed, duration_s=result.duration_s or 0.0)

@@ -23,12 +23,16 @@ class SigningSecretError(ValueError):
 
 
 class Signer:
-    """Signs webhook bodies with one key. Its repr and str never show the key."""
+    """Signs webhook bodies with one key or more (during a key rotation: the spec puts
+    one signature per key in `webhook-signature`, space-separated, and a receiver accepts
+    the delivery when any of them verifies). Its repr and str never show the keys."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_keys",)
 
-    def __init__(self, secret: str) -> None:
-        self._key = _key_bytes(secret)
+    def __init__(self, *secrets: str) -> None:
+        if not secrets:
+            raise SigningSecretError("must not be empty")
+        self._keys = tuple(_key_bytes(secret) for secret in secrets)
 
     def sign(self, msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
         """The three Standard Webhooks headers for one attempt to send `body`.
@@ -42,11 +46,14 @@ class Signer:
             # (id, timestamp) pair pass for another.
             raise ValueError("msg_id must not contain '.'")
         signed = f"{msg_id}.{timestamp}.".encode() + body
-        digest = hmac.new(self._key, signed, hashlib.sha256).digest()
+        signatures = " ".join(
+            "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+            for key in self._keys
+        )
         return {
             "webhook-id": msg_id,
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": "v1," + base64.b64encode(digest).decode("ascii"),
+            "webhook-signature": signatures,
         }
 
     def __repr__(self) -> str:
@@ -55,10 +62,14 @@ class Signer:
     __str__ = __repr__
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Signer) and hmac.compare_digest(self._key, other._key)
+        return (
+            isinstance(other, Signer)
+            and len(self._keys) == len(other._keys)
+            and all(hmac.compare_digest(a, b) for a, b in zip(self._keys, other._keys, strict=True))
+        )
 
     def __hash__(self) -> int:
-        return hash(hashlib.sha256(self._key).digest())
+        return hash(tuple(hashlib.sha256(key).digest() for key in self._keys))
 
 
 def _key_bytes(secret: str) -> bytes:

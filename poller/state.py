@@ -13,13 +13,14 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from poller.faults import crash_point
+from poller.schedule import Pause
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _APP_ID = 0x554E4C50  # "UNLP": marks the file as ours, so a stranger's database is refused
 
 _SCHEMA = """
@@ -32,6 +33,7 @@ CREATE TABLE outbox (
     next_attempt_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
     enqueued_at REAL NOT NULL,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (webhook, event_id)
 ) WITHOUT ROWID;
 CREATE TABLE gaps (id INTEGER PRIMARY KEY, missing_since REAL NOT NULL,
@@ -46,6 +48,34 @@ CREATE TABLE dead_letters (
 ) WITHOUT ROWID;
 CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
 """
+# Added in schema version 2 (delivery controls): made by a fresh file and by the upgrade.
+_V2_TABLES = """
+CREATE TABLE pauses (
+    webhook TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    since REAL NOT NULL,
+    awaits_resume INTEGER NOT NULL,
+    probe_at REAL NOT NULL,
+    probes INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE attempt_log (
+    webhook TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    event_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    attempt INTEGER NOT NULL,
+    status INTEGER,
+    error TEXT,
+    latency_ms REAL,
+    outcome TEXT NOT NULL,
+    PRIMARY KEY (webhook, seq)
+) WITHOUT ROWID;
+"""
+# Each step takes a file from the version before it to its own, in place, in one
+# transaction with the version bump.
+_MIGRATIONS = {
+    2: "ALTER TABLE outbox ADD COLUMN rate_limited INTEGER NOT NULL DEFAULT 0;\n" + _V2_TABLES,
+}
 
 # Indexes and triggers: derived from the tables, so they are (re)made with IF NOT EXISTS
 # on every open by the daemon. A state file written before one of them was added gets it
@@ -115,6 +145,22 @@ class Pending:
     attempts: int
     next_attempt_at: float
     enqueued_at: float
+    rate_limited: int = 0  # 429 answers so far, which do not count in `attempts`
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One delivery attempt as the attempt log keeps it: never a body, a header or a
+    secret. `status` is the HTTP status, or None with `error` when none came back."""
+
+    webhook: str
+    event_id: int
+    at: float
+    attempt: int
+    status: int | None
+    error: str | None
+    latency_ms: float | None
+    outcome: str
 
 
 @dataclass(frozen=True)
@@ -147,7 +193,7 @@ def _create(path: Path) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA application_id={_APP_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        conn.executescript(f"BEGIN; {_SCHEMA} {_DERIVED} COMMIT;")
+        conn.executescript(f"BEGIN; {_SCHEMA} {_V2_TABLES} {_DERIVED} COMMIT;")
     finally:
         conn.close()
     with open(tmp, "rb") as handle:
@@ -174,6 +220,7 @@ class State:
         self._lock_fd = lock_fd
         self._data_version: int | None = None
         self._identity = _identity(path)
+        self._attempt_seq: dict[str, int] = {}  # last attempt-log number per webhook
 
     # -- opening -----------------------------------------------------------------------
 
@@ -192,12 +239,43 @@ class State:
                 os.close(lock_fd)
             raise
         state = cls(path, conn, lock_fd)
+        if state._schema_version() < SCHEMA_VERSION:
+            state._migrate_holding_lock()
         if lock:
             # Only the lock holder writes the schema or stages; a read-only tool beside the
             # daemon must neither change the schema under it nor drop its pages.
             state._upgrade()
             state._discard_staging()
         return state
+
+    def _schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate_holding_lock(self) -> None:
+        """Bring a file from an earlier version up to SCHEMA_VERSION, in place. Only with
+        the daemon's lock (a running daemon has migrated already): a tool opened without
+        it takes the lock for the migration when it is free."""
+        lock_fd = self._lock_fd
+        if lock_fd is None:
+            try:
+                lock_fd = _take_lock(self.path)
+            except StateLockedError:
+                version = self._schema_version()
+                self.close()
+                raise StateError(
+                    f"{self.path}: state file has schema version {version} "
+                    f"and the daemon holding it has not upgraded it to {SCHEMA_VERSION}; "
+                    "restart the daemon with this version"
+                ) from None
+        try:
+            with self._transaction() as conn:
+                for version in range(self._schema_version() + 1, SCHEMA_VERSION + 1):
+                    for statement in _statements(_MIGRATIONS[version]):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={version}")
+        finally:
+            if self._lock_fd is None:
+                os.close(lock_fd)
 
     def _upgrade(self) -> None:
         """Add the indexes and triggers a state file from an earlier build lacks. Without
@@ -349,8 +427,8 @@ class State:
     def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
         """The webhook's oldest pending events (by id) above `after`."""
         rows = self._conn.execute(
-            "SELECT o.webhook, o.event_id, e.body, o.attempts, o.next_attempt_at, o.enqueued_at "
-            "FROM outbox o JOIN events e ON e.id = o.event_id "
+            "SELECT o.webhook, o.event_id, e.body, o.attempts, o.next_attempt_at, o.enqueued_at, "
+            "o.rate_limited FROM outbox o JOIN events e ON e.id = o.event_id "
             "WHERE o.webhook = ? AND o.event_id > ? ORDER BY o.event_id LIMIT ?",
             (webhook, after, limit),
         )
@@ -372,13 +450,19 @@ class State:
             )
 
     def retry_later(
-        self, webhook: str, event_id: int, attempts: int, next_attempt_at: float, error: str
+        self,
+        webhook: str,
+        event_id: int,
+        attempts: int,
+        next_attempt_at: float,
+        error: str,
+        rate_limited: int = 0,
     ) -> None:
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? "
-                "WHERE webhook = ? AND event_id = ?",
-                (attempts, next_attempt_at, _storable(error), webhook, event_id),
+                "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, "
+                "rate_limited = ? WHERE webhook = ? AND event_id = ?",
+                (attempts, next_attempt_at, _storable(error), rate_limited, webhook, event_id),
             )
 
     def dead_letter(
@@ -419,6 +503,137 @@ class State:
     def oldest_pending(self) -> dict[str, float]:
         rows = self._conn.execute("SELECT webhook, min(enqueued_at) FROM outbox GROUP BY webhook")
         return dict(rows.fetchall())
+
+    def queue(
+        self, webhook: str, events: Sequence[tuple[int, str]], now: float | None = None
+    ) -> int:
+        """Queue events for one webhook again (`redeliver`), whatever the cursor says; an
+        event already pending stays as it is. Returns how many were newly queued."""
+        now = time.time() if now is None else now
+        with self._transaction() as conn:
+            conn.executemany("INSERT OR IGNORE INTO events (id, body) VALUES (?, ?)", events)
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) VALUES (?, ?, ?)",
+                ((webhook, event_id, now) for event_id, _ in events),
+            )
+            return conn.total_changes - before
+
+    # -- pauses ------------------------------------------------------------------------
+
+    def pause(self, webhook: str) -> Pause | None:
+        row = self._conn.execute(
+            "SELECT reason, since, awaits_resume, probe_at, probes FROM pauses WHERE webhook = ?",
+            (webhook,),
+        ).fetchone()
+        return None if row is None else _pause(row)
+
+    def pauses(self) -> dict[str, Pause]:
+        rows = self._conn.execute(
+            "SELECT webhook, reason, since, awaits_resume, probe_at, probes FROM pauses"
+        )
+        return {row[0]: _pause(row[1:]) for row in rows}
+
+    def set_pause(self, webhook: str, pause: Pause) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO pauses "
+                "(webhook, reason, since, awaits_resume, probe_at, probes) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    webhook,
+                    _storable(pause.reason),
+                    pause.since,
+                    int(pause.awaits_resume),
+                    pause.probe_at,  # inf (awaits a resume) is stored as a REAL too
+                    pause.probes,
+                ),
+            )
+
+    def probe_failed(self, webhook: str, probe_at: float, probes: int) -> bool:
+        """Move a pause's next probe; False when there is no pause any more (lifted by
+        hand meanwhile, which a probe must not undo)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE pauses SET probe_at = ?, probes = ? WHERE webhook = ?",
+                (probe_at, probes, webhook),
+            )
+            return bool(cursor.rowcount)
+
+    def resume(self, webhook: str, *, retry_now: bool = False) -> bool:
+        """Lift a pause; returns whether there was one. `retry_now` (a resume by hand) makes
+        every pending event due at once with its retries afresh."""
+        with self._transaction() as conn:
+            lifted = conn.execute("DELETE FROM pauses WHERE webhook = ?", (webhook,)).rowcount
+            if retry_now:
+                conn.execute(
+                    "UPDATE outbox SET attempts = 0, rate_limited = 0, next_attempt_at = 0 "
+                    "WHERE webhook = ?",
+                    (webhook,),
+                )
+            return bool(lifted)
+
+    # -- attempt log -------------------------------------------------------------------
+
+    def record_attempts(self, records: Sequence[AttemptRecord], keep: Mapping[str, int]) -> None:
+        """Append to the attempt log and trim each webhook's part to its last `keep[name]`
+        attempts (all in one transaction)."""
+        if not records:
+            return
+        with self._transaction() as conn:
+            self._append_attempts(conn, records, keep)
+
+    def _append_attempts(
+        self, conn: sqlite3.Connection, records: Sequence[AttemptRecord], keep: Mapping[str, int]
+    ) -> None:
+        for webhook in dict.fromkeys(r.webhook for r in records):
+            # The last number is read once per webhook and then kept: after every few
+            # deliveries a read more would cost more than the insert itself.
+            seq = self._attempt_seq.get(webhook)
+            if seq is None:
+                last = conn.execute(
+                    "SELECT max(seq) FROM attempt_log WHERE webhook = ?", (webhook,)
+                ).fetchone()[0]
+                seq = 0 if last is None else int(last)
+            rows = []
+            for r in records:
+                if r.webhook == webhook:
+                    seq += 1
+                    rows.append(
+                        (
+                            webhook,
+                            seq,
+                            r.event_id,
+                            r.at,
+                            r.attempt,
+                            r.status,
+                            None if r.error is None else _storable(r.error),
+                            r.latency_ms,
+                            r.outcome,
+                        )
+                    )
+            conn.executemany(
+                "INSERT INTO attempt_log (webhook, seq, event_id, at, attempt, status, "
+                "error, latency_ms, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute(
+                "DELETE FROM attempt_log WHERE webhook = ? AND seq <= ?",
+                (webhook, seq - keep.get(webhook, 1000)),
+            )
+            self._attempt_seq[webhook] = seq
+
+    def attempt_log(
+        self, webhook: str | None = None, event_id: int | None = None, last: int | None = None
+    ) -> list[AttemptRecord]:
+        """Logged attempts, oldest first: the last `last` of those that match."""
+        rows = self._conn.execute(
+            "SELECT webhook, event_id, at, attempt, status, error, latency_ms, outcome "
+            "FROM attempt_log WHERE (?1 IS NULL OR webhook = ?1) AND (?2 IS NULL OR event_id = ?2) "
+            "ORDER BY at DESC, webhook DESC, seq DESC LIMIT ?3",
+            (webhook, event_id, -1 if last is None else last),
+        ).fetchall()
+        return [AttemptRecord(*row) for row in reversed(rows)]
 
     # -- dead letters ------------------------------------------------------------------
 
@@ -505,6 +720,17 @@ def _storable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _pause(row: Sequence[object]) -> Pause:
+    reason, since, awaits_resume, probe_at, probes = row
+    return Pause(
+        str(reason),
+        float(since),  # type: ignore[arg-type]
+        bool(awaits_resume),
+        float(probe_at),  # type: ignore[arg-type]
+        int(probes),  # type: ignore[call-overload]
+    )
+
+
 def _statements(script: str) -> list[str]:
     """Split a script of complete statements (triggers included) for `execute`, which
     unlike `executescript` runs inside the caller's transaction."""
@@ -565,7 +791,7 @@ def _connect(path: Path) -> sqlite3.Connection:
             f"{path}: state file failed its integrity check ({check}); "
             "refusing to start over. Restore it from a backup"
         )
-    if version != SCHEMA_VERSION:
+    if version != SCHEMA_VERSION and not (0 < version < SCHEMA_VERSION):
         conn.close()
         raise StateError(
             f"{path}: state file has schema version {version}, this "

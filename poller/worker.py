@@ -21,19 +21,24 @@ import aiohttp
 from multidict import CIMultiDict
 
 from poller.config import WebhookConfig
-from poller.deliver import Outcome, decide, post, request_headers
+from poller.deliver import Attempt, Outcome, decide, post, request_headers
 from poller.dispatch import deliver_event
 from poller.faults import crash_point
 from poller.log import debug_enabled
 from poller.log import get as get_logger
 from poller.render import RenderError
-from poller.state import Pending, State
+from poller.schedule import Action, Pause, Schedule
+from poller.state import AttemptRecord, Pending, State
 
 log = get_logger()
 _BATCH = 64
 # Delivered events marked per transaction; a kill -9 re-sends at most this many per webhook
 # (plus those in flight). A mark alone costs ~30 us here, eight together ~9 us each.
 MARKS_PER_COMMIT = 8
+# The attempt log is written once this many attempts are held (and at every outbox read,
+# wait and stop): a transaction of its own with each commit of marks made half again as
+# many SQLite statements per delivery. A kill -9 loses at most this many lines of it.
+_ATTEMPTS_PER_COMMIT = 64
 # The next body is rendered while a request is out only while renders of this webhook take
 # less than this. The work may run before a request on a new connection has been written,
 # inside that request's timeout, so it must stay small against any timeout.
@@ -105,6 +110,9 @@ class AttemptResult:
     outcome: Outcome
     attempts: int
     duration_s: float | None
+    # What the POST did (for the attempt log); for a body that could not be rendered, an
+    # Attempt with that error and no status. None from a provider's several requests.
+    attempt: Attempt | None = None
 
 
 async def attempt_once(
@@ -117,9 +125,11 @@ async def attempt_once(
     *,
     body: bytes | Outcome | None = None,
     while_sending: Callable[[], None] | None = None,
+    rate_limited_before: int = 0,
 ) -> AttemptResult:
     """Render (unless `body` is given) and POST one event once. `while_sending` runs once
-    the request is out (not at all when nothing is sent)."""
+    the request is out (not at all when nothing is sent). `rate_limited_before`: this
+    webhook's 429s in a row (see deliver.decide)."""
     attempts = attempts_before + 1
     if body is None:
         if hook.renderer.off_loop:
@@ -127,7 +137,7 @@ async def attempt_once(
         else:
             body = render_body(hook, body_json)
     if isinstance(body, Outcome):
-        return AttemptResult(body, attempts, None)
+        return AttemptResult(body, attempts, None, Attempt(None, body.reason))
     crash_point("delivery.before_post")
     if while_sending is None:
         attempt = await post(session, hook, headers, body, delivery_id(event_id))
@@ -146,9 +156,11 @@ async def attempt_once(
         hook.retry_delays,
         jitter=random.random(),  # noqa: S311
         now=time.time(),
+        rate_limited_before=rate_limited_before,
+        max_rate_limit_wait_s=hook.max_rate_limit_wait_s,
     )
     if outcome.kind == "delivered" and not debug_enabled():
-        return AttemptResult(outcome, attempts, attempt.duration_s)
+        return AttemptResult(outcome, attempts, attempt.duration_s, attempt)
     fields = {
         "webhook": hook.name,
         "event_id": event_id,
@@ -165,7 +177,30 @@ async def attempt_once(
             reason=outcome.reason,
             retry_in_s=round(outcome.delay_s, 2),
         )
-    return AttemptResult(outcome, attempts, attempt.duration_s)
+    return AttemptResult(outcome, attempts, attempt.duration_s, attempt)
+
+
+def attempt_record(
+    webhook: str,
+    event_id: int,
+    number: int,
+    attempt: Attempt,
+    outcome: str,
+    now: float | None = None,
+) -> AttemptRecord:
+    """What the attempt log keeps of one attempt: never the body, a header or a secret."""
+    now = time.time() if now is None else now
+    sent_anything = attempt.status is not None or attempt.duration_s > 0
+    return AttemptRecord(
+        webhook=webhook,
+        event_id=event_id,
+        at=now - attempt.duration_s,
+        attempt=number,
+        status=attempt.status,
+        error=attempt.error,
+        latency_ms=round(attempt.duration_s * 1000, 2) if sent_anything else None,
+        outcome=outcome,
+    )
 
 
 class Worker:
@@ -207,22 +242,87 @@ class Worker:
         self._queue: deque[Pending] = deque()
         self._taken: set[int] = set()
         self._later_at = math.inf
+        # Delivery controls: when this webhook may send next (rate limit, 429 holds,
+        # pause and probes) is decided by the schedule alone; the loops below ask it.
+        self.schedule = Schedule(
+            hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
+        )
+        self._attempts: list[AttemptRecord] = []  # logged with the next commit of marks
+        self._sync_pause()
 
     def reconfigure(self, hook: WebhookConfig) -> None:
         self.hook = hook
         self._headers = request_headers(hook)
         self._ahead = None
+        self.schedule.configure(
+            hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
+        )
         self.wake.set()
 
-    def commit_marks(self) -> None:
-        """Commit the delivery marks held back, if any."""
+    def commit_marks(self, *, attempts: bool = True) -> None:
+        """Commit the delivery marks held back, if any, and (unless `attempts` is False) the
+        attempts not logged yet."""
+        records: list[AttemptRecord] = []
+        if attempts or len(self._attempts) >= _ATTEMPTS_PER_COMMIT:
+            records, self._attempts = self._attempts, []
         if self._unmarked:
             self.state.delivered(self.hook.name, *self._unmarked)
             self._unmarked = []
+        if records:  # none are kept when attempt_log_size is 0
+            self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
+
+    # -- pauses: kept in the state store, so a pause survives a restart and can be set and
+    # lifted by `unleash-poller webhooks pause|resume` beside the running daemon.
+
+    def _sync_pause(self) -> None:
+        """Take the pause the store holds (it may have been changed by hand)."""
+        stored = self.state.pause(self.hook.name)
+        before = self.schedule.paused
+        if stored != before:
+            self.schedule.restore(stored)
+            self._log_pause(before, stored)
+
+    def _save_pause(self, before: Pause | None) -> None:
+        after = self.schedule.paused
+        if after == before:
+            return
+        if after is None:
+            self.state.resume(self.hook.name)
+        elif before is None:
+            self.state.set_pause(self.hook.name, after)
+        else:  # a probe failed: only the next probe time moves
+            self.state.probe_failed(self.hook.name, after.probe_at, after.probes)
+            return
+        self._log_pause(before, after)
+
+    def _log_pause(self, before: Pause | None, after: Pause | None) -> None:
+        name = self.hook.name
+        if after is not None:
+            log.error(
+                "webhook.paused",
+                webhook=name,
+                reason=after.reason,
+                since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(after.since)),
+                probing=not after.awaits_resume,
+                pending=self.state.pending_counts().get(name, 0),
+                detail="nothing is dead-lettered while paused; "
+                + (
+                    "the head event is probed until the receiver takes it"
+                    if not after.awaits_resume
+                    else f"resume with `unleash-poller webhooks resume {name}`"
+                ),
+            )
+        elif before is not None:
+            log.warning(
+                "webhook.resumed",
+                webhook=name,
+                paused_for_s=round(time.time() - before.since, 1),
+                pending=self.state.pending_counts().get(name, 0),
+            )
 
     def _commit_marks_if_full(self) -> None:
         if len(self._unmarked) >= MARKS_PER_COMMIT:
-            self.commit_marks()
+            self.commit_marks(attempts=False)
 
     async def run(self) -> None:
         try:
@@ -251,6 +351,7 @@ class Worker:
         while not self.stop.is_set():
             self.wake.clear()
             self.commit_marks()  # before reading the outbox, which must not offer them again
+            self._sync_pause()
             rows = self.state.next_pending(self.hook.name, _BATCH)
             if not rows:
                 if self.once:
@@ -258,10 +359,14 @@ class Worker:
                 await self._wait(None)
                 continue
             for index, row in enumerate(rows):
-                wait_s = row.next_attempt_at - time.time()
+                now = time.time()
+                # In order, every row sent is the head of the queue.
+                wait_s = max(row.next_attempt_at, self.schedule.gate(now)) - now
                 if wait_s > 0:
+                    if self.once and math.isinf(wait_s):
+                        return  # paused: nothing is due until a resume
                     self.commit_marks()
-                    await self._wait(wait_s)
+                    await self._wait(None if math.isinf(wait_s) else wait_s)
                     break
                 following = rows[index + 1] if index + 1 < len(rows) else None
                 outcome = await self._deliver(row, following)
@@ -286,7 +391,21 @@ class Worker:
 
     async def _lane(self) -> None:
         while not self.stop.is_set():
+            if self.schedule.paused is not None:
+                if not await self._probe_lane():
+                    return
+                continue
             row = self._next_row()
+            if row is not None:
+                now = time.time()
+                wait_s = self.schedule.gate(now, head=False) - now
+                if wait_s > 0:  # the rate limit, a 429 hold or a pause: the row goes back
+                    self._queue.appendleft(row)
+                    self.commit_marks()
+                    if math.isinf(wait_s):
+                        continue  # paused: the probe lane takes over
+                    await self._wait(wait_s)
+                    continue
             if row is None:
                 if self.once and self._later_at == math.inf:
                     return  # nothing left but what other lanes are delivering
@@ -300,12 +419,42 @@ class Worker:
             finally:
                 self._taken.discard(row.event_id)
 
+    async def _probe_lane(self) -> bool:
+        """Paused, unordered: one lane probes the head event, the others wait for the
+        outcome. False when a --once run has nothing left it may do."""
+        self.wake.clear()
+        self.commit_marks()
+        self._sync_pause()
+        if self.schedule.paused is None:
+            self._queue.clear()
+            return True
+        if self._taken:  # another lane is out with the probe (or was before the pause)
+            await self._wait(None)
+            return True
+        head = self.state.next_pending(self.hook.name, 1)
+        now = time.time()
+        at = max(head[0].next_attempt_at, self.schedule.gate(now)) if head else math.inf
+        if at > now:
+            if self.once:
+                return False
+            await self._wait(None if math.isinf(at) else at - now)
+            return True
+        self._taken.add(head[0].event_id)
+        try:
+            await self._deliver(head[0])
+        finally:
+            self._taken.discard(head[0].event_id)
+            self._queue.clear()
+            self.wake.set()  # the other lanes look again: resumed, or still paused
+        return True
+
     def _next_row(self) -> Pending | None:
         """The next due row for an unordered lane. The outbox is read once per batch, not
         once per delivery: again when the batch is used up or when woken (new rows)."""
         if self.wake.is_set() or not self._queue:
             self.wake.clear()
             self.commit_marks()  # the outbox must not offer a delivered event again
+            self._sync_pause()
             now = time.time()
             rows = [
                 r
@@ -317,6 +466,15 @@ class Worker:
                 (r.next_attempt_at for r in rows if r.next_attempt_at > now), default=math.inf
             )
         return self._queue.popleft() if self._queue else None
+
+    def _log_attempt(self, row: Pending, attempt: Attempt, action: Action, now: float) -> None:
+        """Keep one record of the attempt for the attempt log (committed with the marks)."""
+        if not self.hook.attempt_log_size:
+            return
+        number = row.attempts + row.rate_limited + 1
+        self._attempts.append(
+            attempt_record(self.hook.name, row.event_id, number, attempt, action.kind, now)
+        )
 
     def _render(self, row: Pending) -> bytes | Outcome:
         started = time.perf_counter()
@@ -336,6 +494,7 @@ class Worker:
             self._side_error = exc
 
     async def _attempt(self, row: Pending, following: Pending | None) -> AttemptResult:
+        self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.
             return AttemptResult(
@@ -359,6 +518,7 @@ class Worker:
             row.attempts,
             body=body,
             while_sending=(lambda: self._render_ahead(following)) if ordered else None,
+            rate_limited_before=self.schedule.rate_limited,
         )
 
     async def _deliver(self, row: Pending, following: Pending | None = None) -> Outcome:
@@ -366,15 +526,26 @@ class Worker:
         outcome, attempts, duration_s = result.outcome, result.attempts, result.duration_s
         ordered = self.hook.ordered
         name = self.hook.name
-        if outcome.kind == "delivered":
+        now = time.time()
+        paused_before = self.schedule.paused
+        # A body that cannot be rendered says nothing about the receiver: it neither counts
+        # toward a pause nor waits in one.
+        sent_it = duration_s is not None
+        action = self.schedule.settle(outcome, now) if sent_it else Action("dead_letter")
+        rate_limited = row.rate_limited + outcome.rate_limited
+        if not outcome.counted:
+            attempts -= 1
+        attempt = result.attempt or Attempt(
+            None,
+            None if action.kind == "delivered" else outcome.reason,
+            duration_s=duration_s or 0.0,
+        )
+        self._log_attempt(row, attempt, action, now)
+        if action.kind == "delivered":
             self._unmarked.append(row.event_id)
             if not ordered:
                 self._commit_marks_if_full()
-        elif outcome.kind == "retry":
-            self.state.retry_later(
-                name, row.event_id, attempts, time.time() + outcome.delay_s, outcome.reason
-            )
-        else:
+        elif action.kind == "dead_letter":
             self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
             log.error(
                 "delivery.dead_lettered",
@@ -383,8 +554,14 @@ class Worker:
                 attempt=attempts,
                 reason=outcome.reason,
             )
+        else:  # retry, or kept pending while paused (until the next probe or a resume)
+            at = now if math.isinf(action.at) else action.at  # inf: held by the pause itself
+            self.state.retry_later(name, row.event_id, attempts, at, outcome.reason, rate_limited)
+            if action.kind == "keep":
+                outcome = Outcome("retry", outcome.reason, max(0.0, action.at - now))
+        self._save_pause(paused_before)
         if self._on_outcome is not None:
-            self._on_outcome(name, outcome, time.time() - row.enqueued_at, duration_s)
+            self._on_outcome(name, outcome, now - row.enqueued_at, duration_s)
         if self._side_error is not None:
             # The state file failed while this request was out: its outcome is recorded
             # (a delivered event is held for marking), now stop as any state failure does.

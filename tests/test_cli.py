@@ -242,3 +242,119 @@ def test_render_for_a_chosen_unleash_version_and_url(config: Path, tmp_path: Pat
     bad = _cli(*args, "--unleash-version", "latest")
     assert bad.returncode == 2
     assert "'latest' is not a version like 8.2.0" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("webhooks", "pause", "nope"),
+        ("webhooks", "resume", "nope"),
+        ("attempts", "--webhook", "nope"),
+        ("redeliver", "--webhook", "nope", "--from-id", "1"),
+    ],
+)
+def test_unknown_webhook_in_control_commands_is_one_line(
+    config: Path, args: tuple[str, ...]
+) -> None:
+    """Every control command names an unknown webhook in one line and exits 64."""
+    result = _cli(*args, "-c", config)
+    assert result.returncode == 64
+    assert result.stderr.strip().splitlines() == [
+        "unleash-poller: no webhook named 'nope' (configured: plain, chat)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--since", "yesterday"), "--since 'yesterday': not an ISO 8601 time"),
+        (("--since", "2026-11-28", "--until", "28/11/2026"), "--until '28/11/2026': not an ISO"),
+        (("--from-id", "9", "--to-id", "3"), "--to-id 3 is before --from-id 9 (reversed range)"),
+        (("--since", "2026-11-28T10:00Z", "--until", "2026-11-28T10:00Z"), "is not after --since"),
+        (("--from-id", "1", "--since", "2026-11-28"), "give --from-id or --since (one of them)"),
+        ((), "give --from-id or --since (one of them)"),
+        (("--since", "2026-11-28", "--to-id", "4"), "--to-id goes with --from-id"),
+    ],
+)
+def test_bad_redeliver_range_is_one_line(config: Path, args: tuple[str, ...], message: str) -> None:
+    """A malformed time or a reversed, empty or mixed range: one line, exit 64, before
+    Unleash is asked anything."""
+    result = _cli("redeliver", "-c", config, "--webhook", "plain", *args)
+    assert result.returncode == 64, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("unleash-poller: redeliver: "), lines
+    assert message in lines[0]
+
+
+def test_pause_and_resume_by_hand_with_the_daemon_stopped_and_running(
+    config: Path, tmp_path: Path
+) -> None:
+    """`webhooks pause` works on a stopped daemon's file and beside a running one (its
+    lock held); `status` shows the pause and the pending count; `resume` lifts it."""
+    path = tmp_path / "state" / "s.sqlite3"
+    state = State.open(path)
+    state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4)
+    state.close()
+    paused = _cli("webhooks", "pause", "plain", "-c", config)  # daemon stopped
+    assert paused.returncode == 0, paused.stderr
+    status = _cli("status", "-c", config)
+    assert "plain: paused since " in status.stdout
+    assert "(paused by hand); pending 1" in status.stdout
+    as_json = json.loads(_cli("status", "-c", config, "--json").stdout)
+    assert as_json["webhooks"]["plain"]["paused"]["reason"] == "paused by hand"
+    assert as_json["webhooks"]["chat"]["paused"] is None
+    daemon = State.open(path)  # holds the lock, as a running daemon does
+    try:
+        resumed = _cli("webhooks", "resume", "plain", "-c", config)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "plain: resumed; 1 pending event(s) are delivered now" in resumed.stdout
+        assert daemon.written_elsewhere() is False  # first call only takes the baseline
+        assert daemon.pause("plain") is None
+        assert _cli("webhooks", "pause", "chat", "-c", config).returncode == 0
+        assert daemon.written_elsewhere() is True  # what wakes a running daemon's workers
+        assert daemon.pause("chat") is not None
+    finally:
+        daemon.close()
+
+
+def test_attempts_lists_the_log_as_text_and_json(config: Path, tmp_path: Path) -> None:
+    """`attempts` prints each attempt (time, webhook, event, number, status or error,
+    latency, outcome), filtered by webhook, event and --last; --json one object a line."""
+    from poller.state import AttemptRecord
+
+    state = State.open(tmp_path / "state" / "s.sqlite3")
+    state.record_attempts(
+        [
+            AttemptRecord("plain", 4, 1_800_000_000.25, 1, 500, None, 12.5, "retry"),
+            AttemptRecord("plain", 4, 1_800_000_001.5, 2, 200, None, 3.0, "delivered"),
+            AttemptRecord(
+                "chat", 5, 1_800_000_002.0, 1, None, "timed out after 10s", 10000.0, "retry"
+            ),
+        ],
+        {"plain": 10, "chat": 10},
+    )
+    state.close()
+    text = _cli("attempts", "-c", config).stdout.splitlines()
+    assert text == [
+        "2027-01-15T08:00:00.250Z\tplain\t4\t#1\tHTTP 500\t12.5ms\tretry",
+        "2027-01-15T08:00:01.500Z\tplain\t4\t#2\tHTTP 200\t3.0ms\tdelivered",
+        "2027-01-15T08:00:02.000Z\tchat\t5\t#1\ttimed out after 10s\t10000.0ms\tretry",
+    ]
+    assert len(_cli("attempts", "-c", config, "--webhook", "plain").stdout.splitlines()) == 2
+    assert len(_cli("attempts", "-c", config, "--event", "5").stdout.splitlines()) == 1
+    last = _cli("attempts", "-c", config, "--last", "1", "--json").stdout.splitlines()
+    assert [json.loads(line) for line in last] == [
+        {
+            "webhook": "chat",
+            "event_id": 5,
+            "at": "2027-01-15T08:00:02.000Z",
+            "attempt": 1,
+            "status": None,
+            "error": "timed out after 10s",
+            "latency_ms": 10000.0,
+            "outcome": "retry",
+        }
+    ]
+    bad = _cli("attempts", "-c", config, "--last", "0")
+    assert (bad.returncode, bad.stderr.strip()) == (64, "unleash-poller: --last must be at least 1")

@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from poller.config import (
     Config,
@@ -16,6 +18,7 @@ from poller.config import (
     apply_server_profile,
     load_config,
     parse_config,
+    split_secret_lines,
 )
 from poller.render import ServerProfile
 
@@ -440,3 +443,93 @@ def test_webhook_url_from_a_file_and_the_provider_key(tmp_path: Path) -> None:
     assert _problems(GOOD.replace('url = "https://example.com/hook"', ""), tmp_path) == [
         "webhooks[0].url: is required"
     ]
+
+
+_HOOK = '[unleash]\nurl="http://u"\ntoken="t"\n[[webhooks]]\nname="a"\nurl="http://h"\n'
+
+_RATE = "webhooks[0].max_per_second: must be a number of deliveries per second greater than 0"
+
+CONTROL_BAD_CASES = [
+    ("max_per_second = 0", _RATE),
+    ("max_per_second = -2.5", _RATE),
+    ("max_per_second = nan", _RATE),
+    ('max_per_second = "5"', "webhooks[0].max_per_second: must be a number, not a string"),
+    ("max_rate_limit_wait_s = 0", "webhooks[0].max_rate_limit_wait_s: must be greater than 0"),
+    (
+        "max_rate_limit_wait_s = 7200",
+        "webhooks[0].max_rate_limit_wait_s: must be greater than 0 and at most 3600",
+    ),
+    (
+        "pause_after_failures = -1",
+        "webhooks[0].pause_after_failures: must be between 0 and 1000000",
+    ),
+    ("probe_interval_s = 0", "webhooks[0].probe_interval_s: must be greater than 0"),
+    ("attempt_log_size = -5", "webhooks[0].attempt_log_size: must be between 0 and 1000000"),
+    ("signing_secrets = []", "webhooks[0].signing_secrets: must be a non-empty list"),
+    ('signing_secrets = ["a", ""]', "webhooks[0].signing_secrets: must be a non-empty list"),
+    ('signing_secrets = ["whsec_!!"]', "webhooks[0].signing_secrets: a secret starting with"),
+    (
+        'signing_secrets = ["a"]\nsigning_secret = "b"',
+        "webhooks[0].signing_secrets: give signing_secrets or signing_secret, not both",
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("line", "expected"), CONTROL_BAD_CASES)
+def test_delivery_control_mistakes_are_one_line_each(
+    line: str, expected: str, tmp_path: Path
+) -> None:
+    """A bad rate, wait, pause setting or key list is one problem line at its place."""
+    problems = _problems(_HOOK + line, tmp_path)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems
+
+
+def test_delivery_controls_defaults_and_values(tmp_path: Path) -> None:
+    """Defaults: no rate limit, 1 h bound on 429 waits, pause after 5, probe every 60 s,
+    1000 attempts logged; fractional rates are kept."""
+    hook = parse_config(tomllib.loads(_HOOK), tmp_path).webhooks[0]  # type: ignore[attr-defined]
+    assert (
+        hook.max_per_second,
+        hook.max_rate_limit_wait_s,
+        hook.pause_after_failures,
+        hook.probe_interval_s,
+        hook.attempt_log_size,
+    ) == (None, 3600.0, 5, 60.0, 1000)
+    hook = parse_config(tomllib.loads(_HOOK + "max_per_second = 0.5"), tmp_path).webhooks[0]
+    assert hook.max_per_second == 0.5
+
+
+def test_signing_secret_file_holds_one_key_per_line(tmp_path: Path) -> None:
+    """A secret file with two lines (and a blank one) signs with both keys, in order."""
+    (tmp_path / "keys").write_text("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n\n  second key \n")
+    hook = parse_config(tomllib.loads(_HOOK + 'signing_secret_file = "keys"'), tmp_path).webhooks[0]
+    inline = parse_config(
+        tomllib.loads(
+            _HOOK + 'signing_secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "second key"]'
+        ),
+        tmp_path,
+    ).webhooks[0]
+    assert hook.signer is not None
+    assert hook.signer == inline.signer
+    assert len(hook.signer.sign("e-1", 1, b"{}")["webhook-signature"].split(" ")) == 2
+
+
+@settings(max_examples=50)
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cc", "Zs", "Zl", "Zp", "Cs")),
+            min_size=1,
+            max_size=20,
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.sampled_from(["\n", "\r\n"]),
+)
+def test_secret_file_lines_round_trip(keys: list[str], newline: str) -> None:
+    """Keys written one per line (any line ending, blank lines and edge spaces around
+    them) are read back exactly, in order."""
+    text = newline.join(f"  {k} {newline}" for k in keys) + newline
+    assert split_secret_lines(text) == keys

@@ -107,3 +107,58 @@ def test_header_differing_only_in_case_is_joined_as_fetch_does(tmp_path: Path) -
     """`content-type` in extra headers joins the default with ', ' as Unleash's fetch does."""
     headers = request_headers(_hook('headers={"content-type"="text/x"}', tmp_path))
     assert headers.getall("Content-Type") == ["application/json, text/x"]
+
+
+# attempt, attempts made (counted), delays, 429s in a row before, max_rate_limit_wait_s
+#   -> kind, delay, counted, holds the whole webhook, reason prefix
+RATE_CASES = [
+    (Attempt(429, retry_after="2"), 1, (), 0, 3600.0, "retry", 2.0, False, True, "HTTP 429"),
+    (Attempt(429, retry_after="2"), 9, ONE_RETRY, 0, 3600.0, "retry", 2.0, False, True, "HTTP 429"),
+    (Attempt(429), 1, (), 0, 3600.0, "retry", 1.0, False, True, "HTTP 429 (no Retry-After)"),
+    (Attempt(429), 1, (), 3, 3600.0, "retry", 8.0, False, True, "HTTP 429 (no Retry-After)"),
+    (Attempt(429), 1, (), 11, 3600.0, "retry", 2048.0, False, True, "HTTP 429"),
+    # The back-off passes the bound: counted now, and given up once retries are used up.
+    (Attempt(429), 1, ONE_RETRY, 12, 3600.0, "retry", 3600.0, True, True, "HTTP 429"),
+    (Attempt(429), 2, ONE_RETRY, 12, 3600.0, "give_up", 0.0, True, False, "HTTP 429"),
+    (Attempt(429, retry_after="7200"), 1, (), 0, 3600.0, "give_up", 0.0, True, False, "HTTP 429"),
+    (Attempt(429, retry_after="90"), 1, (), 0, 60.0, "give_up", 0.0, True, False, "HTTP 429"),
+    (Attempt(429, retry_after="90"), 1, ONE_RETRY, 0, 60.0, "retry", 60.0, True, True, "HTTP 429"),
+    (Attempt(429, retry_after="soon"), 1, (), 1, 3600.0, "retry", 2.0, False, True, "HTTP 429"),
+    (Attempt(410), 1, ONE_RETRY, 0, 3600.0, "pause", 0.0, True, False, "HTTP 410 Gone"),
+    (Attempt(410), 5, (), 0, 3600.0, "pause", 0.0, True, False, "HTTP 410 Gone"),
+    (Attempt(503, retry_after="5"), 1, ONE_RETRY, 0, 3600.0, "retry", 5.0, True, False, "HTTP 503"),
+    (Attempt(500), 1, ONE_RETRY, 4, 3600.0, "retry", 1.0, True, False, "HTTP 500"),
+]
+
+
+@pytest.mark.parametrize(
+    ("attempt", "made", "delays", "before", "bound", "kind", "delay", "counted", "hold", "reason"),
+    RATE_CASES,
+)
+def test_decide_rate_limits_and_gone(
+    attempt: Attempt,
+    made: int,
+    delays: tuple[float, ...],
+    before: int,
+    bound: float,
+    kind: str,
+    delay: float,
+    counted: bool,
+    hold: bool,
+    reason: str,
+) -> None:
+    """A 429 holds the webhook without counting while the wait is within the bound; a 410
+    pauses; other answers are as before and hold only their own event."""
+    outcome = decide(
+        attempt,
+        made,
+        delays,
+        jitter=0.0,
+        now=1_000_000.0,
+        rate_limited_before=before,
+        max_rate_limit_wait_s=bound,
+    )
+    assert (outcome.kind, outcome.counted, outcome.webhook_wait) == (kind, counted, hold)
+    assert outcome.delay_s == pytest.approx(delay)
+    assert outcome.rate_limited == (attempt.status == 429)
+    assert outcome.reason.startswith(reason), outcome.reason

@@ -363,3 +363,16 @@ def test_poll_health_state_not_writable(tmp_path: Path) -> None:
     assert not ok
     assert details["state_writable"] is False
     assert details["reason"] == f"state file {state} is not writable"
+
+
+def test_paused_gauge_follows_the_state_store_at_each_scrape() -> None:
+    """unleash_poller_webhook_paused is 1 for the webhooks paused at scrape time, 0 else."""
+    paused: set[str] = set()
+    metrics = Metrics(["a", "b"], paused=lambda: set(paused))
+    assert samples(metrics)[key("unleash_poller_webhook_paused", webhook="a")] == 0
+    paused.add("a")
+    got = samples(metrics)
+    assert got[key("unleash_poller_webhook_paused", webhook="a")] == 1
+    assert got[key("unleash_poller_webhook_paused", webhook="b")] == 0
+    paused.clear()
+    assert samples(metrics)[key("unleash_poller_webhook_paused", webhook="a")] == 0

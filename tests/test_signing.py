@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 
 import pytest
@@ -166,3 +167,20 @@ def test_id_with_a_dot_is_refused() -> None:
     """An id containing '.' would make the signed content ambiguous, so it is refused."""
     with pytest.raises(ValueError, match="must not contain"):
         Signer("k").sign("a.1", 2, b"x")
+
+
+def test_two_keys_during_a_rotation_each_verify() -> None:
+    """Signed with the old and the new key, a delivery verifies for a receiver holding
+    either one (the spec's space-separated signatures), and not for a third key."""
+    new = "whsec_" + base64.b64encode(b"the new key, 24 bytes ok").decode()
+    headers = Signer(WHSEC, new).sign("unleash-event-42", int(time.time()), BODY)
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for key in (WHSEC, new):
+        assert Webhook(key).verify(BODY, headers)["id"] == 42
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook("whsec_" + base64.b64encode(b"some other key entirely").decode()).verify(
+            BODY, headers
+        )
+    # After the rotation: the new key alone, which the receiver moved to, still verifies.
+    alone = Signer(new).sign("unleash-event-42", int(time.time()), BODY)
+    assert Webhook(new).verify(BODY, alone)["id"] == 42

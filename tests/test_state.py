@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import math
 import os
 import sqlite3
 import stat
@@ -9,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from poller.state import State, StateError, StateLockedError
+from poller.schedule import Pause
+from poller.state import SCHEMA_VERSION, AttemptRecord, State, StateError, StateLockedError
 
 
 def _open(tmp_path: Path, **kwargs: bool) -> State:
@@ -273,3 +276,148 @@ def test_a_fresh_state_file_does_not_take_in_a_deleted_files_leftover_wal(
         assert reopened.high_water() == 7
     finally:
         reopened.close()
+
+
+# The layout of schema version 1, as the build before the delivery controls wrote it.
+_V1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE outbox (
+    webhook TEXT NOT NULL, event_id INTEGER NOT NULL REFERENCES events(id),
+    attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT, enqueued_at REAL NOT NULL, PRIMARY KEY (webhook, event_id)
+) WITHOUT ROWID;
+CREATE TABLE gaps (id INTEGER PRIMARY KEY, missing_since REAL NOT NULL,
+                   next_check_at REAL NOT NULL, checks INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE dead_letters (
+    webhook TEXT NOT NULL, event_id INTEGER NOT NULL REFERENCES events(id),
+    attempts INTEGER NOT NULL, reason TEXT NOT NULL, failed_at REAL NOT NULL,
+    PRIMARY KEY (webhook, event_id)
+) WITHOUT ROWID;
+CREATE TABLE staging (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+INSERT INTO meta VALUES ('high_water', 7);
+INSERT INTO events VALUES (5, '{"id":5}'), (7, '{"id":7}');
+INSERT INTO outbox (webhook, event_id, attempts, enqueued_at)
+    VALUES ('a', 5, 1, 1.0), ('a', 7, 0, 1.0);
+"""
+
+
+def _v1_file(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA application_id=1431194704")
+    conn.execute("PRAGMA user_version=1")
+    conn.executescript(_V1)
+    conn.close()
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_schema_1_file_is_upgraded_in_place(tmp_path: Path, lock: bool) -> None:
+    """A version-1 file opens as version 2 (by the daemon, or by a tool when no daemon
+    holds it): cursor and outbox kept, pauses and the attempt log usable."""
+    path = tmp_path / "state" / "s.sqlite3"
+    _v1_file(path)
+    state = State.open(path, create=False, lock=lock)
+    try:
+        assert state._conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert state.high_water() == 7
+        assert [(p.event_id, p.attempts, p.rate_limited) for p in state.next_pending("a", 9)] == [
+            (5, 1, 0),
+            (7, 0, 0),
+        ]
+        state.set_pause("a", Pause("by hand", 1.0, awaits_resume=True, probe_at=math.inf))
+        assert state.pause("a") == Pause("by hand", 1.0, awaits_resume=True, probe_at=math.inf)
+        state.record_attempts([AttemptRecord("a", 5, 2.0, 1, 500, None, 3.0, "retry")], {"a": 9})
+        assert len(state.attempt_log("a")) == 1
+    finally:
+        state.close()
+
+
+def test_schema_1_file_beside_a_running_old_daemon_is_refused(tmp_path: Path) -> None:
+    """A tool cannot upgrade a file an (old) daemon holds: one clear error instead."""
+    path = tmp_path / "state" / "s.sqlite3"
+    _v1_file(path)
+    holder = os.open(path.with_name(path.name + ".lock"), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(StateError, match="schema version 1"):
+            State.open(path, create=False, lock=False)
+    finally:
+        os.close(holder)
+
+
+def test_pause_survives_reopen_and_resume_by_hand_makes_everything_due(tmp_path: Path) -> None:
+    """A pause (with its probe time) is kept across a reopen; resume(retry_now) clears it
+    and gives every pending event its retries afresh."""
+    state = _open(tmp_path)
+    state.ingest([(1, "{}"), (2, "{}")], [("a", 1), ("a", 2)], 2)
+    state.retry_later("a", 1, 3, 9e9, "HTTP 500", rate_limited=2)
+    state.set_pause(
+        "a", Pause("5 events in a row", 10.0, awaits_resume=False, probe_at=70.0, probes=1)
+    )
+    state.close()
+    state = _open(tmp_path)
+    try:
+        assert state.pauses() == {"a": Pause("5 events in a row", 10.0, False, 70.0, 1)}
+        assert state.resume("a", retry_now=True)
+        assert not state.resume("a")
+        assert [
+            (p.attempts, p.next_attempt_at, p.rate_limited) for p in state.next_pending("a", 9)
+        ] == [
+            (0, 0.0, 0),
+            (0, 0.0, 0),
+        ]
+    finally:
+        state.close()
+
+
+def test_attempt_log_keeps_the_last_n_per_webhook(tmp_path: Path) -> None:
+    """Each webhook keeps its own last N attempts; reading takes the last ones, oldest first."""
+    state = _open(tmp_path)
+    try:
+        for batch in range(5):
+            state.record_attempts(
+                [
+                    AttemptRecord(
+                        hook, batch * 10 + i, batch * 10 + i, 1, 200, None, 1.0, "delivered"
+                    )
+                    for i in range(10)
+                    for hook in ("a", "b")
+                ],
+                {"a": 15, "b": 3},
+            )
+        assert [r.event_id for r in state.attempt_log("a")] == list(range(35, 50))
+        assert [r.event_id for r in state.attempt_log("b")] == [47, 48, 49]
+        assert [r.event_id for r in state.attempt_log("a", last=2)] == [48, 49]
+        assert [r.webhook for r in state.attempt_log(event_id=49)] == ["a", "b"]
+    finally:
+        state.close()
+
+
+def test_queue_adds_events_for_one_webhook_once(tmp_path: Path) -> None:
+    """Queueing (redeliver) adds what is not pending already, for that webhook only."""
+    state = _open(tmp_path)
+    try:
+        state.ingest([(3, "{}")], [("a", 3)], 10)
+        assert state.queue("a", [(1, '{"id":1}'), (2, '{"id":2}'), (3, "{}")]) == 2
+        assert state.queue("a", [(1, '{"id":1}')]) == 0
+        assert [p.event_id for p in state.next_pending("a", 9)] == [1, 2, 3]
+        assert state.pending_counts() == {"a": 3}
+        assert state.high_water() == 10
+    finally:
+        state.close()
+
+
+def test_a_failed_probe_does_not_undo_a_resume_by_hand(tmp_path: Path) -> None:
+    """A probe that fails after `webhooks resume` (from another process) lifted the pause
+    moves nothing: the webhook stays resumed."""
+    state = _open(tmp_path)
+    try:
+        state.set_pause("a", Pause("5 events in a row", 1.0, False, 61.0))
+        assert state.probe_failed("a", 181.0, 1)
+        assert state.pause("a") == Pause("5 events in a row", 1.0, False, 181.0, 1)
+        state.resume("a", retry_now=True)
+        assert not state.probe_failed("a", 421.0, 2)
+        assert state.pause("a") is None
+    finally:
+        state.close()
