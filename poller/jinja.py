@@ -87,6 +87,10 @@ def text_size(value: object, limit: int) -> int:
             pending.append(iter([*item.keys(), *item.values()]))
         elif isinstance(item, Namespace):
             pending.append(iter((item._Namespace__attrs,)))  # its attributes print with it
+        elif type(item) is int:
+            # An upper bound of its digits (log10(2) < 0.302) and sign: [2**2047] * 700000
+            # is a short list that prints as 430 MB.
+            total += item.bit_length() * 302 // 1000 + 2
         else:
             total += 1
         if total > limit:

@@ -182,6 +182,10 @@ def test_a_mustache_section_nest_that_prints_nothing_is_stopped_at_the_time_budg
         "{{ (range(1)|batch(100000, eventJson)|list)|length }}",
         "{{ '%s' % (range(1)|batch(100000, eventJson)|list) }}",
         "{{ 'x' ~ (range(1)|batch(100000, eventJson)|list) }}",
+        # short lists of big integers, each printed with hundreds of digits (review)
+        "{% set b = 2**2047 %}{{ [b] * 700000 }}",
+        "{% set b = 2**2047 %}{{ ([b] * 7000)|string }}",
+        "{% set b = 2**2047 %}{{ '%s' % ([b] * 7000,) }}",
     ],
 )
 def test_jinja_values_too_big_to_build_are_refused_before_they_are_built(template: str) -> None:
