@@ -543,7 +543,12 @@ class Worker:
         # A body that cannot be rendered says nothing about the receiver: it neither counts
         # toward a pause nor waits in one.
         sent_it = duration_s is not None
-        action = self.schedule.settle(outcome, now) if sent_it else Action("dead_letter")
+        if sent_it:
+            action = self.schedule.settle(outcome, now)
+        elif outcome.kind == "retry":  # a render stopped for time or memory
+            action = Action("retry", now + outcome.delay_s)
+        else:
+            action = Action("dead_letter")
         rate_limited = row.rate_limited + outcome.rate_limited
         if not outcome.counted:
             attempts -= 1
