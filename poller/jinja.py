@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
+import itertools
 import os
 import queue
 import re
@@ -86,6 +87,10 @@ def text_size(value: object, limit: int) -> int:
             pending.append(iter([*item.keys(), *item.values()]))
         elif isinstance(item, Namespace):
             pending.append(iter((item._Namespace__attrs,)))  # its attributes print with it
+        elif type(item) is int:
+            # An upper bound of its digits (log10(2) < 0.302) and sign: [2**2047] * 700000
+            # is a short list that prints as 430 MB.
+            total += item.bit_length() * 302 // 1000 + 2
         else:
             total += 1
         if total > limit:
@@ -309,61 +314,96 @@ def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
 
 
 class _Job:
-    __slots__ = ("arg", "fn", "future")
+    __slots__ = ("arg", "fn", "future", "id", "stopped")
 
     def __init__(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        self.id = next(_job_ids)
         self.fn = fn
         self.arg = arg
         self.future: Future[Any] = Future()
+        self.stopped = False  # set (under the thread's lock) by interrupt()
+
+
+_job_ids = itertools.count(1)
 
 
 class _RenderThread:
     """A daemon thread that runs the renders handed to it, one at a time. A daemon thread,
-    so that no render can keep the process from exiting."""
+    so that no render can keep the process from exiting.
+
+    The thread itself publishes, under `_lock`, the id of the job it is running, and
+    `interrupt` raises in it only under the same lock, only while that id is the job's own,
+    and at most once per job. So an async exception can only ever land between the moment
+    the thread published a job and the moment it withdrew it (clearing one not delivered
+    yet), and belongs to that job: every step in that window is inside one `try` that takes
+    it, and everything else (taking a job, settling it, giving the thread back) runs where
+    none can land."""
 
     def __init__(self, pool: RenderThreads) -> None:
         self._pool = pool
         self._lock = threading.Lock()
-        self._current: _Job | None = None
-        self._interrupted = False
+        self._running: int | None = None  # the id of the job the thread runs now
+        self._aimed = False  # a _Deadline was raised for the running job
         self._inbox: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, name="render", daemon=True)
         self._thread.start()
+        self._ident: int = self._thread.ident or 0
 
     def submit(self, job: _Job) -> None:
-        with self._lock:
-            self._current = job
         self._inbox.put(job)
 
     def interrupt(self, job: _Job) -> None:
-        """Stop `job` if it is still running; a job that has ended, or a later one, is
-        never touched."""
+        """Stop `job`: raise in the thread if it runs that job now; one not started yet
+        will not start. A job that has ended, or another one, is never touched."""
         with self._lock:
-            if self._current is job and not self._interrupted and self._thread.ident:
-                self._interrupted = True
-                _raise_in(self._thread.ident, _Deadline)
+            job.stopped = True
+            if self._running == job.id and not self._aimed:
+                self._aimed = True
+                _raise_in(self._ident, _Deadline)
 
     def _serve(self) -> None:
-        # The interruption can land on any bytecode of this loop, not only inside the
-        # render: every step after the render is safe to run again.
-        job: _Job | None = None
-        outcome: tuple[bool, Any] | None = None
         while True:
             try:
-                if job is None:
-                    try:
-                        job = self._inbox.get(timeout=IDLE_THREAD_S)
-                    except queue.Empty:
-                        if self._pool.retire(self):
-                            return
-                        continue  # taken from the pool just now: its job is on the way
-                    outcome = None
-                    if job.future.set_running_or_notify_cancel():
-                        outcome = self._call(job)
+                job = self._inbox.get(timeout=IDLE_THREAD_S)
+            except queue.Empty:
+                if self._pool.retire(self):
+                    return
+                continue  # taken from the pool just now: its job is on the way
+            # A job cancelled before it started (its awaiting side gone) is settled already.
+            if job.future.set_running_or_notify_cancel():
+                outcome = self._run(job)
+                self._pool.give_back(self)
                 self._settle(job, outcome)
-                job = None
+            else:
+                self._pool.give_back(self)
+
+    def _run(self, job: _Job) -> tuple[bool, Any] | None:
+        """`job.fn(job.arg)`: (True, result), (False, exception), or None if stopped."""
+        outcome: tuple[bool, Any] | None = None
+        published = False
+        while True:
+            try:
+                if not published:
+                    published = True  # nothing can be raised in this thread before the next line
+                    with self._lock:
+                        if job.stopped:
+                            return None  # stopped before it started
+                        self._running = job.id
+                    outcome = self._call(job)
+                self._withdraw()
             except _Deadline:
-                outcome = None  # stopped at its deadline: settled as timed out
+                continue  # this job's (none is raised for another); withdrawn on the next pass
+            return outcome  # withdrawn: nothing is pending for this thread any more
+
+    def _withdraw(self) -> None:
+        """Stop aiming at this thread; after this returns no _Deadline is pending or can be
+        raised until the thread publishes another job. Safe to run again if one lands
+        inside it."""
+        with self._lock:
+            if self._aimed:
+                _raise_in(self._ident, None)  # one not delivered yet
+                self._aimed = False
+            self._running = None
 
     @staticmethod
     def _call(job: _Job) -> tuple[bool, Any]:
@@ -375,20 +415,13 @@ class _RenderThread:
             return False, exc
 
     def _settle(self, job: _Job, outcome: tuple[bool, Any] | None) -> None:
-        with self._lock:
-            self._current = None
-            if self._interrupted:
-                self._interrupted = False
-                _raise_in(threading.get_ident(), None)  # one not delivered yet
-        # From here on nothing can interrupt this thread.
-        if not job.future.done():
-            if outcome is None:
-                job.future.set_exception(self._pool.timed_out())
-            elif outcome[0]:
-                job.future.set_result(outcome[1])
-            else:
-                job.future.set_exception(outcome[1])
-        self._pool.give_back(self)
+        # The future is running, so nobody else can settle it: exactly once, here.
+        if outcome is None:
+            job.future.set_exception(self._pool.timed_out())
+        elif outcome[0]:
+            job.future.set_result(outcome[1])
+        else:
+            job.future.set_exception(outcome[1])
 
 
 _WATCH_S = 0.05  # how often a render that is still running is checked

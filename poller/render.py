@@ -107,6 +107,13 @@ class RenderError(Exception):
     """A template that failed on one event; the event is dead-lettered for that webhook."""
 
 
+class RenderStoppedError(RenderError):
+    """A render stopped at its time or memory budget. Both are shared with the rest of the
+    process (other renders hold the GIL and grow its memory), so an innocent render can
+    be stopped too: the event is retried on the webhook's schedule, and dead-lettered
+    with this reason only when the retries run out."""
+
+
 def unleash_event(event: Event) -> dict[str, object]:
     """The event as Unleash holds it in memory, in its field order."""
     canonical: dict[str, object] = {}
@@ -367,7 +374,9 @@ def build_renderer(
             "jinja2",
             _jinja_renderer(template, public_url, max_body_bytes, event_markdown),
             max_body_bytes,
-            RenderThreads(RENDER_TIME_BUDGET_S, _render_memory_bytes(max_body_bytes), RenderError),
+            RenderThreads(
+                RENDER_TIME_BUDGET_S, _render_memory_bytes(max_body_bytes), RenderStoppedError
+            ),
         )
     return Renderer(
         f"mustache (escape={escape})",

@@ -26,7 +26,7 @@ from poller.dispatch import deliver_event
 from poller.faults import crash_point
 from poller.log import debug_enabled
 from poller.log import get as get_logger
-from poller.render import RenderError
+from poller.render import RenderError, RenderStoppedError
 from poller.schedule import Action, Pause, Schedule
 from poller.state import AttemptRecord, Pending, State
 
@@ -53,9 +53,11 @@ def delivery_id(event_id: int) -> str:
 
 def render_body(hook: WebhookConfig, body_json: str) -> bytes | Outcome:
     """The bytes to POST for a stored event, or the give-up outcome when it cannot be
-    rendered."""
+    rendered (a retry, to be scheduled, when the render was stopped for time or memory)."""
     try:
         return hook.renderer.render(json.loads(body_json))
+    except RenderStoppedError as exc:
+        return Outcome("retry", str(exc))  # scheduled by attempt_once
     except RenderError as exc:
         return Outcome("give_up", str(exc))
 
@@ -65,6 +67,8 @@ async def render_body_async(hook: WebhookConfig, body_json: str) -> bytes | Outc
     on a render thread, stopped at its deadline, while the loop serves the others."""
     try:
         return await hook.renderer.render_async(json.loads(body_json))
+    except RenderStoppedError as exc:
+        return Outcome("retry", str(exc))  # scheduled by attempt_once
     except RenderError as exc:
         return Outcome("give_up", str(exc))
 
@@ -137,6 +141,14 @@ async def attempt_once(
         else:
             body = render_body(hook, body_json)
     if isinstance(body, Outcome):
+        if body.kind == "retry":  # stopped for time or memory: retried like a lost request
+            body = decide(
+                Attempt(error=body.reason),
+                attempts,
+                hook.retry_delays,
+                jitter=random.random(),  # noqa: S311
+                now=time.time(),
+            )
         return AttemptResult(body, attempts, None, Attempt(None, body.reason))
     crash_point("delivery.before_post")
     if while_sending is None:
@@ -531,7 +543,12 @@ class Worker:
         # A body that cannot be rendered says nothing about the receiver: it neither counts
         # toward a pause nor waits in one.
         sent_it = duration_s is not None
-        action = self.schedule.settle(outcome, now) if sent_it else Action("dead_letter")
+        if sent_it:
+            action = self.schedule.settle(outcome, now)
+        elif outcome.kind == "retry":  # a render stopped for time or memory
+            action = Action("retry", now + outcome.delay_s)
+        else:
+            action = Action("dead_letter")
         rate_limited = row.rate_limited + outcome.rate_limited
         if not outcome.counted:
             attempts -= 1

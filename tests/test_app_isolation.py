@@ -59,6 +59,7 @@ name = "runaway"
 url = "{receiver.url("/runaway")}"
 template_engine = "jinja2"
 body_template = '{SILENT_LOOP}'
+retries = 0
 [[webhooks]]
 name = "ok"
 url = "{receiver.url("/ok")}"

@@ -5,10 +5,14 @@ soon as the output passes max_body_bytes instead of building the whole body firs
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
+import sys
 import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from concurrent import futures
 
 import pytest
 
@@ -178,6 +182,10 @@ def test_a_mustache_section_nest_that_prints_nothing_is_stopped_at_the_time_budg
         "{{ (range(1)|batch(100000, eventJson)|list)|length }}",
         "{{ '%s' % (range(1)|batch(100000, eventJson)|list) }}",
         "{{ 'x' ~ (range(1)|batch(100000, eventJson)|list) }}",
+        # short lists of big integers, each printed with hundreds of digits (review)
+        "{% set b = 2**2047 %}{{ [b] * 700000 }}",
+        "{% set b = 2**2047 %}{{ ([b] * 7000)|string }}",
+        "{% set b = 2**2047 %}{{ '%s' % ([b] * 7000,) }}",
     ],
 )
 def test_jinja_values_too_big_to_build_are_refused_before_they_are_built(template: str) -> None:
@@ -296,3 +304,118 @@ def test_splicing_many_event_markdowns_is_linear() -> None:
     assert 'ann \\"the admin\\"' in inside  # JSON-escaped inside the quotes
     assert 'ann "the admin"' in outside  # raw outside them
     assert took < 0.5, took
+
+
+def _settles_and_comes_back(pool: jinja.RenderThreads, jobs: list[jinja._Job]) -> None:
+    """Every job's future settles, and every thread the pool made is back in it, once."""
+    _, unsettled = futures.wait([job.future for job in jobs], timeout=10)
+    assert not unsettled, f"{len(unsettled)} renders never settled"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with pool._lock:
+            idle = list(pool._idle)
+        alive = [t for t in pool_threads(pool) if t.is_alive()]
+        if len(idle) == len(alive):
+            break
+        time.sleep(0.01)
+    assert len(idle) == len({id(t) for t in idle}), "a thread given back twice"
+    assert len(idle) == len(alive), "a thread never given back"
+
+
+def pool_threads(pool: jinja.RenderThreads) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if getattr(t, "_pool_tag", None) is pool]
+
+
+def _tagged_pool(monkeypatch: pytest.MonkeyPatch) -> jinja.RenderThreads:
+    pool = jinja.RenderThreads(RENDER_TIME_BUDGET_S, 2**40, RenderError)
+    made = jinja._RenderThread.__init__
+
+    def tag(self: jinja._RenderThread, owner: jinja.RenderThreads) -> None:
+        made(self, owner)
+        self._thread._pool_tag = owner  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(jinja._RenderThread, "__init__", tag)
+    return pool
+
+
+def test_a_render_interrupted_before_its_thread_took_it_is_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review race 1: a render stopped right after it was handed to an idle thread (a
+    worker cancelled on shutdown) lost its job and its thread for good; now the job is
+    settled as stopped and the thread comes back."""
+    pool = _tagged_pool(monkeypatch)
+    assert pool.run(lambda x: x + 1, 1) == 2  # one thread, idle in its inbox
+    jobs = []
+    for i in range(200):
+        thread, job = pool._start(lambda x: x, i)
+        thread.interrupt(job)
+        job.future.exception(timeout=10)  # settled (TimeoutError if it never is)
+        jobs.append(job)
+    _settles_and_comes_back(pool, jobs)
+    assert len(pool_threads(pool)) <= 2
+
+
+def test_thousands_of_interrupts_and_cancels_settle_every_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stress of the hand-off: renders interrupted before, during and after they run, right
+    after the previous one ended, cancelled, or raising; every future settles once, and
+    every render thread goes back to its pool once (none leaked, none twice)."""
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        pool = _tagged_pool(monkeypatch)
+        rng = random.Random(11)
+
+        def work(n: int) -> int:
+            if n % 7 == 0:
+                raise ValueError(n)
+            total = 0
+            for i in range(n % 50):
+                total += i
+            return total
+
+        jobs = []
+        for i in range(3000):
+            thread, job = pool._start(work, i)
+            jobs.append(job)
+            how = rng.randrange(5)
+            if how == 1:
+                thread.interrupt(job)
+            elif how == 2:
+                time.sleep(0)
+                thread.interrupt(job)
+            elif how == 3:
+                job.future.cancel()
+                thread.interrupt(job)
+            elif how == 4:
+                assert not futures.wait([job.future], timeout=10).not_done, "never settled"
+                thread.interrupt(job)  # ended: must not touch the thread's next job
+        _settles_and_comes_back(pool, jobs)
+        results = [j.future for j in jobs if not j.future.cancelled() and not j.future.exception()]
+        for future in results:
+            assert isinstance(future.result(), int)
+    finally:
+        sys.setswitchinterval(old_interval)
+
+
+def test_renders_cancelled_right_after_they_started_leak_no_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review race 2: workers cancelled (drain, forced stop) just after their render was
+    submitted left a wedged render thread each; now they all go back to the pool."""
+    pool = _tagged_pool(monkeypatch)
+
+    async def main() -> None:
+        assert await pool.run_async(lambda x: x, 1) == 1
+        for i in range(300):
+            task = asyncio.create_task(pool.run_async(lambda x: x, i))
+            for _ in range(i % 3):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(main())
+    _settles_and_comes_back(pool, [])

@@ -57,6 +57,7 @@ JINJA_PIECES = [
     "{% for i in range(100000) %}", "{% endfor %}", "{{ eventJson }}",
     "{% set ns = namespace(s='x') %}",
     "{% set ns.s = ns.s ~ ns.s %}", "{% set ns.s = ns.s * 2 %}", "\n", " ", "x",
+    "2**2047", "[2**2047]", "700000",
 ]  # fmt: skip
 
 
@@ -91,7 +92,8 @@ def _mustache_grammar() -> st.SearchStrategy[str]:
 
 JINJA_EXPRESSIONS = ["event", "eventJson", "eventMarkdown", "event.tags", "event.data",
                      "event.id", "t", "i", "ns.s", "'x'", "range(100000)", "range(1000)",
-                     "event.tags|length", "99999999", "7"]  # fmt: skip
+                     "event.tags|length", "99999999", "7", "2**2047", "[2**2047]",
+                     "700000"]  # fmt: skip
 JINJA_FILTERS = ["tojson", "string", "list", "length", "join(eventJson)", "replace('', eventJson)",
                  "center(99999999)", "indent(99999999)", "upper", "first", "wordwrap(1)",
                  "format(1)", "map('string')|join"]  # fmt: skip

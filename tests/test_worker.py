@@ -10,7 +10,7 @@ import sqlite3
 import threading
 import time
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
-from poller.render import Renderer
+from poller.render import Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
 from poller.state import Pending, State
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
@@ -185,6 +185,45 @@ def test_template_failure_dead_letters_for_that_webhook_only(
     assert receiver.requests("/bad") == []
     assert [d.event_id for d in state.dead_letters("bad")] == [1, 2]
     assert state.dead_letters("bad")[0].reason.startswith("template failed:")
+
+
+def _stopped_first(hook: WebhookConfig, times: int) -> list[int]:
+    """Make `hook`'s first `times` renders stop as another render's memory would stop them
+    (review: the memory and time budgets are shared by the whole process)."""
+    threads = hook.renderer.threads
+    assert threads is not None
+    real = threads.run_async
+    calls: list[int] = []
+
+    async def run_async(fn: Callable[[object], object], arg: object) -> object:
+        calls.append(1)
+        if len(calls) <= times:
+            raise RenderStoppedError("template used over 80 MiB of memory; stopped")
+        return await real(fn, arg)
+
+    threads.run_async = run_async  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.mark.parametrize(("stops", "delivered"), [(1, True), (2, False)])
+def test_a_render_stopped_for_memory_or_time_is_retried_before_a_dead_letter(
+    tmp_path: Path, receiver: Receiver, stops: int, delivered: bool
+) -> None:
+    """A render stopped at its (process-wide) memory or time budget is retried on the
+    webhook's schedule: delivered if a retry renders, dead-lettered with the reason only
+    when the retries run out."""
+    jinja = "template_engine = \"jinja2\"\nbody_template = '{{ event.id }}'\nretries = 1"
+    config = _config(tmp_path, _hook("a", receiver.url("/a"), jinja))
+    calls = _stopped_first(config.webhooks[0], stops)
+    state = State.open(config.state.path)
+    _fill(state, ["a"], range(1, 2))
+    asyncio.run(_drain(config, state))
+    assert len(calls) == 2
+    assert [r.body for r in receiver.requests("/a")] == ([b"1"] if delivered else [])
+    letters = [(d.event_id, d.reason) for d in state.dead_letters("a")]
+    assert letters == (
+        [] if delivered else [(1, "template used over 80 MiB of memory; stopped after 2 attempts")]
+    )
 
 
 def test_hung_webhook_does_not_delay_others(tmp_path: Path, receiver: Receiver) -> None:
@@ -409,7 +448,8 @@ def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
     event loop: the other webhook delivers its 30 events at once, and each runaway event is
     dead-lettered at the time budget with the reason."""
     silent = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
-    runaway = f"template_engine = \"jinja2\"\nbody_template = '{silent}'"
+    # No retries: a stop for time is retried like a lost request (tested above).
+    runaway = f"template_engine = \"jinja2\"\nbody_template = '{silent}'\nretries = 0"
     config = _config(
         tmp_path,
         _hook("runaway", receiver.url("/runaway"), runaway) + _hook("ok", receiver.url("/ok")),
@@ -423,4 +463,4 @@ def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
     assert finished["ok"] < 1.5, finished  # not held up by the 2 s renders
     assert finished["runaway"] >= 4.0, finished
     reasons = [d.reason for d in state.dead_letters("runaway")]
-    assert reasons == ["template ran longer than 2s; stopped"] * 2
+    assert reasons == ["template ran longer than 2s; stopped after 1 attempt"] * 2
