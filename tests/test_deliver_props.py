@@ -119,15 +119,23 @@ def test_decide_never_raises_and_gives_a_sane_outcome(
     jitter: float,
     now: float,
 ) -> None:
-    """Any answer gives delivered (2xx only), a finite bounded retry, or a give-up with a reason."""
+    """Any answer gives delivered (2xx only), a pause (410 only), a finite bounded retry, or
+    a give-up with a reason; only a 429 within its bound may retry past `retries`."""
     outcome = decide(Attempt(status, error, retry_after), attempts_made, delays, jitter, now)
     assert outcome.reason
     if status is not None and 200 <= status < 300:
         assert outcome.kind == "delivered"
         return
+    if status == 410:
+        assert outcome.kind == "pause"
+        return
     assert outcome.kind in ("retry", "give_up")
     assert math.isfinite(outcome.delay_s)
     assert outcome.delay_s >= 0.0
     if outcome.kind == "retry":
-        assert attempts_made <= len(delays)
-        assert outcome.delay_s <= max(max(delays) * 1.2, RETRY_AFTER_MAX_S)
+        assert outcome.delay_s <= max(max(delays, default=0.0) * 1.2, RETRY_AFTER_MAX_S)
+        if status == 429:
+            assert outcome.rate_limited
+            assert outcome.webhook_wait
+        if outcome.counted:
+            assert attempts_made <= len(delays)
