@@ -76,8 +76,10 @@ def retry_after_s(value: str | None, now: float) -> float | None:
         return None
     value = value.strip(" \t")
     if _DELAY_SECONDS.fullmatch(value):
-        # More digits than a float holds exactly (or than int() takes) is "very long".
-        return RETRY_AFTER_MAX_S if len(value) > 9 else min(float(value), RETRY_AFTER_MAX_S)
+        # More significant digits than a float holds exactly (or than int() takes) is
+        # "very long"; leading zeros are not significant ("0000000005" is 5 s).
+        digits = value.lstrip("0") or "0"
+        return RETRY_AFTER_MAX_S if len(digits) > 9 else min(float(digits), RETRY_AFTER_MAX_S)
     when = _http_date(value)
     if when is None:
         return None
