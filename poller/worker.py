@@ -45,6 +45,10 @@ _ATTEMPTS_PER_COMMIT = 64
 _AHEAD_MAX_S = 0.002
 
 
+# After a render that gave up: long enough that the loop runs everything else that is ready.
+_YIELD_S = 0.001
+
+
 def delivery_id(event_id: int) -> str:
     """Stable across retries, replays and re-deliveries after a crash, so receivers can
     de-duplicate (sent as `webhook-id`)."""
@@ -137,6 +141,11 @@ async def attempt_once(
         else:
             body = render_body(hook, body_json)
     if isinstance(body, Outcome):
+        # Nothing to send (the render gave up, maybe after holding the event loop for its
+        # whole time budget): let the rest of the process run before the next event, so
+        # such renders never run back to back. Not sleep(0): that leaves this task ready,
+        # and a timer or an I/O wake-up elsewhere then gets one step per render or less.
+        await asyncio.sleep(_YIELD_S)
         return AttemptResult(body, attempts, None, Attempt(None, body.reason))
     crash_point("delivery.before_post")
     if while_sending is None:
