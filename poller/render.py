@@ -8,6 +8,7 @@ JSON-escaped when it lands inside a double-quoted string.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,30 @@ class ServerProfile:
         if parsed >= (6, 0, 0):
             return "none", f"Unleash {self.version} does not escape {{{{ }}}} (6.0 to 8.0.2)"
         return "unleash", f"Unleash {self.version} HTML-escapes {{{{ }}}} (5.x webhook)"
+
+
+def saved_profile_text(profile: ServerProfile) -> str:
+    """The profile as the state file keeps it, for the next start (see parse_saved_profile)."""
+    return json.dumps({"version": profile.version, "unleash_url": profile.unleash_url})
+
+
+def parse_saved_profile(text: str | None) -> ServerProfile | None:
+    """The profile a previous run read from ui-config, as saved_profile_text wrote it;
+    None when there is none or it is not in that shape (the state file was edited)."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    version, url = data.get("version"), data.get("unleash_url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return None
+    if version is not None and not isinstance(version, str):
+        return None
+    return ServerProfile(version, url, source="ui-config, as last read (saved in the state)")
 
 
 def offline_profile(url: str) -> ServerProfile:
