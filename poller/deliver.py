@@ -68,6 +68,13 @@ _HTTP_DATES = (
 )
 
 
+# How long a worker pauses after an event that sent nothing (its render gave up, maybe
+# after holding the event loop for its whole time budget): long enough that the loop runs
+# everything else that is ready first. sleep(0) leaves the worker ready, and a timer or an
+# I/O wake-up elsewhere then gets one step per render or less.
+YIELD_S = 0.001
+
+
 def retry_after_s(value: str | None, now: float) -> float | None:
     """The wait a `Retry-After` header asks for, capped at RETRY_AFTER_MAX_S, or None when
     it is neither delay-seconds (ASCII digits only) nor an HTTP date. A receiver's header

@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from poller.config import WebhookConfig
-from poller.deliver import Attempt, Outcome, decide, post, request_headers
+from poller.deliver import YIELD_S, Attempt, Outcome, decide, post, request_headers
 from poller.dispatch import deliver_event
 from poller.faults import crash_point
 from poller.log import debug_enabled
@@ -43,10 +43,6 @@ _ATTEMPTS_PER_COMMIT = 64
 # less than this. The work may run before a request on a new connection has been written,
 # inside that request's timeout, so it must stay small against any timeout.
 _AHEAD_MAX_S = 0.002
-
-
-# After a render that gave up: long enough that the loop runs everything else that is ready.
-_YIELD_S = 0.001
 
 
 def delivery_id(event_id: int) -> str:
@@ -145,7 +141,7 @@ async def attempt_once(
         # whole time budget): let the rest of the process run before the next event, so
         # such renders never run back to back. Not sleep(0): that leaves this task ready,
         # and a timer or an I/O wake-up elsewhere then gets one step per render or less.
-        await asyncio.sleep(_YIELD_S)
+        await asyncio.sleep(YIELD_S)
         return AttemptResult(body, attempts, None, Attempt(None, body.reason))
     crash_point("delivery.before_post")
     if while_sending is None:
