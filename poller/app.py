@@ -411,7 +411,7 @@ class App:
             self._profile_tried.set()
 
     def _profile_unknown(self, why: str, *, retry_in_s: float | None) -> None:
-        if self.profile is not None:  # saved by a previous run
+        if self.profile is not None:  # read earlier in this run, or saved by the last
             using = (
                 f"Unleash {self.profile.version or '(version not said)'}, links to "
                 f"{self.profile.unleash_url} ({self.profile.source})"
