@@ -381,9 +381,9 @@ class App:
                         self._profile_unknown(str(exc), retry_in_s=None)
                         return
                     failures += 1
-                    delay = _backoff(
-                        self.config.unleash.poll_interval_s,
+                    delay = backoff_s(
                         failures,
+                        self.config.unleash.poll_interval_s,
                         self.config.unleash.backoff_max_s,
                         random.random(),  # noqa: S311 - jitter, not a secret
                     )
