@@ -30,7 +30,7 @@ from poller.deliver import Outcome
 from poller.ingest import Ingest
 from poller.log import get as get_logger
 from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
-from poller.render import ServerProfile
+from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource, read_server_profile
 from poller.state import State
@@ -45,6 +45,7 @@ EX_OK = 0
 EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74  # the state file cannot be written
 PROGRESS_EVERY_S = 10.0
+_PROFILE_KEY = "server_profile"  # the last ui-config read, kept in the state file
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -80,9 +81,13 @@ class App:
         self._progress_at = time.monotonic()
         self._progress_done = (0, 0)
         # What the server said it is (version, unleashUrl), asked at start and after each
-        # reload; renderers are rebuilt from it then, never per event.
+        # reload; renderers are rebuilt from it then, never per event. Asked beside polling
+        # and delivery, never in their way (see _read_profile).
         self.profile: ServerProfile | None = None
-        self._detected = False
+        self._profile_task: asyncio.Task[None] | None = None
+        self._profile_tried = asyncio.Event()  # the first ui-config read since start is done
+        self._defaults_logged = False
+        self._detected = False  # which events API the server has (asked again after a reload)
         self.started_at = time.time()
         self.metrics: Metrics | NullMetrics = NullMetrics()
         if config.metrics.listen:
@@ -254,7 +259,8 @@ class App:
             return
         if self.profile is not None:
             new = apply_server_profile(new, self.profile)  # until the server is asked again
-        self._detected = False  # re-read the API and ui-config on the next poll
+        self._detected = False  # re-read the API on the next poll
+        self._defaults_logged = False
         old_hooks = {h.name: h for h in self.config.webhooks}
         new_hooks = {h.name: h for h in new.webhooks}
         self.config = new
@@ -270,6 +276,7 @@ class App:
             added=sorted(new_hooks.keys() - old_hooks.keys()),
             removed=sorted(old_hooks.keys() - new_hooks.keys()),
         )
+        self._start_profile_reads()  # ui-config again, in the background
 
     def _apply(self, action: Action) -> None:
         match action:
@@ -327,28 +334,105 @@ class App:
     async def _detect(self) -> None:
         caps = await self.source.detect()
         log.info("unleash.api_detected", api=caps.api, detail=caps.describe())
-        try:
-            profile = await read_server_profile(self.source)
-        except UnleashError as exc:
-            if exc.kind != "auth":
-                raise
-            profile = None  # a token that reads events but not ui-config still polls
-        if profile is None:
-            log.warning(
-                "unleash.profile_unknown",
-                detail="GET /api/admin/ui-config did not say the server's version and "
-                "unleashUrl; rendering as for Unleash 8.x with links to unleash.url",
-            )
-        self._apply_profile(profile)
         self._detected = True
 
-    def _apply_profile(self, profile: ServerProfile | None) -> None:
+    # -- the server's profile (ui-config) ----------------------------------------------
+
+    def _use_saved_profile(self) -> None:
+        """Before ui-config answers: render for the server as a previous run last read it
+        (most often the same server, so the same bytes), else as the config was loaded
+        (8.x, links to unleash.url)."""
+        saved = parse_saved_profile(self.state.saved_text(_PROFILE_KEY))
+        if saved is not None:
+            self._apply_profile(saved)
+
+    def _start_profile_reads(self) -> None:
+        """Ask ui-config in the background until it answers (again after a reload)."""
+        if self._profile_task is not None:
+            self._profile_task.cancel()
+        self._profile_task = asyncio.create_task(self._read_profile(retry=True), name="ui-config")
+        self._profile_task.add_done_callback(self._profile_done)
+
+    def _profile_done(self, task: asyncio.Task[None]) -> None:
+        if task is self._profile_task:
+            self._profile_task = None
+        self._worker_done(task)  # an unexpected error stops the daemon, as a worker's does
+
+    async def _stop_profile_reads(self) -> None:
+        task, self._profile_task = self._profile_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _read_profile(self, *, retry: bool) -> None:
+        """Read GET /api/admin/ui-config and apply it (and keep it for the next start).
+        It is optional to polling and delivery and never holds them up: until it answers,
+        bodies render with the profile already in use (see _use_saved_profile), one
+        warning says so and what that means, and it is asked again with back-off."""
+        failures = 0
+        try:
+            while True:
+                try:
+                    profile = await read_server_profile(self.source)
+                except UnleashError as exc:
+                    if exc.kind == "auth":
+                        # A token that reads events but not ui-config: asking again will not help.
+                        self._profile_unknown(str(exc), retry_in_s=None)
+                        return
+                    failures += 1
+                    delay = backoff_s(
+                        failures,
+                        self.config.unleash.poll_interval_s,
+                        self.config.unleash.backoff_max_s,
+                        random.random(),  # noqa: S311 - jitter, not a secret
+                    )
+                    if failures == 1:
+                        self._profile_unknown(str(exc), retry_in_s=delay if retry else None)
+                    if not retry:
+                        return
+                    self._profile_tried.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.stop.wait(), delay)
+                    if self.stop.is_set():
+                        return
+                    continue
+                if profile is None:
+                    self._profile_unknown(
+                        "it did not say the server's version and unleashUrl", retry_in_s=None
+                    )
+                    return
+                if failures:
+                    log.info("unleash.profile_read", after_failures=failures)
+                self._apply_profile(profile)
+                self.state.save_text(_PROFILE_KEY, saved_profile_text(profile))
+                return
+        finally:
+            self._profile_tried.set()
+
+    def _profile_unknown(self, why: str, *, retry_in_s: float | None) -> None:
+        if self.profile is not None:  # read earlier in this run, or saved by the last
+            using = (
+                f"Unleash {self.profile.version or '(version not said)'}, links to "
+                f"{self.profile.unleash_url} ({self.profile.source})"
+            )
+        else:
+            base = self.config.server.unleash_url if self.config.server else "unleash.url"
+            using = f"Unleash 8.x escaping and context, links to {base} (never read)"
+        log.warning(
+            "unleash.profile_unknown",
+            error=why,
+            rendering_as=using,
+            retry_in_s=None if retry_in_s is None else round(retry_in_s, 2),
+            detail="GET /api/admin/ui-config (the server's version and unleashUrl) could not "
+            "be read; events are polled and delivered meanwhile, but if the server is not "
+            "what bodies render as, they may differ from its own integrations' (escaping, "
+            "eventMarkdown, link base) until it is read",
+        )
+
+    def _apply_profile(self, profile: ServerProfile) -> None:
         """Rebuild the renderers for the server, hand them to the running workers, and say
         once what was chosen and why."""
-        if profile is None:
-            if self.config.server is None:
-                return
-            profile = dataclasses.replace(self.config.server, source="unleash.url")
         self.profile = profile
         before = self.config.server
         self.config = apply_server_profile(self.config, profile)
@@ -357,7 +441,8 @@ class App:
                 worker.reconfigure(hook)
             if hook.name in self._start_after_retire:
                 self._start_after_retire[hook.name] = hook
-        if self.config.server != before or not self._detected:
+        if self.config.server != before or not self._defaults_logged:
+            self._defaults_logged = True
             server = self.config.server or profile
             escape, reason = server.escape()
             log.info(
@@ -373,6 +458,8 @@ class App:
 
     async def _run_once(self) -> int:
         code = EX_OK
+        self._use_saved_profile()
+        await self._read_profile(retry=False)  # one try: --once does not wait for it
         try:
             await self._detect()
             await self.ingest.poll(force=True)
@@ -407,10 +494,16 @@ class App:
                 await runner.cleanup()
 
     async def _serve(self) -> int:
-        # Ask the server first, so pending deliveries render for it; if it cannot be read,
-        # the poll loop asks again (until then bodies render as for 8.x).
+        # Ask the server first, so pending deliveries render for it: ui-config beside the
+        # API detection, its first answer awaited no longer than one request. If it cannot
+        # be read, it is asked again in the background and delivery goes on meanwhile
+        # (see _read_profile); if the API cannot be, the poll loop asks again.
+        self._use_saved_profile()
+        self._start_profile_reads()
         with contextlib.suppress(UnleashError):
             await self._detect()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._profile_tried.wait(), self.config.unleash.timeout_s)
         for hook in self.config.webhooks:
             self._start_worker(hook, self.session)
         poller = asyncio.create_task(self._poll_loop(), name="poller")
@@ -425,6 +518,7 @@ class App:
         if poller in done and poller.exception() is not None and self._crash is None:
             self._crash = poller.exception()
         poller.cancel()
+        await self._stop_profile_reads()
         cancelled = await drain(
             list(self.workers.values()), list(self.tasks.values()), self.config.drain_timeout_s
         )

@@ -68,6 +68,13 @@ _HTTP_DATES = (
 )
 
 
+# How long a worker pauses after an event that sent nothing (its render gave up, maybe
+# after holding the event loop for its whole time budget): long enough that the loop runs
+# everything else that is ready first. sleep(0) leaves the worker ready, and a timer or an
+# I/O wake-up elsewhere then gets one step per render or less.
+YIELD_S = 0.001
+
+
 def retry_after_s(value: str | None, now: float) -> float | None:
     """The wait a `Retry-After` header asks for, capped at RETRY_AFTER_MAX_S, or None when
     it is neither delay-seconds (ASCII digits only) nor an HTTP date. A receiver's header
@@ -76,8 +83,10 @@ def retry_after_s(value: str | None, now: float) -> float | None:
         return None
     value = value.strip(" \t")
     if _DELAY_SECONDS.fullmatch(value):
-        # More digits than a float holds exactly (or than int() takes) is "very long".
-        return RETRY_AFTER_MAX_S if len(value) > 9 else min(float(value), RETRY_AFTER_MAX_S)
+        # More significant digits than a float holds exactly (or than int() takes) is
+        # "very long"; leading zeros are not significant ("0000000005" is 5 s).
+        digits = value.lstrip("0") or "0"
+        return RETRY_AFTER_MAX_S if len(digits) > 9 else min(float(digits), RETRY_AFTER_MAX_S)
     when = _http_date(value)
     if when is None:
         return None

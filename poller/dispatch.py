@@ -11,6 +11,7 @@ re-sends that one request: at least once, as everywhere else.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import time
@@ -18,7 +19,7 @@ import time
 import aiohttp
 
 from poller.config import WebhookConfig
-from poller.deliver import Outcome, decide, send
+from poller.deliver import YIELD_S, Outcome, decide, send
 from poller.faults import crash_point
 from poller.log import get as get_logger
 from poller.providers.base import BuildError, Request
@@ -69,6 +70,7 @@ async def deliver_event(
     attempts = attempts_before + 1
     built = requests_for(hook, body_json)
     if isinstance(built, Outcome):
+        await asyncio.sleep(YIELD_S)  # as attempt_once: a give-up never runs back to back
         return built, attempts, None
     several = len(built) > 1
     done = state.parts_sent(hook.name, event_id) if several else frozenset()

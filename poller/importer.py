@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -498,17 +498,45 @@ async def run_import(options: ImportOptions) -> ImportResult:
         written = _write_outputs(options.output, text, plans)
         disabled: list[int] = []
         if options.cut_over:
-            for hook in plans:
-                if hook.integration.enabled:
-                    path = f"/api/admin/addons/{hook.integration.id}"
-                    await _api(session, config, "PUT", path, _disable_body(hook.integration))
-                    disabled.append(hook.integration.id)
             assert start_from is not None
+            to_disable = [h.integration for h in plans if h.integration.enabled]
+            for integration in to_disable:
+                path = f"/api/admin/addons/{integration.id}"
+                try:
+                    await _api(session, config, "PUT", path, _disable_body(integration))
+                except ImporterError as exc:
+                    raise ImporterError(
+                        _cut_over_halfway(exc, to_disable, disabled, options.output, start_from),
+                        exc.exit_code,
+                    ) from None
+                disabled.append(integration.id)
             _set_start_cursor(options.state_path, start_from)
     to_fill = tuple(
         f for hook in plans if hook.active for f in hook.secret_files if f.value is None
     )
     return ImportResult(options.output, plans, to_fill, written, start_from, tuple(disabled))
+
+
+def _cut_over_halfway(
+    error: ImporterError,
+    to_disable: Sequence[Integration],
+    disabled: Sequence[int],
+    config_path: Path,
+    start_from: int,
+) -> str:
+    """What a cut-over that failed partway left behind, and how to finish it by hand."""
+
+    def named(integrations: Iterable[Integration]) -> str:
+        return ", ".join(f"{i.provider} #{i.id}" for i in integrations) or "none"
+
+    done = [i for i in to_disable if i.id in disabled]
+    left = [i for i in to_disable if i.id not in disabled]
+    return (
+        f"--cut-over stopped halfway: {error}. Disabled in Unleash: {named(done)}; still "
+        f"enabled: {named(left)}; the state file's cursor was NOT set. To finish by hand: "
+        f"disable those still enabled in Unleash, then run "
+        f"`unleash-poller cursor set -c {config_path} {start_from}` before starting the poller"
+    )
 
 
 def _write_outputs(output: Path, text: str, plans: Sequence[WebhookPlan]) -> tuple[SecretFile, ...]:

@@ -8,6 +8,7 @@ JSON-escaped when it lands inside a double-quoted string.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -91,6 +92,30 @@ class ServerProfile:
         if parsed >= (6, 0, 0):
             return "none", f"Unleash {self.version} does not escape {{{{ }}}} (6.0 to 8.0.2)"
         return "unleash", f"Unleash {self.version} HTML-escapes {{{{ }}}} (5.x webhook)"
+
+
+def saved_profile_text(profile: ServerProfile) -> str:
+    """The profile as the state file keeps it, for the next start (see parse_saved_profile)."""
+    return json.dumps({"version": profile.version, "unleash_url": profile.unleash_url})
+
+
+def parse_saved_profile(text: str | None) -> ServerProfile | None:
+    """The profile a previous run read from ui-config, as saved_profile_text wrote it;
+    None when there is none or it is not in that shape (the state file was edited)."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    version, url = data.get("version"), data.get("unleash_url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        return None
+    if version is not None and not isinstance(version, str):
+        return None
+    return ServerProfile(version, url, source="ui-config, as last read (saved in the state)")
 
 
 def offline_profile(url: str) -> ServerProfile:
@@ -177,11 +202,16 @@ def _splice_markdown(rendered: str, markdown: str, max_chars: int) -> str:
 
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
-# How long one render may take, in either engine. Jinja2 renders run off the event loop and
-# are stopped at this deadline wherever they stand; Mustache renders run on the loop (they
-# are pure Python and quick) and check it between the items of a section.
+# How long one render may take. Jinja2 renders run off the event loop and are stopped at
+# this deadline wherever they stand.
 RENDER_TIME_BUDGET_S = 2.0
 JINJA_TIME_BUDGET_S = RENDER_TIME_BUDGET_S  # the name before both engines had one
+# Mustache renders run on the event loop (pure Python, tens of microseconds for a usual
+# event) and check their deadline between the items of a section: while one runs, nothing
+# else in the process does (other webhooks, polling, /healthz, the systemd watchdog). A
+# large legitimate render (a 110 kB event, 10,000 section items, a 42 kB body) takes about
+# 20-30 ms on a loaded 2-core machine; 0.25 s leaves ten times that and bounds the stall.
+MUSTACHE_TIME_BUDGET_S = 0.25
 
 
 def _render_memory_bytes(max_body_bytes: int) -> int:
@@ -274,7 +304,7 @@ def _mustache_renderer(
             "eventJson": json_stringify(json_stringify(canonical)) if wants_json else "",
             "eventMarkdown": _MARKDOWN_PLACEHOLDER if splice else markdown,
         }
-        rendered = template.render(view, escape_fn, max_chars, RENDER_TIME_BUDGET_S)
+        rendered = template.render(view, escape_fn, max_chars, MUSTACHE_TIME_BUDGET_S)
         return _splice_markdown(rendered, markdown, max_chars) if splice else rendered
 
     return render

@@ -387,6 +387,18 @@ class State:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
             )
 
+    def saved_text(self, key: str) -> str | None:
+        """A note the daemon keeps between runs (e.g. the server profile), or None."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (f"note:{key}",))
+        found = row.fetchone()
+        return found[0] if found is not None and isinstance(found[0], str) else None
+
+    def save_text(self, key: str, value: str) -> None:
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"note:{key}", value)
+            )
+
     def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
         with self._transaction() as conn:
             conn.executemany(

@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from poller.config import WebhookConfig
-from poller.deliver import Attempt, Outcome, decide, post, request_headers
+from poller.deliver import YIELD_S, Attempt, Outcome, decide, post, request_headers
 from poller.dispatch import deliver_event
 from poller.faults import crash_point
 from poller.log import debug_enabled
@@ -149,6 +149,11 @@ async def attempt_once(
                 jitter=random.random(),  # noqa: S311
                 now=time.time(),
             )
+        # Nothing to send (the render gave up, maybe after holding the event loop for its
+        # whole time budget): let the rest of the process run before the next event, so
+        # such renders never run back to back. Not sleep(0): that leaves this task ready,
+        # and a timer or an I/O wake-up elsewhere then gets one step per render or less.
+        await asyncio.sleep(YIELD_S)
         return AttemptResult(body, attempts, None, Attempt(None, body.reason))
     crash_point("delivery.before_post")
     if while_sending is None:

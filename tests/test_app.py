@@ -6,16 +6,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import signal
+import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aioresponses import CallbackResult, aioresponses
+from structlog.testing import capture_logs
+from yarl import URL
 
 from poller.app import App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
-from poller.render import ServerProfile
+from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.state import State
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -200,12 +206,185 @@ def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
 
         async def reload() -> None:
             app._reload(path)
+            assert app._profile_task is not None  # ui-config is asked again, in the background
+            await app._stop_profile_reads()
 
         asyncio.run(reload())
         assert app.config.webhooks[0].escape == "unleash"
         assert "(http://localhost:4242/projects/default/features/f)" in _body(app)
         assert _body(app).endswith("|&lt;b&gt;")  # the explicit value wins
-        assert app._detected is False  # ui-config is read again on the next poll
+        assert app._detected is False  # the events API is asked again on the next poll
         assert worker.hook is app.config.webhooks[0]
     finally:
         state.close()
+
+
+# -- ui-config is optional to polling and delivery ----------------------------------------
+
+UNLEASH = "http://unleash.test"
+SEARCH = re.compile(r"^http://unleash\.test/api/admin/search/events.*$")
+UI_CONFIG = f"{UNLEASH}/api/admin/ui-config"
+HOOK = "http://hook.test/h"
+
+
+class _FakeUnleash:
+    """Stands in for Unleash (events API and ui-config) and the receiver, via aioresponses."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, object]] = []
+        self.ui_config: dict[str, str] | None = None  # None: answers 503
+        self.ui_config_asked = 0
+        self.bodies: dict[int, str] = {}
+
+    def add(self, event_id: int) -> None:
+        self.events.insert(
+            0,
+            {
+                "id": event_id,
+                "type": "feature-created",
+                "createdAt": "2026-11-28T10:00:00.000Z",
+                "data": {"name": f"<b>{event_id}"},
+                "featureName": f"f{event_id}",
+                "project": "default",
+            },
+        )
+
+    def search(self, url: URL, **_: object) -> CallbackResult:
+        events = self.events
+        if "id" in url.query:
+            wanted = {int(x) for x in url.query["id"].split(":")[1].split(",")}
+            events = [e for e in events if e["id"] in wanted]
+        offset, limit = int(url.query.get("offset", 0)), int(url.query.get("limit", 50))
+        return CallbackResult(
+            payload={"events": events[offset : offset + limit], "total": len(events)}
+        )
+
+    def ui(self, _url: URL, **_: object) -> CallbackResult:
+        self.ui_config_asked += 1
+        if self.ui_config is None:
+            return CallbackResult(status=503, body="maintenance")
+        return CallbackResult(payload=self.ui_config)
+
+    def hook(self, _url: URL, **kwargs: object) -> CallbackResult:
+        body = kwargs["data"]
+        assert isinstance(body, bytes)
+        self.bodies[int(body.split(b"|")[0])] = body.decode()
+        return CallbackResult(status=200)
+
+    def mock(self, mocked: aioresponses) -> None:
+        mocked.get(SEARCH, callback=self.search, repeat=True)
+        mocked.get(UI_CONFIG, callback=self.ui, repeat=True)
+        mocked.post(HOOK, callback=self.hook, repeat=True)
+
+
+def _fake_config(tmp_path: Path) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[unleash]
+url = "{UNLEASH}"
+token = "t"
+start_from = 0
+poll_interval_s = 0.05
+backoff_max_s = 0.2
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "h"
+url = "{HOOK}"
+body_template = "{{{{event.id}}}}|{{{{event.data.name}}}}"
+""")
+    path.chmod(0o600)
+    return path
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_later(
+    tmp_path: Path,
+) -> None:
+    """ui-config answering 503 (the review's repro): events are still polled and delivered,
+    rendered as the config was loaded (8.x: HTML-escaped); once ui-config answers, its
+    profile (7.6.5: no escaping) is applied to later deliveries and kept in the state. A
+    reload asks again in the background while delivery goes on with the profile in use."""
+    fake = _FakeUnleash()
+    for i in (1, 2, 3):
+        fake.add(i)
+    path = _fake_config(tmp_path)
+    state = State.open(tmp_path / "s.sqlite3")
+
+    async def main() -> None:
+        app = App(load_config(path), state)
+        task = asyncio.create_task(app.run())
+        try:
+            await _until(lambda: len(fake.bodies) == 3, "events 1-3 delivered")
+            assert fake.bodies[1] == "1|&lt;b&gt;1"
+            assert app.profile is None
+            fake.ui_config = {"version": "7.6.5", "unleashUrl": "http://ui.test"}
+            await _until(lambda: app.profile is not None, "the profile applied")
+            assert app.profile == ServerProfile("7.6.5", "http://ui.test")
+            fake.add(4)
+            await _until(lambda: 4 in fake.bodies, "event 4 delivered")
+            assert fake.bodies[4] == "4|<b>4"  # 7.6.5 does not escape
+            # A reload while ui-config is down again: polling and delivery go on, with the
+            # profile already read; ui-config is asked again in the background.
+            fake.ui_config = None
+            asked = fake.ui_config_asked
+            app.reload()
+            await _until(lambda: fake.ui_config_asked >= asked + 2, "ui-config retried")
+            fake.add(5)
+            await _until(lambda: 5 in fake.bodies, "event 5 delivered after the reload")
+            assert fake.bodies[5] == "5|<b>5"
+            fake.ui_config = {"version": "8.2.0", "unleashUrl": "http://ui.test"}
+            await _until(
+                lambda: app.profile is not None and app.profile.version == "8.2.0", "8.2.0"
+            )
+            fake.add(6)
+            await _until(lambda: 6 in fake.bodies, "event 6 delivered")
+            assert fake.bodies[6] == "6|&lt;b&gt;6"
+        finally:
+            app._request_stop()
+            await task
+
+    with aioresponses() as mocked:
+        fake.mock(mocked)
+        asyncio.run(main())
+    saved = parse_saved_profile(state.saved_text("server_profile"))
+    state.close()
+    assert saved is not None
+    assert (saved.version, saved.unleash_url) == ("8.2.0", "http://ui.test")
+
+
+def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_last_run(
+    tmp_path: Path,
+) -> None:
+    """After a restart with ui-config down, bodies render as for the server the last run
+    read (7.6.5 here, saved in the state), not as for 8.x, and one warning says so."""
+    fake = _FakeUnleash()
+    fake.add(1)
+    path = _fake_config(tmp_path)
+    state = State.open(tmp_path / "s.sqlite3")
+    state.save_text("server_profile", saved_profile_text(ServerProfile("7.6.5", "http://ui.test")))
+
+    async def main() -> None:
+        app = App(load_config(path), state)
+        task = asyncio.create_task(app.run())
+        try:
+            await _until(lambda: 1 in fake.bodies, "event 1 delivered")
+            await _until(lambda: fake.ui_config_asked >= 3, "ui-config retried")
+        finally:
+            app._request_stop()
+            await task
+
+    with aioresponses() as mocked, capture_logs() as logs:
+        fake.mock(mocked)
+        asyncio.run(main())
+    state.close()
+    assert fake.bodies[1] == "1|<b>1"
+    warnings = [e for e in logs if e.get("event") == "unleash.profile_unknown"]
+    assert len(warnings) == 1, warnings
+    assert "7.6.5" in str(warnings[0]["rendering_as"])

@@ -22,6 +22,8 @@ NOW = 1_000_000_000.0  # 2001-09-09T01:46:40Z
         ("7", 7.0),
         (" 120 ", 120.0),
         ("007", 7.0),
+        ("0000000005", 5.0),  # leading zeros do not make a wait long
+        ("0" * 5000 + "5", 5.0),
         ("999999999999999999999999999999", RETRY_AFTER_MAX_S),
         ("9" * 5000, RETRY_AFTER_MAX_S),  # more digits than int() takes
         ("Sun, 09 Sep 2001 01:47:40 GMT", 60.0),  # IMF-fixdate
@@ -81,6 +83,13 @@ def test_retry_after_never_raises(header: str | None, now: float) -> None:
 def test_retry_after_reads_any_ascii_number(header: str) -> None:
     """Every run of ASCII digits is a wait of that many seconds, capped."""
     assert retry_after_s(header, NOW) == min(float(int(header)), RETRY_AFTER_MAX_S)
+
+
+@PROPS
+@given(st.integers(min_value=0, max_value=int(RETRY_AFTER_MAX_S)), st.integers(0, 40))
+def test_retry_after_reads_zero_padded_numbers_as_their_value(seconds: int, zeros: int) -> None:
+    """Any ASCII digit string whose value is at most the cap, however zero-padded, is that wait."""
+    assert retry_after_s("0" * zeros + str(seconds), NOW) == float(seconds)
 
 
 @PROPS

@@ -4,27 +4,33 @@ tests/test_e2e_import.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from aioresponses import aioresponses
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poller.config import ConfigError, parse_config
+from poller.config import ConfigError, Secret, parse_config
 from poller.importer import (
     MASKED,
     ConfigPlan,
     ImporterError,
+    ImportOptions,
     Integration,
     parse_addons,
     plan_webhook,
     render_config,
+    run_import,
     toml_value,
 )
+from poller.state import State
 
 SECRETS = Path("/etc/unleash-poller/secrets")
 
@@ -352,3 +358,62 @@ def test_import_command_unreadable_unleash_is_one_line(tmp_path: Path) -> None:
     )
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c.toml").exists()
+
+
+def test_a_cut_over_that_fails_partway_says_what_is_done_and_how_to_finish(
+    tmp_path: Path,
+) -> None:
+    """A PUT that fails on the second of three integrations: the error names the one
+    already disabled, the two still enabled, that the cursor was not set, and the command
+    that sets it; the third is not touched and the state file has no cursor."""
+    base = "http://unleash.test"
+    addons = [
+        {
+            "id": i,
+            "provider": "webhook",
+            "enabled": True,
+            "parameters": {"url": MASKED},
+            "events": ["feature-created"],
+        }
+        for i in (1, 2, 3)
+    ]
+    events = {
+        "events": [{"id": 42, "type": "feature-created", "createdAt": "2026-11-28T10:00:00.000Z"}],
+        "total": 1,
+    }
+    options = ImportOptions(
+        unleash_url=base,
+        token=Secret("*:*.tok"),
+        token_file=None,
+        output=tmp_path / "c.toml",
+        state_path=tmp_path / "s.sqlite3",
+        cut_over=True,
+    )
+    with aioresponses() as mocked:
+        mocked.get(f"{base}/api/admin/ui-config", payload={"version": "8.2.0", "unleashUrl": base})
+        mocked.get(f"{base}/api/admin/addons", payload={"addons": addons, "providers": []})
+        mocked.get(
+            re.compile(r"^http://unleash\.test/api/admin/search/events.*$"),
+            payload=events,
+            repeat=True,
+        )
+        mocked.put(f"{base}/api/admin/addons/1", status=200, payload={})
+        mocked.put(f"{base}/api/admin/addons/2", status=500, body="oops")
+        with pytest.raises(ImporterError) as info:
+            asyncio.run(run_import(options))
+        puts = [url for (method, url) in mocked.requests if method == "PUT"]
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "--cut-over stopped halfway: PUT http://unleash.test/api/admin/addons/2: "
+        "unexpected status 500."
+    )
+    assert "Disabled in Unleash: webhook #1; still enabled: webhook #2, webhook #3;" in message
+    assert "the state file's cursor was NOT set" in message
+    assert f"`unleash-poller cursor set -c {tmp_path / 'c.toml'} 42`" in message
+    assert [str(u) for u in puts] == [f"{base}/api/admin/addons/1", f"{base}/api/admin/addons/2"]
+    assert info.value.exit_code == 69
+    if options.state_path.exists():
+        state = State.open(options.state_path)
+        assert state.high_water() is None
+        state.close()

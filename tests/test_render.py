@@ -18,7 +18,9 @@ from poller.render import (
     RenderError,
     ServerProfile,
     build_renderer,
+    parse_saved_profile,
     parse_version,
+    saved_profile_text,
 )
 
 EVENT = {
@@ -231,3 +233,41 @@ def test_parse_version_never_raises(text: str) -> None:
     """Whatever a server reports, parsing gives a version or None."""
     result = parse_version(text)
     assert result is None or len(result) == 3
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "not json",
+        "[]",
+        '{"version": "8.2.0"}',  # no link base
+        '{"version": 8, "unleash_url": "http://u"}',
+        '{"version": null, "unleash_url": "ftp://u"}',
+        "[" * 100000,
+    ],
+)
+def test_parse_saved_profile_refuses_what_it_did_not_write(text: str | None) -> None:
+    """A profile note missing or edited out of shape in the state file is "none saved"."""
+    assert parse_saved_profile(text) is None
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.one_of(st.none(), st.text(max_size=12)),
+    st.sampled_from(["http://", "https://"]).flatmap(lambda s: st.text(max_size=20).map(s.__add__)),
+)
+def test_saved_profile_reads_back(version: str | None, url: str) -> None:
+    """What saved_profile_text writes, parse_saved_profile reads back (version and link base)."""
+    back = parse_saved_profile(saved_profile_text(ServerProfile(version, url)))
+    assert back is not None
+    assert (back.version, back.unleash_url) == (version, url)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(max_size=40))
+def test_parse_saved_profile_never_raises(text: str) -> None:
+    """Any text in the note gives a profile or None, never an exception."""
+    parsed = parse_saved_profile(text)
+    assert parsed is None or parsed.unleash_url.startswith(("http://", "https://"))

@@ -18,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 
 from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
-from poller.render import Renderer, RenderStoppedError
+from poller.render import MUSTACHE_TIME_BUDGET_S, Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
 from poller.state import Pending, State
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
@@ -464,3 +464,66 @@ def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
     assert finished["runaway"] >= 4.0, finished
     reasons = [d.reason for d in state.dead_letters("runaway")]
     assert reasons == ["template ran longer than 2s; stopped after 1 attempt"] * 2
+
+
+@pytest.mark.parametrize("provider", ["", 'provider = "datadog"\napi_key = "k"'])
+def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
+    tmp_path: Path, receiver: Receiver, provider: str
+) -> None:
+    """Mustache renders on the event loop (a webhook's, and Datadog's body_template): a
+    template that runs away on each of 12 pending events holds the loop for at most its
+    small time budget at a time, and the worker yields between events, so a ticker on the
+    same loop keeps firing and the healthy webhook delivers everything while the runaway
+    events are dead-lettered."""
+    nest = "{{#event.tags}}" * 3 + "{{/event.tags}}" * 3 + "x"
+    config = _config(
+        tmp_path,
+        _hook("runaway", receiver.url("/runaway"), f'{provider}\nbody_template = "{nest}"')
+        + _hook("ok", receiver.url("/ok")),
+    )
+    state = State.open(config.state.path)
+    tagged = [
+        (
+            i,
+            json.dumps(
+                {
+                    **json.loads(_event(i)),
+                    "tags": [{"type": "s", "value": str(k)} for k in range(300)],
+                }
+            ),
+        )
+        for i in range(1, 13)
+    ]
+    state.ingest(tagged, [("runaway", i) for i in range(1, 13)], 12)
+    _fill(state, ["ok"], range(13, 33))
+    gaps: list[float] = []
+
+    async def main() -> None:
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while not done.is_set():
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        tick_task = asyncio.create_task(ticker())
+        try:
+            await _drain(config, state, timeout_s=60)
+        finally:
+            done.set()
+            await tick_task
+
+    asyncio.run(main())
+    assert len(receiver.requests("/ok")) == 20
+    assert receiver.requests("/runaway") == []
+    reasons = {d.reason for d in state.dead_letters("runaway")}
+    stopped = f"template ran longer than {MUSTACHE_TIME_BUDGET_S:g}s; stopped"
+    assert reasons == {f"body_template failed: {stopped}" if provider else stopped}
+    assert len(state.dead_letters("runaway")) == 12
+    # A tick waits for at most the render under way and the next one (timer wake-ups take
+    # two loop passes), plus scheduling slack. Before: 2 s per event, back to back (24 s
+    # here); with the small budget but no yield, all 12 renders in a row (3 s).
+    assert max(gaps) < 2 * MUSTACHE_TIME_BUDGET_S + 0.5, max(gaps)

@@ -21,6 +21,7 @@ from poller.providers.base import (
     json_body,
     merged_headers,
 )
+from poller.render import MUSTACHE_TIME_BUDGET_S
 
 DEFAULT_URL = "https://api.datadoghq.com/api/v1/events"
 EVENTS = (
@@ -38,7 +39,12 @@ def compile_body_template(source: str) -> Callable[[Event], str]:
 
     def render(event: Event) -> str:
         try:
-            return template.render({"event": _common.held(event)}, mustache.escape_html)
+            # On the event loop, as the webhook's Mustache: bounded the same way.
+            return template.render(
+                {"event": _common.held(event)},
+                mustache.escape_html,
+                budget_s=MUSTACHE_TIME_BUDGET_S,
+            )
         except mustache.RenderError as exc:
             raise BuildError(f"body_template failed: {exc}") from None
 
