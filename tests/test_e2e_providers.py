@@ -295,6 +295,11 @@ def differential(
     poller_cli: PollerCli,
 ) -> Run:
     """Both sides configured, the event mix driven, the poller run once."""
+    if int(unleash.version.split(".", 1)[0]) < 7:
+        # The issue's matrix; the event mix also uses admin APIs 5.x does not have.
+        pytest.skip(
+            f"the provider differential runs on Unleash 7.6.5 and 8.2.0, not {unleash.version}"
+        )
     base = "/" + unique("providers")
 
     def url_of(side: str, name: str) -> str:
