@@ -633,7 +633,7 @@ def _webhook(
 ) -> WebhookConfig | None:
     place = f"webhooks[{index}]"
     if isinstance(data, dict) and data.get("provider") in PROVIDERS:
-        return _provider_webhook(check, data, place, base, profile.unleash_url, trust_env)
+        return _provider_webhook(check, data, place, base, profile, trust_env)
     table = check.table(data, place, _WEBHOOK_KEYS)
     problems_before = len(check.problems)
     name = check.get(
@@ -789,8 +789,13 @@ def apply_server_profile(config: Config, profile: ServerProfile) -> Config:
 
 def _for_profile(hook: WebhookConfig, profile: ServerProfile) -> WebhookConfig:
     if hook.provider is not None:
-        # A provider's messages link where eventMarkdown's do; it has no renderer.
-        linked = dataclasses.replace(hook.provider, link_base=profile.unleash_url)
+        # A provider's messages link where eventMarkdown's do, and its templates (Datadog's
+        # body_template) escape as a webhook's do by default; it has no renderer.
+        linked = dataclasses.replace(
+            hook.provider,
+            link_base=profile.unleash_url,
+            settings=hook.provider.settings.with_escape(profile.escape()[0]),
+        )
         return dataclasses.replace(hook, provider=linked)
     return dataclasses.replace(hook, renderer=_renderer_for(hook, profile))
 
@@ -855,7 +860,7 @@ def _provider_webhook(
     table: Mapping[str, object],
     place: str,
     base: Path,
-    link_base: str,
+    profile: ServerProfile,
     trust_env: bool,
 ) -> WebhookConfig | None:
     """A webhook whose requests a provider builds (Slack, Teams, Datadog, New Relic)."""
@@ -903,7 +908,7 @@ def _provider_webhook(
         retry_schedule_s=retry_schedule,
         ssl_context=ssl_context,
         proxy=proxy_for(url, proxy or None, trust_env),
-        provider=Configured(provider, Settings(values), link_base),
+        provider=Configured(provider, Settings(values, profile.escape()[0]), profile.unleash_url),
         **hook_fields,  # type: ignore[arg-type]
     )
 

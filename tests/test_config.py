@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tomllib
@@ -391,6 +392,44 @@ def test_renderers_follow_the_server_profile(tmp_path: Path) -> None:
     assert on_765["explicit"].endswith("|&lt;b&gt;")  # an explicit value wins
     on_5 = _bodies(apply_server_profile(config, ServerProfile("5.12.8", "http://x")))
     assert on_5["follows"] == "|&lt;b&gt;"  # no eventMarkdown on 5.x
+
+
+DATADOG_CONFIG = """
+[unleash]
+url = "http://127.0.0.1:4242"
+token = "t"
+[state]
+path = "s.db"
+[[webhooks]]
+name = "dd"
+provider = "datadog"
+api_key = "k"
+url = "http://127.0.0.1:9/dd"
+body_template = "{{event.data.description}}"
+"""
+
+
+def _datadog_text(config: Config) -> str:
+    [hook] = config.webhooks
+    assert hook.provider is not None
+    [request] = hook.provider.requests(PROFILE_EVENT)
+    text = json.loads(request.body)["text"]
+    assert isinstance(text, str)
+    return text
+
+
+def test_provider_templates_follow_the_server_profile(tmp_path: Path) -> None:
+    """A Datadog body_template escapes as the polled server's version does: HTML-escaped
+    offline and on 8.x and 5.x, not on 7.6.5 (as a webhook's default escape)."""
+    config = _load_text(DATADOG_CONFIG, tmp_path)
+    assert _datadog_text(config) == "&lt;b&gt;"
+    on_765 = apply_server_profile(config, ServerProfile("7.6.5", "http://localhost:4242"))
+    assert _datadog_text(on_765) == "<b>"
+    on_8 = apply_server_profile(on_765, ServerProfile("8.2.0", "http://localhost:4242"))
+    assert _datadog_text(on_8) == "&lt;b&gt;"
+    assert _datadog_text(apply_server_profile(config, ServerProfile("5.12.8", "http://x"))) == (
+        "&lt;b&gt;"
+    )
 
 
 def test_public_url_wins_over_the_server_unleash_url(tmp_path: Path) -> None:

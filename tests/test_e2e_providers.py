@@ -11,7 +11,6 @@ Unleash sent, body and headers. The Slack App cannot be pointed at a receiver: i
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import subprocess
@@ -24,7 +23,6 @@ from typing import Any
 import pytest
 
 from poller.config import parse_config
-from poller.jsvalues import encode_utf8, json_stringify
 from tests.support.receiver import Receiver, RecordedRequest
 from tests.support.unleash import AdminClient, UnleashServer, unleash_package_dir
 from tests.test_e2e_dropin import (
@@ -357,53 +355,20 @@ def differential(
     )
 
 
-_HTML_ENTITIES = (
-    ("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&#39;", "'"), ("&#x2F;", "/"),
-    ("&#x60;", "`"), ("&#x3D;", "="), ("&amp;", "&"),
-)  # fmt: skip
-
-
-def without_html_escaping(request: RecordedRequest) -> RecordedRequest:
-    """Our Datadog request with mustache.js's HTML escaping of `text` undone: what a
-    server that does not escape (Unleash before 8.0.3) renders from the same template."""
-    body = json.loads(request.body)
-    text = body["text"]
-    for entity, char in _HTML_ENTITIES:
-        text = text.replace(entity, char)
-    body["text"] = text
-    return dataclasses.replace(request, body=encode_utf8(json_stringify(body)))
-
-
-def escapes_templates(version: str) -> bool:
-    """Unleash escapes `{{ }}` in integration templates from 8.0.3 (the facts file)."""
-    return tuple(int(part) for part in version.split(".")) >= (8, 0, 3)
-
-
 def test_every_provider_sends_what_unleash_own_integration_sends(differential: Run) -> None:
     """For each provider, every request the poller sent equals one Unleash's own integration
-    sent for the same event mix (body and headers), and none of Unleash's is missing. On a
-    server before 8.0.3 a Datadog body_template is not HTML-escaped there: those requests
-    must then be identical once our (8.2.0) escaping is undone, and are counted apart."""
+    sent for the same event mix (body and headers), and none of Unleash's is missing, on
+    every version: a Datadog body_template escapes as that server's version does."""
     run = differential
     failures = []
     for integration in run.compared:
         ours = run.ours[integration.provider]
         theirs = run.theirs[integration.provider]
-        note = ""
-        if integration.provider == "datadog-template" and not escapes_templates(
-            run.unleash.version
-        ):
-            as_sent = compare(theirs, ours)
-            ours = [without_html_escaping(r) for r in ours]
-            note = (
-                f"; {as_sent.identical} identical as sent, the rest differ only by 8.2.0's"
-                " HTML escaping, which this version does not do"
-            )
         tally = compare(theirs, ours)
         print(
             f"\nFIGURES: unleash {run.unleash.version} provider {integration.provider}:"
             f" compared {tally.compared}, identical {tally.identical}"
-            f" (unleash sent {len(theirs)}){note}"
+            f" (unleash sent {len(theirs)})"
         )
         for problem in tally.problems[:5]:
             print(f"MISMATCH [{integration.provider}] {problem}")

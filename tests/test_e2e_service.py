@@ -218,6 +218,100 @@ def test_secrets_never_reach_logs_state_or_output(
         assert secret.split("-", 1)[-1].encode() not in produced, secret
 
 
+def test_provider_secrets_never_reach_logs_state_or_output(
+    tmp_path: Path,
+    admin: AdminClient,
+    receiver: Receiver,
+    poller_config: PollerConfigFactory,
+    poller_cli: PollerCli,
+) -> None:
+    """Canary provider secrets (Slack App access token, Datadog api_key, New Relic
+    license_key, the path of a Slack, Teams and Teams Workflow webhook URL) are really sent
+    to a local receiver, yet appear in no log line, state file, status, dead-letter list
+    or render output, while every delivery fails and is retried."""
+    canaries = {
+        name: f"canary-{name}-{uuid.uuid4().hex}"
+        for name in ("token", "apikey", "license", "slackpath", "teamspath", "workflowpath")
+    }
+    paths = {
+        "slack-app": "/slack-app/chat.postMessage",
+        "slack": f"/slack/{canaries['slackpath']}",
+        "teams": f"/teams/{canaries['teamspath']}",
+        "teamsworkflow": f"/workflow/{canaries['workflowpath']}",
+        "datadog": "/datadog/events",
+        "new-relic": "/new-relic/events",
+    }
+    for path in paths.values():
+        receiver.respond(path, status=500)
+    webhooks: list[dict[str, object]] = [
+        {
+            "name": "slack-app",
+            "provider": "slack-app",
+            "url": receiver.url(paths["slack-app"]),
+            "access_token": canaries["token"],
+            "default_channels": ["general"],
+        },
+        {
+            "name": "slack",
+            "provider": "slack",
+            "url": receiver.url(paths["slack"]),
+            "default_channel": "general",
+        },
+        {"name": "teams", "provider": "teams", "url": receiver.url(paths["teams"])},
+        {
+            "name": "teamsworkflow",
+            "provider": "teamsworkflow",
+            "url": receiver.url(paths["teamsworkflow"]),
+        },
+        {
+            "name": "datadog",
+            "provider": "datadog",
+            "url": receiver.url(paths["datadog"]),
+            "api_key": canaries["apikey"],
+        },
+        {
+            "name": "new-relic",
+            "provider": "new-relic",
+            "url": receiver.url(paths["new-relic"]),
+            "license_key": canaries["license"],
+        },
+    ]
+    config = poller_config(webhooks=webhooks, start_from=admin.latest_event_id())
+    admin.create_feature(f"canary-{uuid.uuid4().hex[:8]}")
+    runs = [
+        poller_cli("run", "-c", config, "--once"),
+        poller_cli("status", "-c", config),
+        poller_cli("status", "-c", config, "--json"),
+        poller_cli("dead-letters", "list", "-c", config),
+    ]
+    event_file = tmp_path / "event.json"
+    event_file.write_text(json.dumps(admin.search_events(limit=1)[0]))
+    for hook in webhooks:
+        rendered = poller_cli(
+            "render", "-c", config, "--webhook", hook["name"], "--event", event_file
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        runs.append(rendered)
+    # The secrets were really sent (so a leak had something to leak)...
+    sent = {name: receiver.requests(path) for name, path in paths.items()}
+    assert all(len(requests) == 2 for requests in sent.values()), {
+        name: len(requests) for name, requests in sent.items()
+    }
+    assert sent["slack-app"][0].header("Authorization") == f"Bearer {canaries['token']}"
+    assert sent["datadog"][0].header("DD-API-KEY") == canaries["apikey"]
+    assert sent["new-relic"][0].header("Api-Key") == canaries["license"]
+    # ...and the failures were really recorded.
+    for hook in webhooks:
+        assert f"{hook['name']}: pending 0, dead letters 1" in runs[1].stdout, runs[1].stdout
+    produced = "".join(r.stdout + r.stderr for r in runs).encode()
+    for file in tmp_path.rglob("*"):
+        if file.is_file() and file not in (event_file, config):  # the inputs hold them
+            produced += file.read_bytes()
+    for secret in canaries.values():
+        assert secret.encode() not in produced, secret
+        assert secret.split("-", 2)[-1].encode() not in produced, secret
+
+
 def test_reloads_while_a_worker_is_replaced_never_run_two_at_once(
     tmp_path: Path,
     unleash: UnleashServer,

@@ -35,6 +35,15 @@ def test_body_template_replaces_only_text_with_html_escaping() -> None:
     }
 
 
+def test_body_template_escapes_as_the_settings_say() -> None:
+    """With the server profile's "none" (Unleash 6.0 to 8.0.2) `{{ }}` is not escaped."""
+    hook = settings(api_key="k", body_template="{{event.data.description}}")
+    [request] = datadog.build(event(), hook.with_escape("none"), LINK)
+    assert json.loads(request.body)["text"] == 'd "q" <&>'
+    [request] = datadog.build(event(), hook.with_escape("unleash"), LINK)
+    assert json.loads(request.body)["text"] == "d &quot;q&quot; &lt;&amp;&gt;"
+
+
 def test_one_character_template_is_no_template() -> None:
     """Unleash uses a template only when it is longer than one character."""
     [request] = datadog.build(event(), settings(api_key="k", body_template="x"), LINK)

@@ -30,14 +30,26 @@ class Param:
     secret: bool = False
 
 
+TemplateEscape = Literal["unleash", "none", "json"]
+
+
 class Settings:
     """A provider's validated settings. Secrets are plain strings here (the provider puts
-    them in headers), so this never shows its values in a repr."""
+    them in headers), so this never shows its values in a repr. `template_escape` is how
+    `{{ }}` in a provider's template escapes: not a key of its own but the polled server's
+    (its version's) default, set from the server profile as a webhook's `escape` is."""
 
-    __slots__ = ("_values",)
+    __slots__ = ("_values", "template_escape")
 
-    def __init__(self, values: Mapping[str, object]) -> None:
+    def __init__(
+        self, values: Mapping[str, object], template_escape: TemplateEscape = "unleash"
+    ) -> None:
         self._values = dict(values)
+        self.template_escape: TemplateEscape = template_escape
+
+    def with_escape(self, template_escape: TemplateEscape) -> Settings:
+        """The same settings, escaping templates as this server's version does."""
+        return Settings(self._values, template_escape)
 
     def text(self, key: str) -> str | None:
         value = self._values.get(key)
@@ -55,10 +67,14 @@ class Settings:
         return f"Settings({sorted(self._values)})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Settings) and other._values == self._values
+        return (
+            isinstance(other, Settings)
+            and other._values == self._values
+            and other.template_escape == self.template_escape
+        )
 
     def __hash__(self) -> int:
-        return hash(tuple(sorted(self._values)))
+        return hash((tuple(sorted(self._values)), self.template_escape))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """`datadog`: Unleash's Datadog integration, one event to the Events API.
 
-`body_template` (Mustache, with `event` in its context and mustache.js's HTML escaping,
-as Unleash renders it) replaces only the `text` field; the rest of the body stays.
+`body_template` (Mustache, with `event` in its context) replaces only the `text` field;
+the rest of the body stays. Its `{{ }}` escape as the polled server's do (mustache.js's
+HTML escaping from 8.0.3, none on 6.0 to 8.0.2: the server profile's default `escape`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from poller.providers.base import (
     Provider,
     Request,
     Settings,
+    TemplateEscape,
     json_body,
     merged_headers,
 )
@@ -33,16 +35,26 @@ EVENTS = (
 )  # fmt: skip
 
 
-def compile_body_template(source: str) -> Callable[[Event], str]:
+_ESCAPES: dict[TemplateEscape, mustache.Escape] = {
+    "unleash": mustache.escape_html,
+    "none": mustache.escape_none,
+    "json": mustache.escape_json,
+}
+
+
+def compile_body_template(
+    source: str, escape: TemplateEscape = "unleash"
+) -> Callable[[Event], str]:
     """Compile once at config load; raises mustache.TemplateError for a bad template."""
     template = mustache.compile_template(source)
+    escape_fn = _ESCAPES[escape]
 
     def render(event: Event) -> str:
         try:
             # On the event loop, as the webhook's Mustache: bounded the same way.
             return template.render(
                 {"event": _common.held(event)},
-                mustache.escape_html,
+                escape_fn,
                 budget_s=MUSTACHE_TIME_BUDGET_S,
             )
         except mustache.RenderError as exc:
@@ -55,20 +67,21 @@ def _text(event: Event, settings: Settings, link_base: str) -> str:
     source = settings.text("body_template")
     # Unleash uses a template only when it is longer than one character.
     if source is not None and len(source) > 1:
-        return _compiled(source)(event)
+        return _compiled(source, settings.template_escape)(event)
     return f"%%% \n {_common.message(event, link_base)[0]} \n %%% "
 
 
-_CACHE: dict[str, Callable[[Event], str]] = {}
+_CACHE: dict[tuple[str, TemplateEscape], Callable[[Event], str]] = {}
 
 
-def _compiled(source: str) -> Callable[[Event], str]:
-    if source not in _CACHE:
+def _compiled(source: str, escape: TemplateEscape) -> Callable[[Event], str]:
+    key = (source, escape)
+    if key not in _CACHE:
         try:
-            _CACHE[source] = compile_body_template(source)
+            _CACHE[key] = compile_body_template(source, escape)
         except mustache.TemplateError as exc:
             raise BuildError(f"body_template: invalid Mustache: {exc}") from None
-    return _CACHE[source]
+    return _CACHE[key]
 
 
 def build(event: Event, settings: Settings, link_base: str) -> list[Request]:
