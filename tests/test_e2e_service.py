@@ -233,13 +233,15 @@ def test_provider_secrets_never_reach_logs_state_or_output(
         name: f"canary-{name}-{uuid.uuid4().hex}"
         for name in ("token", "apikey", "license", "slackpath", "teamspath", "workflowpath")
     }
+    # One receiver serves the whole session (every Unleash version): paths of this run only.
+    run = f"/canary-{uuid.uuid4().hex[:8]}"
     paths = {
-        "slack-app": "/slack-app/chat.postMessage",
-        "slack": f"/slack/{canaries['slackpath']}",
-        "teams": f"/teams/{canaries['teamspath']}",
-        "teamsworkflow": f"/workflow/{canaries['workflowpath']}",
-        "datadog": "/datadog/events",
-        "new-relic": "/new-relic/events",
+        "slack-app": f"{run}/slack-app/chat.postMessage",
+        "slack": f"{run}/slack/{canaries['slackpath']}",
+        "teams": f"{run}/teams/{canaries['teamspath']}",
+        "teamsworkflow": f"{run}/workflow/{canaries['workflowpath']}",
+        "datadog": f"{run}/datadog/events",
+        "new-relic": f"{run}/new-relic/events",
     }
     for path in paths.values():
         receiver.respond(path, status=500)
