@@ -3,7 +3,9 @@ a `--cut-over` during a steady stream of events that loses none.
 
 A dedicated Unleash (so every integration in it is this test's): webhooks, Teams
 Workflow, Datadog, New Relic and a disabled Slack App through the admin API, a legacy
-Slack and Teams as rows in its `addons` table (8.2.0 refuses to create those).
+Slack and Teams as rows in its `addons` table (8.2.0 refuses to create those). Last, the
+round trip of every provider but the webhook: imported from the database, the poller sends
+what Unleash's own integrations send (with tests/test_e2e_providers.py's comparison).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ import pytest
 from tests.conftest import require_real_unleash_harness
 from tests.support.receiver import Receiver, RecordedRequest
 from tests.support.unleash import REPO_ROOT, AdminClient, UnleashServer
+from tests.test_e2e_providers import (
+    SLACK_CHANNELS,
+    body_of,
+    compare,
+    create_integration,
+    disable_all,
+    drive_slack_mix,
+    integrations,
+    provider_definitions,
+    provider_name,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -391,3 +404,126 @@ def test_import_refuses_an_unknown_provider(server: UnleashServer, tmp_path: Pat
         "(known: webhook, slack-app, slack, teams, teamsworkflow, datadog, new-relic)"
     )
     assert not (tmp_path / "c.toml").exists()
+
+
+def _move_urls(config_path: Path, old: str, new: str) -> int:
+    """Replace `old` by `new` in every `url` of the config and every `url_file`'s content
+    (nothing else is touched); returns how many urls changed."""
+    moved = 0
+    lines = config_path.read_text().splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.startswith("url = ") and old in line:
+            lines[index] = line.replace(old, new)
+            moved += 1
+    config_path.write_text("".join(lines))
+    for hook in tomllib.loads(config_path.read_text())["webhooks"]:
+        if "url_file" not in hook:
+            continue
+        url_file = Path(hook["url_file"])
+        text = url_file.read_text()
+        if old in text:
+            url_file.write_text(text.replace(old, new))
+            moved += 1
+    return moved
+
+
+def _probe_until_live(admin: AdminClient, receiver: Receiver, paths: list[str]) -> None:
+    """Unleash caches its integrations for 60 s: create flags until each path has a post,
+    then let the probes' late deliveries land and forget them."""
+    deadline = time.monotonic() + 90
+    while True:
+        admin.create_feature(f"imp-probe-{uuid.uuid4().hex[:6]}")
+        try:
+            for path in paths:
+                receiver.wait_for(1, path, timeout_s=5)
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, "Unleash's integrations never went live"
+    time.sleep(2)
+    for path in paths:
+        receiver.reset(path)
+
+
+def test_imported_providers_send_what_unleash_own_integrations_send(
+    server: UnleashServer, receiver: Receiver, tmp_path: Path
+) -> None:
+    """Teams Workflow, Datadog, New Relic and legacy Slack/Teams integrations imported with
+    --database deliver, through the poller, the same requests (body and headers) as Unleash's
+    own for the same events, none missing, none extra. The one edit to the imported config
+    is the url (inline or in its secret file), moved to a second receiver path so the two
+    sides can be told apart: an operator would not make it; everything else is as imported."""
+    if int(server.version.split(".", 1)[0]) < 7:
+        pytest.skip(f"the provider round trip runs on Unleash >= 7, not {server.version}")
+    admin = server.admin()
+    # Only this test's integrations live: earlier tests' ones are imported as comments.
+    server.db.psql("UPDATE addons SET enabled = false")
+    base = f"/imp-rt-{uuid.uuid4().hex[:6]}"
+
+    def url_of(side: str, name: str) -> str:
+        return receiver.url(f"{base}/{side}/{name}")
+
+    offered = provider_definitions(admin)
+    setups = [i for i in integrations(url_of) if provider_name(i) in offered]
+    assert {provider_name(i) for i in setups} == {
+        "slack", "teams", "teamsworkflow", "datadog", "new-relic"
+    }  # fmt: skip
+    out = tmp_path / "imported"
+    token_file = tmp_path / "token"
+    token_file.write_text(server.admin_token)
+    try:
+        for integration in setups:
+            create_integration(server, admin, integration, offered[provider_name(integration)])
+        _probe_until_live(admin, receiver, [f"{base}/unleash/{i.provider}" for i in setups])
+        imported = _cli(
+            "import", "--unleash", server.url, "--token-file", token_file,
+            "--database", _dsn(server),
+            "-o", out / "config.toml", "--state", out / "state.sqlite3",
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr
+        # The one edit: each url, inline or in its file, to the poller's receiver path.
+        config_path = out / "config.toml"
+        rewritten = _move_urls(config_path, f"{base}/unleash/", f"{base}/poller/")
+        hooks = tomllib.loads(config_path.read_text())["webhooks"]
+        assert rewritten == len(setups) == len(hooks), (rewritten, hooks)
+        check = _cli("check", "-c", config_path)
+        assert check.returncode == 0, check.stderr
+        start = admin.latest_event_id()
+        for index in range(3):
+            flag = f"imp-rt-{index}-{uuid.uuid4().hex[:6]}"
+            admin.create_feature(flag, description=f'round "trip" <{index}> & 🚀')
+            admin.update_feature(flag, description=f"updated {index}")
+        drive_slack_mix(admin)
+        cursor = _cli("cursor", "set", "-c", config_path, str(start))
+        assert cursor.returncode == 0, cursor.stderr
+        run = _cli("run", "-c", config_path, "--once")
+        assert run.returncode == 0, run.stderr[-3000:]
+        # Unleash delivers asynchronously: wait until its side has gone quiet.
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() - quiet_since < 6:
+            count = len(receiver.requests())
+            if count != last:
+                last, quiet_since = count, time.monotonic()
+            time.sleep(0.3)
+    finally:
+        disable_all(server)
+    events = admin.all_events(after_id=start)
+    failures = []
+    for integration in setups:
+        theirs = receiver.requests(f"{base}/unleash/{integration.provider}")
+        ours = receiver.requests(f"{base}/poller/{integration.provider}")
+        tally = compare(theirs, ours)
+        print(
+            f"\nFIGURES: import round trip, unleash {server.version} provider"
+            f" {integration.provider}: compared {tally.compared}, identical {tally.identical}"
+            f" (unleash sent {len(theirs)}, {len(events)} events)"
+        )
+        for problem in tally.problems[:5]:
+            print(f"MISMATCH [{integration.provider}] {problem}")
+        assert tally.compared >= 5, integration.provider
+        if tally.problems:
+            failures.append(f"{integration.provider}: {len(tally.problems)} problems")
+    channels = {
+        json.loads(body_of(r))["channel"] for r in receiver.requests(f"{base}/poller/slack")
+    }
+    assert {f"#{c}" for c in SLACK_CHANNELS} <= channels, channels  # one POST per tag
+    assert not failures, failures
