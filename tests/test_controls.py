@@ -473,3 +473,21 @@ def test_410_from_a_provider_pauses_and_a_resume_delivers_the_rest(
     ]
     assert flags == [1, 2, 2, 3, 4, 5]
     assert state.dead_letter_counts() == {}
+
+
+def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> None:
+    """A provider (Teams) answered 429 without Retry-After backs off as a webhook does:
+    1 s, then 2 s (the 429s in a row are counted), and the 429s do not use up `retries`."""
+    receiver.respond("/t", statuses=[429, 429], status=200)
+    config = _config(
+        tmp_path,
+        f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/t")}"\n'
+        "retry_schedule_s = [0.05]\n",
+    )
+    state = State.open(config.state.path)
+    state.ingest([(1, _slack_event(1))], [("t", 1)], 1)
+    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    first, second, third = (r.received_at for r in receiver.requests("/t"))
+    assert second - first >= 0.95
+    assert third - second >= 1.95
+    assert state.dead_letter_counts() == {}
