@@ -37,6 +37,7 @@ class Attempt:
     # `ok: false`): the reason, and whether it is worth asking again.
     failure: str | None = None
     failure_retryable: bool = False
+    failure_rate_limited: bool = False  # the provider's "too fast": decided as a 429
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,10 @@ def decide(
     is not hit by every sender at once. `rate_limited_before` is how many 429s in a row
     this webhook had before this attempt (see `_rate_limited`).
     """
+    if attempt.failure is not None and attempt.failure_rate_limited:
+        return _rate_limited(
+            attempt, attempts_made, delays, jitter, now, rate_limited_before, max_rate_limit_wait_s
+        )
     if attempt.failure is not None:
         reason, retryable = attempt.failure, attempt.failure_retryable
     elif attempt.status is not None and 200 <= attempt.status < 300:
@@ -193,13 +198,14 @@ def _rate_limited(
     else:
         wait = 2.0 ** min(rate_limited_before, 40) * (1.0 + 0.2 * jitter)
         why = "no Retry-After"
+    said = attempt.failure if attempt.failure_rate_limited and attempt.failure else "HTTP 429"
     # retry_after_s caps what it reads at RETRY_AFTER_MAX_S, so a wait that long stands
     # for "that long or longer": over any bound (which config keeps within it).
     if wait <= max_wait_s and wait < RETRY_AFTER_MAX_S:
         return Outcome(
-            "retry", f"HTTP 429 ({why})", wait, rate_limited=True, webhook_wait=True, counted=False
+            "retry", f"{said} ({why})", wait, rate_limited=True, webhook_wait=True, counted=False
         )
-    reason = f"HTTP 429 ({why}; a wait of {wait:g}s is over max_rate_limit_wait_s {max_wait_s:g})"
+    reason = f"{said} ({why}; a wait of {wait:g}s is over max_rate_limit_wait_s {max_wait_s:g})"
     if attempts_made - 1 >= len(delays):
         tries = "attempt" if attempts_made == 1 else "attempts"
         return Outcome("give_up", f"{reason} after {attempts_made} {tries}", rate_limited=True)
@@ -312,7 +318,15 @@ async def send(
         failure = judge(Answer(status, body))
         if failure is None:
             return Attempt(status, None, None if status < 300 else retry_after, duration)
-        return Attempt(status, None, retry_after, duration, failure.reason, failure.retryable)
+        return Attempt(
+            status,
+            None,
+            retry_after,
+            duration,
+            failure.reason,
+            failure.retryable,
+            failure.rate_limited,
+        )
     # As for a webhook: no URL (a Slack or Teams URL is a credential) in an error text.
     return Attempt(
         None, scrub_urls(error, request.url, hook.proxy), None, time.monotonic() - started

@@ -43,17 +43,29 @@ def requests_for(hook: WebhookConfig, body_json: str) -> list[Request] | Outcome
 
 
 def combine(outcomes: list[tuple[str, Outcome]]) -> Outcome:
-    """One outcome for the event from its requests' outcomes: delivered when all were;
-    retried (after the longest wait asked for) while any may still succeed; else given
-    up, naming each request that failed."""
+    """One outcome for the event from its requests' outcomes, meaning what it would for
+    one webhook request: delivered when all were; paused when any request was answered
+    410; retried (after the longest wait asked for) while any may still succeed, holding
+    the whole webhook and marked rate limited if any retried request was, and counted
+    toward `retries` only if some retried request counts; else given up, naming each
+    request that failed."""
     failed = [(part, o) for part, o in outcomes if o.kind != "delivered"]
     if not failed:
         return outcomes[0][1] if outcomes else Outcome("delivered", "nothing to send")
     reason = "; ".join(f"{part}: {o.reason}" if part else o.reason for part, o in failed)
+    if any(o.kind == "pause" for _, o in failed):
+        return Outcome("pause", reason)
     retries = [o for _, o in failed if o.kind == "retry"]
     if retries:
-        return Outcome("retry", reason, max(o.delay_s for o in retries))
-    return Outcome("give_up", reason)
+        return Outcome(
+            "retry",
+            reason,
+            max(o.delay_s for o in retries),
+            rate_limited=any(o.rate_limited for o in retries),
+            webhook_wait=any(o.webhook_wait for o in retries),
+            counted=any(o.counted for o in retries),
+        )
+    return Outcome("give_up", reason, rate_limited=any(o.rate_limited for _, o in failed))
 
 
 async def deliver_event(
@@ -63,9 +75,13 @@ async def deliver_event(
     event_id: int,
     body_json: str,
     attempts_before: int,
+    rate_limited_before: int = 0,
 ) -> tuple[Outcome, int, float | None]:
     """Send the event's requests still owed, once each; return what it means for the
-    event, the attempt count and the HTTP time (None when nothing was sent)."""
+    event, the attempt count and the HTTP time (None when nothing was sent).
+    `rate_limited_before`: this webhook's 429s in a row (see deliver.decide). A request
+    answered 429 (which holds the whole webhook) or 410 (which pauses it) stops the
+    event there: the requests after it are still owed and wait with the webhook."""
     assert hook.provider is not None
     attempts = attempts_before + 1
     built = requests_for(hook, body_json)
@@ -90,6 +106,8 @@ async def deliver_event(
             hook.retry_delays,
             jitter=random.random(),  # noqa: S311
             now=time.time(),
+            rate_limited_before=rate_limited_before,
+            max_rate_limit_wait_s=hook.max_rate_limit_wait_s,
         )
         if outcome.kind == "delivered" and several:
             state.part_sent(hook.name, event_id, request.part)
@@ -104,6 +122,8 @@ async def deliver_event(
                 reason=outcome.reason,
             )
         outcomes.append((request.part, outcome))
+        if outcome.webhook_wait or outcome.kind == "pause":
+            break
     outcome = combine(outcomes)
     if outcome.kind == "retry":
         log.warning(

@@ -516,7 +516,13 @@ class Worker:
             # A provider builds its own requests (maybe several); the rest is shared.
             return AttemptResult(
                 *await deliver_event(
-                    self.session, self.hook, self.state, row.event_id, row.body, row.attempts
+                    self.session,
+                    self.hook,
+                    self.state,
+                    row.event_id,
+                    row.body,
+                    row.attempts,
+                    rate_limited_before=self.schedule.rate_limited,
                 )
             )
         ahead, self._ahead = self._ahead, None

@@ -394,3 +394,100 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
     after = _ids([r for r in receiver.requests("/a") if r.received_at > back])
     assert sorted(after) == sorted(set(range(1, 41)) - set(dead))
     assert state.pause("a") is None
+
+
+# -- providers: their requests go through poller.dispatch and must mean what a plain
+# webhook's do (issue 14 for the provider path).
+
+
+def _slack_event(i: int) -> str:
+    return json.dumps(
+        {"id": i, "type": "feature-created", "createdBy": "me",
+         "createdAt": "2026-11-28T10:00:00.000Z", "data": {}, "tags": [],
+         "featureName": f"flag{i}x", "project": "default", "environment": None}
+    )  # fmt: skip
+
+
+def _slack_hook(url: str, extra: str = "") -> str:
+    return (
+        '[[webhooks]]\nname = "app"\nprovider = "slack-app"\naccess_token = "xoxb-1"\n'
+        f'default_channels = ["a", "b", "c"]\nurl = "{url}"\n{extra}\n'
+    )
+
+
+def test_slack_429s_hold_the_whole_webhook_and_lose_nothing(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A Slack App endpoint answering 429 with Retry-After: 1 to one request in three:
+    every message arrives, per channel in event order, nothing is dead-lettered, the 429s
+    do not use up `retries`, and after each 429 no request to any channel comes for 1 s."""
+    receiver.respond(
+        "/slack", statuses=[200, 200, 429] * 6, status=200, retry_after=1, body='{"ok":true}'
+    )
+    # One retry only: were the 429s counted, the event with two of them would be given up.
+    config = _config(tmp_path, _slack_hook(receiver.url("/slack"), "retry_schedule_s = [0.05]"))
+    state = State.open(config.state.path)
+    ids = range(1, 5)
+    state.ingest([(i, _slack_event(i)) for i in ids], [("app", i) for i in ids], ids[-1])
+    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=60))
+    got = receiver.requests("/slack")
+    assert state.dead_letter_counts() == {}
+    assert len(got) == 12 + 5  # every message once, plus the five answered 429
+    answered_429 = [r for i, r in enumerate(got) if i % 3 == 2]
+    for before, after in itertools.pairwise(got):
+        if before in answered_429:
+            assert after.received_at - before.received_at >= 0.95
+    delivered = [r for r in got if r not in answered_429]
+    for channel in "abc":
+        sent = [json.loads(r.body) for r in delivered]
+        flags = [
+            int(b["text"].split("flag")[1].split("x")[0]) for b in sent if b["channel"] == channel
+        ]
+        assert flags == [1, 2, 3, 4], channel
+
+
+def test_410_from_a_provider_pauses_and_a_resume_delivers_the_rest(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """A provider endpoint (Teams) answering 410 pauses the webhook at once, without a
+    dead letter; `webhooks resume` then delivers the rest, in order."""
+    receiver.respond("/teams", statuses=[200, 410], status=200)
+    config = _config(
+        tmp_path,
+        f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/teams")}"\n',
+    )
+    state = State.open(config.state.path)
+    ids = range(1, 6)
+    state.ingest([(i, _slack_event(i)) for i in ids], [("t", i) for i in ids], ids[-1])
+    asyncio.run(_run(config, state, lambda: state.pause("t") is not None, timeout_s=30))
+    pause = state.pause("t")
+    assert pause is not None
+    assert pause.awaits_resume
+    assert "410" in pause.reason
+    assert state.dead_letter_counts() == {}
+    assert state.pending_counts() == {"t": 4}
+    assert state.resume("t", retry_now=True)
+    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    flags = [
+        int(r.body.decode().split("flag")[1].split("x")[0]) for r in receiver.requests("/teams")
+    ]
+    assert flags == [1, 2, 2, 3, 4, 5]
+    assert state.dead_letter_counts() == {}
+
+
+def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> None:
+    """A provider (Teams) answered 429 without Retry-After backs off as a webhook does:
+    1 s, then 2 s (the 429s in a row are counted), and the 429s do not use up `retries`."""
+    receiver.respond("/t", statuses=[429, 429], status=200)
+    config = _config(
+        tmp_path,
+        f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/t")}"\n'
+        "retry_schedule_s = [0.05]\n",
+    )
+    state = State.open(config.state.path)
+    state.ingest([(1, _slack_event(1))], [("t", 1)], 1)
+    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    first, second, third = (r.received_at for r in receiver.requests("/t"))
+    assert second - first >= 0.95
+    assert third - second >= 1.95
+    assert state.dead_letter_counts() == {}

@@ -17,6 +17,8 @@ from poller.app import make_session
 from poller.config import Config, parse_config
 from poller.deliver import Attempt, Outcome, decide
 from poller.dispatch import combine
+from poller.providers import slack_app
+from poller.providers.base import Answer, Failure
 from poller.replay import replay_dead_letters
 from poller.state import State
 from poller.worker import Worker
@@ -111,7 +113,8 @@ async def _drain(config: Config, state: State) -> None:
 
 def test_a_failed_channel_alone_is_retried(tmp_path: Path, slack: FakeSlack) -> None:
     """b answers ok:false ratelimited, then 429 with Retry-After, then ok: only b is sent
-    again; a and c get one post each; the event is then done and its part records gone."""
+    again, and c waits until b is through (a rate limit holds the whole webhook); a and c
+    get one post each; the event is then done and its part records gone."""
     slack.script["b"] = [
         (200, {"ok": False, "error": "ratelimited"}, {}),
         (429, {"ok": False, "error": "ratelimited"}, {"Retry-After": "0"}),
@@ -120,7 +123,7 @@ def test_a_failed_channel_alone_is_retried(tmp_path: Path, slack: FakeSlack) -> 
     state = State.open(config.state.path)
     state.ingest([(1, _event(1))], [("app", 1)], 1)
     asyncio.run(_drain(config, state))
-    assert slack.posts == ["a", "b", "c", "b", "b"]
+    assert slack.posts == ["a", "b", "b", "b", "c"]
     assert state.pending_counts() == {}
     assert state.dead_letters() == []
     assert state.parts_sent("app", 1) == frozenset()
@@ -209,3 +212,71 @@ retry_schedule_s = [0.05]
     assert second.received_at - first.received_at >= 0.95
     assert state.pending_counts() == {}
     assert state.dead_letters() == []
+
+
+def test_combined_outcome_keeps_pauses_and_rate_limit_flags() -> None:
+    """combine() means what one webhook request would: any 410 pauses; a retry holds the
+    webhook and is rate limited if any retried request was, counts only if some counts,
+    and waits the longest asked for."""
+    ok = Outcome("delivered", "HTTP 200")
+    held = Outcome("retry", "HTTP 429", 3.0, rate_limited=True, webhook_wait=True, counted=False)
+    over = Outcome("retry", "HTTP 429 (over)", 9.0, rate_limited=True, webhook_wait=True)
+    err = Outcome("retry", "HTTP 500", 1.0)
+    gone = Outcome("pause", "HTTP 410 Gone")
+    cases = [
+        ([("a", ok), ("b", gone)], Outcome("pause", "b: HTTP 410 Gone")),
+        ([("a", gone), ("b", err), ("c", Outcome("give_up", "HTTP 404"))],
+         Outcome("pause", "a: HTTP 410 Gone; b: HTTP 500; c: HTTP 404")),
+        ([("a", ok), ("b", held)],
+         Outcome("retry", "b: HTTP 429", 3.0, rate_limited=True, webhook_wait=True,
+                 counted=False)),
+        ([("a", held), ("b", err)],
+         Outcome("retry", "a: HTTP 429; b: HTTP 500", 3.0, rate_limited=True,
+                 webhook_wait=True, counted=True)),
+        ([("a", held), ("b", over)],
+         Outcome("retry", "a: HTTP 429; b: HTTP 429 (over)", 9.0, rate_limited=True,
+                 webhook_wait=True, counted=True)),
+        ([("a", Outcome("give_up", "HTTP 404")), ("b", held)],
+         Outcome("retry", "a: HTTP 404; b: HTTP 429", 3.0, rate_limited=True,
+                 webhook_wait=True, counted=False)),
+        ([("a", Outcome("give_up", "HTTP 429 (over) after 2 attempts", rate_limited=True))],
+         Outcome("give_up", "a: HTTP 429 (over) after 2 attempts", rate_limited=True)),
+    ]  # fmt: skip
+    for outcomes, expected in cases:
+        assert combine(outcomes) == expected, outcomes
+
+
+def test_slack_ratelimited_is_decided_as_a_429() -> None:
+    """Slack's `ok: false, error: ratelimited` holds the whole webhook for Retry-After
+    without counting toward `retries`, and backs off doubling without one."""
+    failure = slack_app.judge(Answer(200, b'{"ok": false, "error": "ratelimited"}'))
+    assert failure == Failure("Slack error: ratelimited", retryable=True, rate_limited=True)
+    asked = Attempt(200, None, "30", 0.0, failure.reason, True, failure_rate_limited=True)
+    assert decide(asked, 5, [1.0]) == Outcome(
+        "retry",
+        "Slack error: ratelimited (Retry-After 30)",
+        30.0,
+        rate_limited=True,
+        webhook_wait=True,
+        counted=False,
+    )
+    bare = Attempt(200, None, None, 0.0, failure.reason, True, failure_rate_limited=True)
+    assert decide(bare, 1, [1.0], rate_limited_before=3).delay_s == 8.0
+    assert decide(asked, 2, [1.0], max_rate_limit_wait_s=10.0).kind == "give_up"
+    final = slack_app.judge(Answer(200, b'{"ok": false, "error": "channel_not_found"}'))
+    assert final is not None
+    assert not final.rate_limited
+
+
+def test_slack_ratelimited_answers_do_not_dead_letter(tmp_path: Path, slack: FakeSlack) -> None:
+    """Three `ratelimited` answers (Retry-After: 1) on a webhook with two retries: waited out,
+    not counted, so the event is delivered to every channel."""
+    limited = (200, {"ok": False, "error": "ratelimited"}, {"Retry-After": "1"})
+    slack.script["b"] = [limited, limited, limited]
+    config = _config(tmp_path, slack)
+    state = State.open(config.state.path)
+    state.ingest([(1, _event(1))], [("app", 1)], 1)
+    asyncio.run(_drain(config, state))
+    assert state.dead_letters() == []
+    assert state.pending_counts() == {}
+    assert slack.posts == ["a", "b", "b", "b", "b", "c"]

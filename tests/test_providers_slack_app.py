@@ -86,7 +86,7 @@ def test_slack_answers() -> None:
         (200, b'{"ok":false,"error":"channel_not_found"}',
          Failure("Slack error: channel_not_found", retryable=False)),
         (200, b'{"ok":false,"error":"ratelimited"}',
-         Failure("Slack error: ratelimited", retryable=True)),
+         Failure("Slack error: ratelimited", retryable=True, rate_limited=True)),
         (200, b'{"ok":false,"error":"internal_error"}',
          Failure("Slack error: internal_error", retryable=True)),
         (200, b'{"ok":false}', Failure("Slack error: unknown error", False)),

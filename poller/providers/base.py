@@ -106,10 +106,13 @@ class Answer:
 @dataclass(frozen=True)
 class Failure:
     """A provider's reading of an answer that HTTP alone would call a success (Slack's
-    200 with `ok: false`): why it failed and whether asking again can help."""
+    200 with `ok: false`): why it failed and whether asking again can help.
+    `rate_limited`: the service says we sent too fast (Slack's `ratelimited`), which is
+    decided as a 429 is: a hold of the whole webhook, not a counted retry."""
 
     reason: str
     retryable: bool
+    rate_limited: bool = False
 
 
 class BuildError(ValueError):

@@ -25,6 +25,8 @@ from poller.providers.base import (
 )
 
 MAX_TEXT = 3000
+# Slack's answers to sending too fast: decided as an HTTP 429 is (see deliver.decide).
+RATE_LIMIT_ERRORS = frozenset({"ratelimited", "rate_limited"})
 # Slack's error codes that are worth asking again for; every other one is final.
 RETRYABLE_ERRORS = frozenset(
     {
@@ -126,7 +128,11 @@ def judge(answer: Answer) -> Failure | None:
         return None
     error = reply.get("error")
     code = error if isinstance(error, str) and error else "unknown error"
-    return Failure(f"Slack error: {code[:200]}", retryable=code in RETRYABLE_ERRORS)
+    return Failure(
+        f"Slack error: {code[:200]}",
+        retryable=code in RETRYABLE_ERRORS,
+        rate_limited=code in RATE_LIMIT_ERRORS,
+    )
 
 
 DEFAULT_URL = "https://slack.com/api/chat.postMessage"

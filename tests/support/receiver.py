@@ -55,7 +55,8 @@ class Behaviour:
     `statuses` are used one per request in order; after the last one, `then_status`
     answers every further request. `retry_after` (seconds, or a string sent verbatim such
     as an HTTP date) adds a Retry-After header to every answer that is not 2xx. `delay_s`
-    waits before answering; `hang` never answers (until the receiver stops).
+    waits before answering; `hang` never answers (until the receiver stops). `body`
+    replaces the text of the 2xx answers (to play a service that answers JSON).
     """
 
     statuses: list[int] = field(default_factory=list)
@@ -63,6 +64,7 @@ class Behaviour:
     retry_after: float | str | None = None
     delay_s: float = 0.0
     hang: bool = False
+    body: str | None = None
 
     def next_status(self) -> int:
         return self.statuses.pop(0) if self.statuses else self.then_status
@@ -185,7 +187,8 @@ class Receiver:
         headers = {}
         if behaviour is not None and behaviour.retry_after is not None and status >= 300:
             headers["Retry-After"] = _format_retry_after(behaviour.retry_after)
-        return web.Response(status=status, headers=headers, text="ok" if status < 300 else "no")
+        text = "no" if status >= 300 else "ok" if behaviour is None else behaviour.body or "ok"
+        return web.Response(status=status, headers=headers, text=text)
 
     # -- configuration
 
@@ -204,11 +207,13 @@ class Receiver:
         retry_after: float | str | None = None,
         delay_s: float = 0.0,
         hang: bool = False,
+        body: str | None = None,
     ) -> None:
         """Set how `path` answers: `statuses` in turn, then `status` for every request after.
 
         `retry_after` (seconds, or a verbatim string) adds Retry-After to non-2xx
-        answers; `delay_s` waits before answering; `hang` never answers.
+        answers; `delay_s` waits before answering; `hang` never answers; `body` is the
+        text of the 2xx answers (default "ok").
         """
         with self._condition:
             self._behaviours[path] = Behaviour(
@@ -217,6 +222,7 @@ class Receiver:
                 retry_after=retry_after,
                 delay_s=delay_s,
                 hang=hang,
+                body=body,
             )
 
     def reset(self, path: str | None = None) -> None:
