@@ -702,21 +702,7 @@ def _webhook(
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
-        # 0.0 stands for "not given" (a given 0 is refused by _rate): no limit.
-        "max_per_second": check.get(table, place, "max_per_second", (int, float), 0.0, _rate)
-        or None,
-        "max_rate_limit_wait_s": check.get(
-            table, place, "max_rate_limit_wait_s", (int, float), 3600.0, _rate_limit_wait
-        ),
-        "pause_after_failures": check.get(
-            table, place, "pause_after_failures", int, 5, _between(0, 1_000_000)
-        ),
-        "probe_interval_s": check.get(
-            table, place, "probe_interval_s", (int, float), 60.0, _positive
-        ),
-        "attempt_log_size": check.get(
-            table, place, "attempt_log_size", int, 1000, _between(0, 1_000_000)
-        ),
+        **_delivery_controls(check, table, place),
     }
     max_body = check.get(
         table,
@@ -832,20 +818,56 @@ def _tags(check: _Checker, table: Mapping[str, object], place: str) -> tuple[str
     return tuple(raw)
 
 
-# What every webhook has, whichever provider speaks for it.
-_SHARED_KEYS = _TLS_KEYS | {
-    "name",
-    "provider",
-    "events",
-    "projects",
-    "environments",
-    "retries",
-    "retry_schedule_s",
-    "timeout_s",
-    "max_in_flight",
-    "proxy",
-    "tags",
+def _delivery_controls(
+    check: _Checker, table: Mapping[str, object], place: str
+) -> dict[str, object]:
+    """Rate limit, 429 bound, pause and attempt-log settings: any webhook's, any provider's."""
+    return {
+        # 0.0 stands for "not given" (a given 0 is refused by _rate): no limit.
+        "max_per_second": check.get(table, place, "max_per_second", (int, float), 0.0, _rate)
+        or None,
+        "max_rate_limit_wait_s": check.get(
+            table, place, "max_rate_limit_wait_s", (int, float), 3600.0, _rate_limit_wait
+        ),
+        "pause_after_failures": check.get(
+            table, place, "pause_after_failures", int, 5, _between(0, 1_000_000)
+        ),
+        "probe_interval_s": check.get(
+            table, place, "probe_interval_s", (int, float), 60.0, _positive
+        ),
+        "attempt_log_size": check.get(
+            table, place, "attempt_log_size", int, 1000, _between(0, 1_000_000)
+        ),
+    }
+
+
+_CONTROL_KEYS = {
+    "max_per_second",
+    "max_rate_limit_wait_s",
+    "pause_after_failures",
+    "probe_interval_s",
+    "attempt_log_size",
 }
+
+
+# What every webhook has, whichever provider speaks for it.
+_SHARED_KEYS = (
+    _TLS_KEYS
+    | _CONTROL_KEYS
+    | {
+        "name",
+        "provider",
+        "events",
+        "projects",
+        "environments",
+        "retries",
+        "retry_schedule_s",
+        "timeout_s",
+        "max_in_flight",
+        "proxy",
+        "tags",
+    }
+)
 
 
 def _provider_keys(provider: Provider) -> set[str]:
@@ -897,6 +919,7 @@ def _provider_webhook(
         "retries": check.get(table, place, "retries", int, 1, _between(0, 100)),
         "timeout_s": check.get(table, place, "timeout_s", (int, float), 10.0, _positive),
         "max_in_flight": check.get(table, place, "max_in_flight", int, 1, _between(1, 256)),
+        **_delivery_controls(check, table, place),
     }
     if len(check.problems) > problems_before:
         return None

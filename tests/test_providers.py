@@ -74,6 +74,32 @@ def test_provider_config_problems(hook: str, expected: list[str], tmp_path: Path
     assert _problems(hook, tmp_path) == [p.replace("{tmp}", str(tmp_path)) for p in expected]
 
 
+def test_provider_webhooks_take_the_delivery_controls(tmp_path: Path) -> None:
+    """A provider webhook (Slack's ~1 message a second) takes the same rate limit, 429
+    bound, pause and attempt-log settings as a plain webhook, checked the same way."""
+    controls = (
+        "max_per_second = 1\nmax_rate_limit_wait_s = 120\npause_after_failures = 2\n"
+        "probe_interval_s = 30\nattempt_log_size = 50\n"
+    )
+    config = parse_config(
+        tomllib.loads(HEAD + 'provider = "slack-app"\naccess_token = "x"\n' + controls),
+        tmp_path,
+    )
+    [hook] = config.webhooks
+    assert (
+        hook.max_per_second,
+        hook.max_rate_limit_wait_s,
+        hook.pause_after_failures,
+        hook.probe_interval_s,
+        hook.attempt_log_size,
+    ) == (1, 120, 2, 30, 50)
+    problems = _problems(
+        'provider = "teams"\nurl = "https://x.example/"\nmax_per_second = 0', tmp_path
+    )
+    assert len(problems) == 1
+    assert problems[0].startswith("webhooks[0].max_per_second: ")
+
+
 def test_secret_from_file_and_default_events(tmp_path: Path) -> None:
     """A secret read through *_file reaches the request; omitted events are the provider's."""
     (tmp_path / "key").write_text("nr-secret\n")
