@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 from poller import mustache
 from poller.jsvalues import JSDate, to_js_string, utf16_length
+from poller.render import EVENT_FIELDS, GROUP_FIELDS
 
 if TYPE_CHECKING:
     from poller.render import Event  # render imports this module only when it is used
@@ -345,21 +346,8 @@ _OBJECT_PROTOTYPE_NAMES: Final = frozenset(
     }
 )
 
-# The columns Unleash's event store reads; it hands integrations exactly these.
-_COLUMNS: Final = (
-    "id",
-    "type",
-    "createdBy",
-    "createdAt",
-    "createdByUserId",
-    "data",
-    "preData",
-    "tags",
-    "featureName",
-    "project",
-    "environment",
-)
-_GROUP_COLUMNS: Final = ("groupType", "groupId")
+# Unleash's event store reads the columns render.EVENT_FIELDS and GROUP_FIELDS name and
+# hands integrations exactly these.
 
 
 class UnformattableEventError(ValueError):
@@ -416,7 +404,7 @@ def format_event(
 
 def _as_held_by_unleash(event: Event) -> dict[str, object]:
     """The event as Unleash's store hands it to integrations."""
-    held = {name: event.get(name) for name in _COLUMNS}
+    held = {name: event.get(name) for name in EVENT_FIELDS}
     if not _truthy(held["tags"]):
         held["tags"] = []
     created_at = held["createdAt"]
@@ -425,7 +413,7 @@ def _as_held_by_unleash(event: Event) -> dict[str, object]:
         with contextlib.suppress(ValueError):
             held["createdAt"] = JSDate.from_iso(created_at)
     # The store writes `group_type || undefined`, so falsy group columns vanish.
-    held.update({name: event[name] for name in _GROUP_COLUMNS if _truthy(event.get(name))})
+    held.update({name: event[name] for name in GROUP_FIELDS if _truthy(event.get(name))})
     return held
 
 

@@ -27,7 +27,7 @@ Event = Mapping[str, object]
 
 # The order Unleash's event store builds an event in, which is the order JSON.stringify
 # writes it. The search endpoint's `label`/`summary` are not part of that object.
-_FIELDS = (
+EVENT_FIELDS = (
     "id",
     "type",
     "createdBy",
@@ -40,7 +40,7 @@ _FIELDS = (
     "project",
     "environment",
 )
-_OPTIONAL_FIELDS = ("groupType", "groupId")
+GROUP_FIELDS = ("groupType", "groupId")
 # Set by the source on an event whose JSON it could not parse (nested too deeply): every
 # webhook dead-letters it with this reason instead of the whole stream stalling on it.
 UNREADABLE = "_unleash_poller_unreadable"
@@ -142,12 +142,12 @@ class RenderStoppedError(RenderError):
 def unleash_event(event: Event) -> dict[str, object]:
     """The event as Unleash holds it in memory, in its field order."""
     canonical: dict[str, object] = {}
-    for name in _FIELDS:
+    for name in EVENT_FIELDS:
         if name in event:
             canonical[name] = event[name]
         elif name == "tags":
             canonical[name] = []
-    for name in _OPTIONAL_FIELDS:
+    for name in GROUP_FIELDS:
         # Unleash writes `row.group_type || undefined`: empty and null vanish.
         if event.get(name):
             canonical[name] = event[name]

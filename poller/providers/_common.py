@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from poller.jsvalues import JSDate
 from poller.markdown import UnformattableEventError, format_event
 from poller.providers.base import BuildError, Event
+from poller.render import EVENT_FIELDS, GROUP_FIELDS
 
 JSON = "application/json"
 
@@ -24,27 +25,14 @@ def message(event: Event, link_base: str, *, slack_links: bool = False) -> tuple
 def held(event: Event) -> dict[str, object]:
     """The event as Unleash's store hands it to an integration: every column present
     (null when absent), tags a list, `createdAt` a Date, falsy group columns dropped."""
-    columns = (
-        "id",
-        "type",
-        "createdBy",
-        "createdAt",
-        "createdByUserId",
-        "data",
-        "preData",
-        "tags",
-        "featureName",
-        "project",
-        "environment",
-    )
-    out: dict[str, object] = {name: event.get(name) for name in columns}
+    out: dict[str, object] = {name: event.get(name) for name in EVENT_FIELDS}
     if not out["tags"]:
         out["tags"] = []
     created = out["createdAt"]
     if isinstance(created, str):
         with contextlib.suppress(ValueError):
             out["createdAt"] = JSDate.from_iso(created)
-    out.update({name: event[name] for name in ("groupType", "groupId") if event.get(name)})
+    out.update({name: event[name] for name in GROUP_FIELDS if event.get(name)})
     return out
 
 

@@ -51,18 +51,24 @@ def card(event: Event, link_base: str) -> dict[str, object]:
     }
 
 
-def build(event: Event, settings: Settings, link_base: str) -> list[Request]:
+def post_json(settings: Settings, payload: object) -> list[Request]:
+    """One JSON POST to the (secret) webhook url, custom headers merged last: how both
+    Teams integrations send."""
     extra = settings.headers()
     return [
         Request(
             part="",
             url=settings.text("url") or "",
             headers=merged_headers((("Content-Type", _common.JSON),), extra),
-            body=json_body(card(event, link_base)),
+            body=json_body(payload),
             secret_headers=frozenset(k.lower() for k, _ in extra),
             secret_url=True,
         )
     ]
+
+
+def build(event: Event, settings: Settings, link_base: str) -> list[Request]:
+    return post_json(settings, card(event, link_base))
 
 
 PROVIDER = Provider(

@@ -10,8 +10,6 @@ from poller.providers.base import (
     Provider,
     Request,
     Settings,
-    json_body,
-    merged_headers,
 )
 
 EVENTS = teams.EVENTS  # the two definitions offer the same list
@@ -59,17 +57,7 @@ def message(event: Event, link_base: str) -> dict[str, object]:
 
 
 def build(event: Event, settings: Settings, link_base: str) -> list[Request]:
-    extra = settings.headers()
-    return [
-        Request(
-            part="",
-            url=settings.text("url") or "",
-            headers=merged_headers((("Content-Type", _common.JSON),), extra),
-            body=json_body(message(event, link_base)),
-            secret_headers=frozenset(k.lower() for k, _ in extra),
-            secret_url=True,
-        )
-    ]
+    return teams.post_json(settings, message(event, link_base))
 
 
 PROVIDER = Provider(
