@@ -142,7 +142,17 @@ class WebhookConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
+    """Where the state lives: a SQLite file (`path`, the default), or PostgreSQL (`url`)
+    shared by several daemons, one of which leads under a lease."""
+
     path: Path
+    url: Secret | None = None  # postgresql://…; may carry the password
+    schema: str = "unleash_poller"
+    lease_ttl_s: float = 15.0
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.url is None else "postgresql"
 
 
 @dataclass(frozen=True)
@@ -530,6 +540,22 @@ def _secret(
         return Secret(value) if value else None
     value = check.get(table, place, key, str, "")
     return Secret(value) if value else None
+
+
+def _postgres_url(url: str) -> str | None:
+    """What is wrong with a PostgreSQL URL, or None. Never echoes it: it may hold a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "must be a postgresql:// URL"
+    if any(c in url for c in "\r\n\x00"):
+        return "must not contain control characters"
+    return None
+
+
+def _sql_identifier(value: str) -> str | None:
+    if re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        return None
+    return "must be a lower-case SQL identifier (letters, digits, _; at most 63)"
 
 
 def _unleash(check: _Checker, data: object, base: Path, trust_env: bool) -> UnleashConfig | None:
@@ -1039,9 +1065,26 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     # HTTPS_PROXY / NO_PROXY from the environment apply only when asked for.
     trust_env = check.get(top, "", "trust_env", bool, False)
     unleash = _unleash(check, top.get("unleash", {}), base, trust_env)
-    state_table = check.table(top.get("state", {}), "state", {"path"})
+    state_table = check.table(
+        top.get("state", {}),
+        "state",
+        {"path", "url", "url_file", "url_env", "schema", "lease_ttl_s"},
+    )
     state_path = check.get(
         state_table, "state", "path", str, "/var/lib/unleash-poller/state.sqlite3"
+    )
+    state_url = _secret(check, state_table, "state", "url", base)
+    if state_url is not None:
+        problem = _postgres_url(state_url.reveal())
+        if problem:
+            check.fail("state.url", problem)
+        if "path" in state_table:
+            check.fail("state.path", "give either path (SQLite) or url (PostgreSQL), not both")
+    state_schema = check.get(
+        state_table, "state", "schema", str, "unleash_poller", _sql_identifier
+    )
+    lease_ttl = check.get(
+        state_table, "state", "lease_ttl_s", (int, float), 15.0, lambda v: None if 3 <= v <= 600 else "must be between 3 and 600"
     )
     raw_hooks = top.get("webhooks", [])
     if not isinstance(raw_hooks, list) or not raw_hooks:
@@ -1078,7 +1121,12 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     path = Path(state_path)
     return Config(
         unleash=unleash,
-        state=StateConfig(path if path.is_absolute() else base / path),
+        state=StateConfig(
+            path if path.is_absolute() else base / path,
+            url=state_url,
+            schema=state_schema,
+            lease_ttl_s=float(lease_ttl),
+        ),
         webhooks=tuple(h for h in hooks if h is not None),
         log_level=log_level,
         drain_timeout_s=drain,

@@ -13,12 +13,23 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from poller.faults import crash_point
 from poller.schedule import Pause
+from poller.state.base import (
+    AttemptRecord,
+    DeadLetter,
+    EventRow,
+    Gap,
+    Leadership,
+    Pending,
+    StateDump,
+    StateError,
+    StateLockedError,
+    storable,
+)
 
 SCHEMA_VERSION = 2
 _APP_ID = 0x554E4C50  # "UNLP": marks the file as ours, so a stranger's database is refused
@@ -129,58 +140,6 @@ _DERIVED_NAMES = frozenset(
 )
 
 
-class StateError(Exception):
-    """The state file cannot be used; the message says which file and why."""
-
-
-class StateLockedError(StateError):
-    """Another unleash-poller process holds the state file."""
-
-
-@dataclass(frozen=True)
-class Pending:
-    webhook: str
-    event_id: int
-    body: str
-    attempts: int
-    next_attempt_at: float
-    enqueued_at: float
-    rate_limited: int = 0  # 429 answers so far, which do not count in `attempts`
-
-
-@dataclass(frozen=True)
-class AttemptRecord:
-    """One delivery attempt as the attempt log keeps it: never a body, a header or a
-    secret. `status` is the HTTP status, or None with `error` when none came back."""
-
-    webhook: str
-    event_id: int
-    at: float
-    attempt: int
-    status: int | None
-    error: str | None
-    latency_ms: float | None
-    outcome: str
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    webhook: str
-    event_id: int
-    body: str
-    attempts: int
-    reason: str
-    failed_at: float
-
-
-@dataclass(frozen=True)
-class Gap:
-    id: int
-    missing_since: float
-    next_check_at: float
-    checks: int
-
-
 def _create(path: Path) -> None:
     """Build a new state file beside the target, then rename it in: a crash mid-way
     leaves no half-made file that could later pass for an empty state."""
@@ -210,9 +169,9 @@ def _create(path: Path) -> None:
         os.close(directory)
 
 
-class State:
-    """One open state file. All methods are synchronous and short; call them from the
-    event loop thread only."""
+class SqliteState:
+    """One open state file. Its coroutines run their statements at once, on the event-loop
+    thread (each is short); call them from that thread only."""
 
     def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None) -> None:
         self.path = path
@@ -225,7 +184,7 @@ class State:
     # -- opening -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = True, lock: bool = True) -> State:
+    def open(cls, path: Path, *, create: bool = True, lock: bool = True) -> SqliteState:
         """Open (or create) the state file. `lock` takes the single-daemon lock."""
         if not create and not path.exists():
             raise StateError(f"{path}: no state file (has the daemon run yet?)")
@@ -261,7 +220,7 @@ class State:
                 lock_fd = _take_lock(self.path)
             except StateLockedError:
                 version = self._schema_version()
-                self.close()
+                self._close()
                 raise StateError(
                     f"{self.path}: state file has schema version {version} "
                     f"and the daemon holding it has not upgraded it to {SCHEMA_VERSION}; "
@@ -297,7 +256,7 @@ class State:
                     "AND id NOT IN (SELECT event_id FROM dead_letters)"
                 )
 
-    def check_in_place(self) -> None:
+    async def check_in_place(self) -> None:
         """Raise StateError when the file at `path` is no longer the one this connection
         writes (deleted, or replaced by another file): writing on would lose everything
         at the next start, which would find a different state."""
@@ -311,7 +270,7 @@ class State:
             'start_from = "latest" that does not re-send old events'
         )
 
-    def written_elsewhere(self) -> bool:
+    async def written_elsewhere(self) -> bool:
         """Whether another connection (a `dead-letters replay` beside the daemon) committed
         since the last call: SQLite bumps `data_version` only for other connections' writes."""
         version = self._conn.execute("PRAGMA data_version").fetchone()[0]
@@ -324,7 +283,18 @@ class State:
         it holds a burst's pages, up to 2 MB, for nothing."""
         self._conn.execute("PRAGMA shrink_memory")
 
-    def close(self) -> None:
+    @property
+    def where(self) -> str:
+        return str(self.path)
+
+    @property
+    def leadership(self) -> Leadership | None:
+        return None  # one host: the file lock is the whole of it
+
+    async def close(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
         self._conn.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -343,18 +313,18 @@ class State:
 
     # -- cursor ------------------------------------------------------------------------
 
-    def high_water(self) -> int | None:
+    async def high_water(self) -> int | None:
         """Highest event id taken in; None before the first successful poll."""
         row = self._conn.execute("SELECT value FROM meta WHERE key='high_water'").fetchone()
         return None if row is None else int(row[0])
 
-    def gaps(self) -> list[Gap]:
+    async def gaps(self) -> list[Gap]:
         rows = self._conn.execute(
             "SELECT id, missing_since, next_check_at, checks FROM gaps ORDER BY id"
         )
         return [Gap(*row) for row in rows]
 
-    def ingest(
+    async def ingest(
         self,
         events: Sequence[tuple[int, str]],
         owed: Iterable[tuple[str, int]],
@@ -366,12 +336,12 @@ class State:
     ) -> None:
         """Take in the events some webhook wants, what each webhook owes, and move the
         cursor, atomically. Events no webhook wants are simply passed by the cursor."""
-        with self.ingesting(now=now) as batch:
-            batch.add(events, owed)
-            batch.finish(high_water, new_gaps, settled_gaps)
+        async with self.ingesting(now=now) as batch:
+            await batch.add(events, owed)
+            await batch.finish(high_water, new_gaps, settled_gaps)
 
-    @contextlib.contextmanager
-    def ingesting(self, *, now: float | None = None) -> Iterator[IngestBatch]:
+    @contextlib.asynccontextmanager
+    async def ingesting(self, *, now: float | None = None) -> AsyncIterator[IngestBatch]:
         """One transaction for a catch-up too long to hold in memory."""
         with self._transaction() as conn:
             batch = IngestBatch(conn, time.time() if now is None else now)
@@ -379,7 +349,7 @@ class State:
             if not batch.finished:
                 raise RuntimeError("ingest transaction ended without moving the cursor")
 
-    def set_cursor(self, high_water: int) -> None:
+    async def set_cursor(self, high_water: int) -> None:
         """Move the cursor by hand (an operator's decision): forget gaps; keep the outbox."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM gaps")
@@ -387,36 +357,36 @@ class State:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('high_water', ?)", (high_water,)
             )
 
-    def saved_text(self, key: str) -> str | None:
+    async def saved_text(self, key: str) -> str | None:
         """A note the daemon keeps between runs (e.g. the server profile), or None."""
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (f"note:{key}",))
         found = row.fetchone()
         return found[0] if found is not None and isinstance(found[0], str) else None
 
-    def save_text(self, key: str, value: str) -> None:
+    async def save_text(self, key: str, value: str) -> None:
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (f"note:{key}", value)
             )
 
-    def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
+    async def reschedule_gaps(self, gap_ids: Iterable[int], next_check_at: float) -> None:
         with self._transaction() as conn:
             conn.executemany(
                 "UPDATE gaps SET next_check_at = ?, checks = checks + 1 WHERE id = ?",
                 ((next_check_at, g) for g in gap_ids),
             )
 
-    def give_up_gaps(self, gap_ids: Iterable[int]) -> None:
+    async def give_up_gaps(self, gap_ids: Iterable[int]) -> None:
         with self._transaction() as conn:
             conn.executemany("DELETE FROM gaps WHERE id = ?", ((g,) for g in gap_ids))
 
     # -- staging: a long catch-up is written here page by page, then taken in at once --
 
-    def stage(self, events: Sequence[tuple[int, str]]) -> None:
+    async def stage(self, events: Sequence[tuple[int, str]]) -> None:
         with self._transaction() as conn:
             conn.executemany("INSERT OR IGNORE INTO staging (id, body) VALUES (?, ?)", events)
 
-    def staged(self, batch: int = 1000) -> Iterator[list[tuple[int, str]]]:
+    async def staged(self, batch: int = 1000) -> AsyncIterator[list[EventRow]]:
         """Staged events in id order, a batch at a time (memory stays flat)."""
         last = -1
         while True:
@@ -432,11 +402,12 @@ class State:
         with self._transaction() as conn:
             conn.execute("DELETE FROM staging")
 
-    clear_staging = _discard_staging
+    async def clear_staging(self) -> None:
+        self._discard_staging()
 
     # -- outbox ------------------------------------------------------------------------
 
-    def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
+    async def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
         """The webhook's oldest pending events (by id) above `after`."""
         rows = self._conn.execute(
             "SELECT o.webhook, o.event_id, e.body, o.attempts, o.next_attempt_at, o.enqueued_at, "
@@ -446,7 +417,7 @@ class State:
         )
         return [Pending(*row) for row in rows]
 
-    def delivered(self, webhook: str, *event_ids: int) -> None:
+    async def delivered(self, webhook: str, *event_ids: int) -> None:
         """Mark events delivered, all in one transaction (the trigger drops a body once
         nobody owes it). This runs for every delivery, so one mark is a single statement."""
         if len(event_ids) == 1:
@@ -461,7 +432,7 @@ class State:
                 [(webhook, event_id) for event_id in event_ids],
             )
 
-    def retry_later(
+    async def retry_later(
         self,
         webhook: str,
         event_id: int,
@@ -474,10 +445,10 @@ class State:
             conn.execute(
                 "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ?, "
                 "rate_limited = ? WHERE webhook = ? AND event_id = ?",
-                (attempts, next_attempt_at, _storable(error), rate_limited, webhook, event_id),
+                (attempts, next_attempt_at, storable(error), rate_limited, webhook, event_id),
             )
 
-    def dead_letter(
+    async def dead_letter(
         self, webhook: str, event_id: int, attempts: int, reason: str, now: float | None = None
     ) -> None:
         now = time.time() if now is None else now
@@ -486,20 +457,20 @@ class State:
             conn.execute(
                 "INSERT OR REPLACE INTO dead_letters "
                 "(webhook, event_id, attempts, reason, failed_at) VALUES (?, ?, ?, ?, ?)",
-                (webhook, event_id, attempts, _storable(reason), now),
+                (webhook, event_id, attempts, storable(reason), now),
             )
             conn.execute(
                 "DELETE FROM outbox WHERE webhook = ? AND event_id = ?", (webhook, event_id)
             )
 
-    def parts_sent(self, webhook: str, event_id: int) -> frozenset[str]:
+    async def parts_sent(self, webhook: str, event_id: int) -> frozenset[str]:
         """The requests of a multi-request event already answered 2xx."""
         rows = self._conn.execute(
             "SELECT part FROM parts_sent WHERE webhook = ? AND event_id = ?", (webhook, event_id)
         )
         return frozenset(row[0] for row in rows)
 
-    def part_sent(self, webhook: str, event_id: int, part: str) -> None:
+    async def part_sent(self, webhook: str, event_id: int, part: str) -> None:
         """Record one request of an event as answered 2xx (committed at once: its sibling
         requests may be retried for hours, and this one must not be sent again)."""
         crash_point("state.before_commit")
@@ -508,15 +479,15 @@ class State:
             (webhook, event_id, part),
         )
 
-    def pending_counts(self) -> dict[str, int]:
+    async def pending_counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT webhook, count(*) FROM outbox GROUP BY webhook")
         return dict(rows.fetchall())
 
-    def oldest_pending(self) -> dict[str, float]:
+    async def oldest_pending(self) -> dict[str, float]:
         rows = self._conn.execute("SELECT webhook, min(enqueued_at) FROM outbox GROUP BY webhook")
         return dict(rows.fetchall())
 
-    def queue(
+    async def queue(
         self, webhook: str, events: Sequence[tuple[int, str]], now: float | None = None
     ) -> int:
         """Queue events for one webhook again (`redeliver`), whatever the cursor says; an
@@ -533,20 +504,20 @@ class State:
 
     # -- pauses ------------------------------------------------------------------------
 
-    def pause(self, webhook: str) -> Pause | None:
+    async def pause(self, webhook: str) -> Pause | None:
         row = self._conn.execute(
             "SELECT reason, since, awaits_resume, probe_at, probes FROM pauses WHERE webhook = ?",
             (webhook,),
         ).fetchone()
         return None if row is None else _pause(row)
 
-    def pauses(self) -> dict[str, Pause]:
+    async def pauses(self) -> dict[str, Pause]:
         rows = self._conn.execute(
             "SELECT webhook, reason, since, awaits_resume, probe_at, probes FROM pauses"
         )
         return {row[0]: _pause(row[1:]) for row in rows}
 
-    def set_pause(self, webhook: str, pause: Pause) -> None:
+    async def set_pause(self, webhook: str, pause: Pause) -> None:
         with self._transaction() as conn:
             conn.execute(
                 "INSERT OR REPLACE INTO pauses "
@@ -554,7 +525,7 @@ class State:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (
                     webhook,
-                    _storable(pause.reason),
+                    storable(pause.reason),
                     pause.since,
                     int(pause.awaits_resume),
                     pause.probe_at,  # inf (awaits a resume) is stored as a REAL too
@@ -562,7 +533,7 @@ class State:
                 ),
             )
 
-    def probe_failed(self, webhook: str, probe_at: float, probes: int) -> bool:
+    async def probe_failed(self, webhook: str, probe_at: float, probes: int) -> bool:
         """Move a pause's next probe; False when there is no pause any more (lifted by
         hand meanwhile, which a probe must not undo)."""
         with self._transaction() as conn:
@@ -572,7 +543,7 @@ class State:
             )
             return bool(cursor.rowcount)
 
-    def resume(self, webhook: str, *, retry_now: bool = False) -> bool:
+    async def resume(self, webhook: str, *, retry_now: bool = False) -> bool:
         """Lift a pause; returns whether there was one. `retry_now` (a resume by hand) makes
         every pending event due at once with its retries afresh."""
         with self._transaction() as conn:
@@ -587,7 +558,7 @@ class State:
 
     # -- attempt log -------------------------------------------------------------------
 
-    def record_attempts(self, records: Sequence[AttemptRecord], keep: Mapping[str, int]) -> None:
+    async def record_attempts(self, records: Sequence[AttemptRecord], keep: Mapping[str, int]) -> None:
         """Append to the attempt log and trim each webhook's part to its last `keep[name]`
         attempts (all in one transaction)."""
         if not records:
@@ -619,7 +590,7 @@ class State:
                             r.at,
                             r.attempt,
                             r.status,
-                            None if r.error is None else _storable(r.error),
+                            None if r.error is None else storable(r.error),
                             r.latency_ms,
                             r.outcome,
                         )
@@ -635,7 +606,7 @@ class State:
             )
             self._attempt_seq[webhook] = seq
 
-    def attempt_log(
+    async def attempt_log(
         self, webhook: str | None = None, event_id: int | None = None, last: int | None = None
     ) -> list[AttemptRecord]:
         """Logged attempts, oldest first: the last `last` of those that match."""
@@ -649,7 +620,7 @@ class State:
 
     # -- dead letters ------------------------------------------------------------------
 
-    def dead_letters(
+    async def dead_letters(
         self, webhook: str | None = None, after: int = -1, limit: int = 1000
     ) -> list[DeadLetter]:
         rows = self._conn.execute(
@@ -661,17 +632,17 @@ class State:
         )
         return [DeadLetter(*row) for row in rows]
 
-    def dead_letter_counts(self) -> dict[str, int]:
+    async def dead_letter_counts(self) -> dict[str, int]:
         rows = self._conn.execute("SELECT webhook, count(*) FROM dead_letters GROUP BY webhook")
         return dict(rows.fetchall())
 
-    def remove_dead_letter(self, webhook: str, event_id: int) -> None:
+    async def remove_dead_letter(self, webhook: str, event_id: int) -> None:
         crash_point("state.before_commit")
         self._conn.execute(
             "DELETE FROM dead_letters WHERE webhook = ? AND event_id = ?", (webhook, event_id)
         )
 
-    def requeue_dead_letters(self, webhook: str | None = None) -> int:
+    async def requeue_dead_letters(self, webhook: str | None = None) -> int:
         """Move dead letters back into the outbox for a running daemon to deliver."""
         now = time.time()
         with self._transaction() as conn:
@@ -694,14 +665,14 @@ class IngestBatch:
         self._now = now
         self.finished = False
 
-    def add(self, events: Sequence[tuple[int, str]], owed: Iterable[tuple[str, int]]) -> None:
+    async def add(self, events: Sequence[tuple[int, str]], owed: Iterable[tuple[str, int]]) -> None:
         self._conn.executemany("INSERT OR IGNORE INTO events (id, body) VALUES (?, ?)", events)
         self._conn.executemany(
             "INSERT OR IGNORE INTO outbox (webhook, event_id, enqueued_at) VALUES (?, ?, ?)",
             ((hook, event_id, self._now) for hook, event_id in owed),
         )
 
-    def finish(
+    async def finish(
         self, high_water: int, new_gaps: Iterable[int] = (), settled_gaps: Iterable[int] = ()
     ) -> None:
         conn = self._conn
@@ -722,14 +693,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return info.st_dev, info.st_ino
-
-
-def _storable(text: str) -> str:
-    """An error text as SQLite can store it: a receiver's or aiohttp's text may carry lone
-    surrogates (undecodable bytes), which UTF-8 cannot; they become `\\udcxx` escapes."""
-    if text.isascii():
-        return text
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _pause(row: Sequence[object]) -> Pause:
