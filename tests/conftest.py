@@ -13,9 +13,11 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.receiver import Receiver
 from tests.support.unleash import (
     DEFAULT_VERSION,
@@ -190,3 +192,22 @@ def poller_cli() -> PollerCli:
         return completed
 
     return run
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[DaemonFactory]:
+    """Start daemons (`spawn(config, crash_at=..., file_size_limit=...)`); with
+    `ready=True`, return once it has found Unleash's API. Any still running when the test
+    ends is killed. Logs are tmp_path/daemon-N.log."""
+    started: list[Daemon] = []
+
+    def start(config: Path, *, ready: bool = False, **options: Any) -> Daemon:
+        daemon = Daemon(config, tmp_path / f"daemon-{len(started) + 1}.log", **options)
+        started.append(daemon)
+        if ready:
+            daemon.wait_log("unleash.api_detected")
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()
