@@ -98,13 +98,19 @@ def render_poller_config(
     *,
     unleash_url: str,
     token: str,
-    state_path: Path,
+    state_path: Path | None = None,
     webhooks: Sequence[Mapping[str, object]],
     start_from: str | int = "latest",
     poll_interval_s: float = 1.0,
     extra_unleash: Mapping[str, object] | None = None,
+    state: Mapping[str, object] | None = None,
+    tables: Mapping[str, Mapping[str, object]] | None = None,
 ) -> str:
-    """The poller's TOML config; each webhook is a mapping of its keys (name, url, ...)."""
+    """The poller's TOML config; each webhook is a mapping of its keys (name, url, ...).
+
+    `state` replaces the [state] table (`path = state_path`), say with a PostgreSQL `url`;
+    `tables` adds others after the webhooks (`{"metrics": {"listen": ...}}`).
+    """
     lines = [
         "[unleash]",
         f"url = {_toml_value(unleash_url)}",
@@ -113,10 +119,19 @@ def render_poller_config(
         f"start_from = {_toml_value(start_from)}",
     ]
     lines += [f"{key} = {_toml_value(value)}" for key, value in (extra_unleash or {}).items()]
-    lines += ["", "[state]", f"path = {_toml_value(str(state_path))}"]
+    lines += ["", "[state]"]
+    if state is None:
+        if state_path is None:
+            raise ValueError("give state_path (SQLite) or a state table")
+        lines += [f"path = {_toml_value(str(state_path))}"]
+    else:
+        lines += [f"{key} = {_toml_value(value)}" for key, value in state.items()]
     for webhook in webhooks:
         lines += ["", "[[webhooks]]"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in webhook.items()]
+    for name, table in (tables or {}).items():
+        lines += ["", f"[{name}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -167,6 +167,20 @@ def drop_database(db: PostgresDatabase) -> None:
     _as_postgres([*psql, "-c", f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE)"])
 
 
+def restart_cluster(db: PostgresDatabase) -> float:
+    """Restart the whole cluster `db` lives on (every database on it, Unleash's too) with
+    `pg_ctlcluster restart` (fast shutdown: open connections are cut), as an operator's
+    restart would; returns once it accepts connections again, with the seconds it took."""
+    cluster = next((c for c in _clusters() if c.port == db.port), None)
+    if cluster is None:
+        raise HarnessError(f"pg_lsclusters lists no cluster on port {db.port}")
+    started = time.monotonic()
+    _as_postgres(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", cluster.version, cluster.name, "restart"]
+    )
+    return time.monotonic() - started
+
+
 @dataclass(frozen=True)
 class PostgresDatabase:
     """Connection parameters of one test database, and raw SQL through `psql`."""
