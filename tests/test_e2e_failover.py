@@ -123,6 +123,8 @@ class Node:
 
 @dataclass(frozen=True)
 class Tally:
+    """What one webhook was owed and got."""
+
     owed: int
     sent: int
     duplicates: int
@@ -357,6 +359,7 @@ def site(
     tmp_path: Path,
     state_db: PostgresDatabase,
 ) -> Site:
+    """This test's nodes, state schema and receiver paths."""
     return Site(
         unleash=unleash,
         admin=admin,
