@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from poller import worker as worker_module
 from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
+from poller.deliver import Outcome
 from poller.render import MUSTACHE_TIME_BUDGET_S, Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
-from poller.state import Pending, SqliteState
+from poller.state import FencedError, Pending, SqliteState
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
 from tests.support.receiver import Receiver, RecordedRequest
 
@@ -423,6 +425,159 @@ def test_a_state_write_failure_stops_the_worker_with_that_error(
         asyncio.run(_drain(config, state))
     monkeypatch.undo()
     assert asyncio.run(state.pending_counts()) == {"a": 40}  # nothing marked: re-sent, never lost
+
+
+async def _run_one(
+    config: Config, state: SqliteState, may_send: Callable[[], bool] | None = None
+) -> None:
+    """Run the first webhook's worker in --once mode."""
+    async with make_session(config) as session:
+        worker = Worker(
+            config.webhooks[0], state, session, asyncio.Event(), once=True, may_send=may_send
+        )
+        await asyncio.wait_for(worker.run(), 20)
+
+
+@pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
+def test_a_worker_whose_lease_may_have_run_out_sends_nothing(
+    tmp_path: Path, receiver: Receiver, in_flight: int
+) -> None:
+    """With may_send saying False (the lease may have run out), the worker stops with
+    FencedError before any request reaches the receiver, and nothing is marked delivered,
+    retried or dead-lettered: a new leader finds the outbox as it was."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 11))
+    asked: list[bool] = []
+
+    def may_send() -> bool:
+        asked.append(False)
+        return False
+
+    with pytest.raises(FencedError, match="lease"):
+        asyncio.run(_run_one(config, state, may_send))
+    assert asked
+    assert receiver.requests() == []
+    pending = asyncio.run(state.next_pending("a", 100))
+    assert [(p.event_id, p.attempts) for p in pending] == [(i, 0) for i in range(1, 11)]
+    assert asyncio.run(state.dead_letters()) == []
+
+
+def test_may_send_is_asked_before_every_delivery(tmp_path: Path, receiver: Receiver) -> None:
+    """may_send gates each attempt, not just the first: once it turns False after three
+    deliveries, no fourth request goes out; the three delivered are marked (the stop
+    commits them), the rest are still owed."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 11))
+    answers = iter([True, True, True])
+
+    def may_send() -> bool:
+        return next(answers, False)
+
+    with pytest.raises(FencedError):
+        asyncio.run(_run_one(config, state, may_send))
+    assert [json.loads(r.body)["id"] for r in receiver.requests("/a")] == [1, 2, 3]
+    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    assert left == list(range(4, 11))
+
+
+def test_marks_committed_while_sending_are_in_before_the_outbox_is_read_again(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In order, the group commit of marks runs while the next request is out. A store
+    whose first commit takes as long as the rest of the outbox batch (as a database over
+    the network may): the batch's requests go out meanwhile, but the outbox is not read
+    again until that commit is in, so no event of 100 (four batches) is sent twice."""
+    batch = 3 * MARKS_PER_COMMIT
+    monkeypatch.setattr(worker_module, "_BATCH", batch)  # the outbox is read every 24 rows
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 101))
+    batch_delivered = asyncio.Event()
+    outcomes = 0
+    committing = 0
+    sent_during_first_commit: list[int] = []  # deliveries made while it was held
+    reads_during_a_commit: list[int] = []
+    reads = 0
+    real_delivered, real_next_pending = state.delivered, state.next_pending
+
+    def on_outcome(name: str, outcome: Outcome, age_s: float, took_s: float | None) -> None:
+        nonlocal outcomes
+        outcomes += 1
+        if outcomes == batch:
+            batch_delivered.set()
+
+    async def slow_first_commit(webhook: str, *event_ids: int) -> None:
+        nonlocal committing
+        committing += 1
+        try:
+            if not sent_during_first_commit:
+                before = outcomes
+                await batch_delivered.wait()  # held until the first batch is all delivered
+                sent_during_first_commit.append(outcomes - before)
+            await real_delivered(webhook, *event_ids)
+        finally:
+            committing -= 1
+
+    async def watched_next_pending(webhook: str, limit: int, after: int = -1) -> list[Pending]:
+        nonlocal reads
+        reads += 1
+        if committing:
+            reads_during_a_commit.append(reads)
+        return await real_next_pending(webhook, limit, after)
+
+    state.delivered = slow_first_commit  # type: ignore[method-assign]
+    state.next_pending = watched_next_pending  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with make_session(config) as session:
+            worker = Worker(
+                config.webhooks[0], state, session, asyncio.Event(), once=True,
+                on_outcome=on_outcome,
+            )  # fmt: skip
+            await asyncio.wait_for(worker.run(), 20)
+
+    asyncio.run(run())
+    got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
+    assert got == list(range(1, 101))  # each once, in order
+    # The first commit (of events 1-8) started while event 9 was out and was held while
+    # the rest of the batch, 9-24, went out.
+    assert sent_during_first_commit == [batch - MARKS_PER_COMMIT]
+    assert reads >= 100 // batch
+    assert reads_during_a_commit == []
+    assert asyncio.run(real_next_pending("a", 1000)) == []
+
+
+def test_a_failed_commit_while_sending_stops_the_worker_with_its_error(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The group commit that runs while a request is out fails (the disk filled up after
+    the first commit): the worker stops with that error before another request goes out,
+    and every event whose mark was not committed is still owed (sent again, never lost)."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 41))
+    calls: list[tuple[int, ...]] = []
+    real_delivered = state.delivered
+
+    async def full_after_one(webhook: str, *event_ids: int) -> None:
+        calls.append(event_ids)
+        if len(calls) >= 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        await real_delivered(webhook, *event_ids)
+
+    state.delivered = full_after_one  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        asyncio.run(_run_one(config, state))
+    got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
+    first = tuple(range(1, MARKS_PER_COMMIT + 1))
+    second = tuple(range(MARKS_PER_COMMIT + 1, 2 * MARKS_PER_COMMIT + 1))
+    assert calls[:2] == [first, second]  # both commits ran while a request was out
+    # The second commit ran while event 2 * MARKS_PER_COMMIT + 1 was out; none after it.
+    assert got == list(range(1, 2 * MARKS_PER_COMMIT + 2))
+    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    assert left == list(range(MARKS_PER_COMMIT + 1, 41))
 
 
 def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> None:
