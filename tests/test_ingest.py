@@ -151,6 +151,26 @@ def test_latest_start_skips_history_then_takes_new_events(tmp_path: Path, log: F
     assert asyncio.run(state.gaps()) == []
 
 
+def test_the_cursor_is_read_from_the_state_when_polling_not_when_made(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """Ingest reads the cursor at its first poll, and again at `load()` (after a takeover
+    another daemon may have moved it): events up to the cursor the state holds then are
+    not taken in again, and no `latest` start skips what lies above it."""
+    log.add(1, 2, 3)
+    ingest, state, _ = _ingest(tmp_path, log)
+    assert ingest.high_water is None
+    asyncio.run(state.ingest([], [], 1))  # written after Ingest was made
+    assert asyncio.run(ingest.poll()) == 2
+    assert _pending(state, "all") == [2, 3]
+    log.add(4, 5, 6)
+    asyncio.run(state.ingest([], [], 5))  # another leader took 4 and 5 meanwhile
+    asyncio.run(ingest.load())
+    assert ingest.high_water == 5
+    assert asyncio.run(ingest.poll()) == 1
+    assert _pending(state, "all") == [2, 3, 6]
+
+
 def test_explicit_start_id_and_earliest(tmp_path: Path, log: FakeLog) -> None:
     """`start_from = N` delivers ids above N; `earliest` delivers all, with no gaps below the
     oldest event (older ids were deleted by Unleash, not pending)."""
