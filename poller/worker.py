@@ -294,9 +294,14 @@ class Worker:
         if attempts or len(self._attempts) >= _ATTEMPTS_PER_COMMIT:
             records, self._attempts = self._attempts, []
         if self._unmarked:
-            marks = list(self._unmarked)
-            await self.state.delivered(self.hook.name, *marks)
-            del self._unmarked[: len(marks)]  # more may have been added meanwhile
+            # Taken out first: marks added meanwhile, or by another lane's commit while this
+            # one waits on the store, are not dropped with these.
+            marks, self._unmarked = self._unmarked, []
+            try:
+                await self.state.delivered(self.hook.name, *marks)
+            except BaseException:
+                self._unmarked[:0] = marks  # still held: tried again at the stop
+                raise
         if records:  # none are kept when attempt_log_size is 0
             await self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
 
@@ -359,6 +364,15 @@ class Worker:
         covers the commit's time. `commit_marks` waits for it and raises its error."""
         if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
             self._committing = asyncio.get_running_loop().create_task(self._commit(attempts=False))
+
+    def _reap_commit(self) -> None:
+        """Before the next request: once the commit started while the last one was out is
+        done, let the next start, and raise what it raised (no request goes out after a
+        failed commit)."""
+        task = self._committing
+        if task is not None and task.done():
+            self._committing = None
+            task.result()
 
     async def run(self) -> None:
         try:
@@ -531,6 +545,7 @@ class Worker:
         if self._may_send is not None and not self._may_send():
             # The lease may be gone by now: a new leader may send this event too.
             raise FencedError("the lease was not renewed in time; no new delivery starts")
+        self._reap_commit()
         self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.
