@@ -328,10 +328,23 @@ class PostgresState:
         self._state_id = meta.get("state_id")
 
     async def _has_tables(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        # A catalog query, not to_regclass: the name cache of a session that looked before
+        # another daemon made the tables would still answer "not there".
         row = await (
-            await conn.execute("SELECT to_regclass(%s)", (f"{self._schema}.meta",))
+            await conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = %(s)s "
+                "AND tablename = 'meta'), (SELECT has_schema_privilege(oid, 'USAGE') "
+                "FROM pg_namespace WHERE nspname = %(s)s)",
+                {"s": self._schema},
+            )
         ).fetchone()
-        return row is not None and row[0] is not None
+        if row is not None and row[0] and not row[1]:
+            # Without USAGE the schema is silently left out of the search path.
+            raise StateError(
+                f"{self._where}: permission denied for schema {self._schema}; grant the "
+                f"role USAGE and CREATE on schema {self._schema}"
+            )
+        return bool(row and row[0])
 
     async def _create(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Make the schema (unless it is there) and the tables, under an advisory lock so
