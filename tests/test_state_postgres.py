@@ -644,3 +644,27 @@ def test_one_attempt_log_call_for_two_webhooks_trims_each(place: StateConfig) ->
             await store.close()
 
     _run(check())
+
+
+def test_a_schema_dropped_or_made_again_under_the_daemon_stops_it(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """The PostgreSQL side of check_in_place: a state schema made again while the daemon
+    ran is another state, and a dropped one is gone; both are a permanent StateError."""
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            await store.check_in_place()
+            await _admin(database, f"DROP SCHEMA {place.schema} CASCADE")
+            with pytest.raises(StateError, match="tables are gone") as info:
+                await store.check_in_place()
+            assert not isinstance(info.value, StateUnavailableError)
+            await (await PostgresState.open(place)).close()
+            with pytest.raises(StateError, match="replaced by another") as info:
+                await store.check_in_place()
+            assert not isinstance(info.value, StateUnavailableError)
+        finally:
+            await store.close()
+
+    _run(check())

@@ -75,6 +75,7 @@ _PERMANENT_CONNECT = (
     "permission denied",
     "no pg_hba.conf entry",
     "invalid",
+    "certificate",
 )
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _BODY_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
