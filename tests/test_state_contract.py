@@ -23,6 +23,7 @@ from poller.schedule import Pause
 from poller.state import (
     AttemptRecord,
     DeadLetter,
+    FencedError,
     Gap,
     SqliteState,
     StateDump,
@@ -55,13 +56,18 @@ class Backend:
         return self._places()
 
     async def open(
-        self, config: StateConfig | None = None, *, lock: bool = True, create: bool = True
+        self,
+        config: StateConfig | None = None,
+        *,
+        lock: bool = True,
+        create: bool = True,
+        lead: bool = True,
     ) -> StateStore:
-        """Open as the daemon does (`lock=True`: leading, so writes are not fenced) or as a
-        tool beside it (`lock=False`)."""
+        """Open as the daemon does (`lock=True`: leading, so writes are not fenced, unless
+        `lead` is False) or as a tool beside it (`lock=False`)."""
         store = await open_state(config or self.config, create=create, lock=lock)
         self._open.append(store)
-        if lock and store.leadership is not None:
+        if lock and lead and store.leadership is not None:
             led, lease = await store.leadership.try_lead(HOLDER, 30)
             assert led, f"{store.where}: the test store could not lead: {lease}"
         return store
@@ -813,6 +819,57 @@ def test_attempt_log_trims_to_a_thousand_by_default(store: StateStore, run: Run[
         await store.record_attempts(records, {})
         log = await store.attempt_log("a")
         assert [r.event_id for r in log] == list(range(5, 1005))
+
+    run(check())
+
+
+# -- the lease (a store several daemons share) -------------------------------------------
+
+
+def test_a_daemon_that_lost_the_lease_writes_nothing(
+    backend: Backend, store: StateStore, run: Run[None]
+) -> None:
+    """Once another daemon has taken the lease over, every write of the old leader is
+    refused with FencedError and changes nothing; the new leader's writes go through.
+    (A single-host store has no lease: its second daemon is refused at open instead.)"""
+    if store.leadership is None:
+        pytest.skip(f"{backend.kind} has no lease; see test_state_sqlite.py")
+
+    async def check() -> None:
+        old = store.leadership
+        assert old is not None
+        await store.ingest([(1, "{}")], [("a", 1)], 1)
+        await store.dead_letter("a", 1, 1, "HTTP 500")
+        before = (await old.lease()).epoch
+        await old.resign(HOLDER)
+        other = await backend.open(lead=False)
+        assert other.leadership is not None
+        led, lease = await other.leadership.try_lead("other", 30)
+        assert led
+        assert (lease.holder, lease.epoch > before) == ("other", True)
+        writes: list[Callable[[], Coroutine[Any, Any, object]]] = [
+            lambda: store.ingest([(2, "{}")], [("a", 2)], 2),
+            lambda: store.set_cursor(9),
+            lambda: store.queue("a", [(3, "{}")]),
+            lambda: store.requeue_dead_letters("a"),
+            lambda: store.set_pause("a", Pause("HTTP 410", 1.0, False, 61.0)),
+            lambda: store.save_text("profile", "{}"),
+            lambda: store.record_attempts(
+                [AttemptRecord("a", 1, 1.0, 1, 200, None, 1.0, "ok")], {}
+            ),
+        ]
+        for write in writes:
+            with pytest.raises(FencedError):
+                await write()
+        assert not (await old.try_lead(HOLDER, 30))[0]
+        assert await other.high_water() == 1
+        assert await other.pending_counts() == {}
+        assert await other.dead_letter_counts() == {"a": 1}
+        assert await other.pauses() == {}
+        assert await other.saved_text("profile") is None
+        assert await other.attempt_log() == []
+        await other.set_cursor(5)
+        assert await other.high_water() == 5
 
     run(check())
 
