@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import os
 import random
 import signal
@@ -28,12 +29,13 @@ from poller.config import (
 )
 from poller.deliver import Outcome
 from poller.ingest import Ingest
+from poller.lease import LeaseKeeper, LeaseLostError, holder_name
 from poller.log import get as get_logger
 from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource, read_server_profile
-from poller.state import State
+from poller.state import FencedError, StateStore, StateUnavailableError
 from poller.worker import Worker, drain
 
 if TYPE_CHECKING:
@@ -44,9 +46,21 @@ log = get_logger()
 EX_OK = 0
 EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74  # the state file cannot be written
+EX_TEMPFAIL = 75  # --once on a shared state another daemon leads
+COUNTS_EVERY_S = 2.0  # outbox sizes for the status line and the progress log
+# What ends a leader's term without stopping the daemon: it stands by (and reconnects)
+# and leads again from what the state says.
+_TERM_ENDERS = (FencedError, StateUnavailableError, LeaseLostError)
 PROGRESS_EVERY_S = 10.0
 _PROFILE_KEY = "server_profile"  # the last ui-config read, kept in the state file
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _state_place(config: Config) -> tuple[object, ...]:
+    """What names the state: it cannot change while the daemon runs."""
+    state = config.state
+    url = state.url.reveal() if state.url is not None else None
+    return (state.path if url is None else None, url, state.schema, state.node_name)
 
 
 def make_session(config: Config) -> aiohttp.ClientSession:
@@ -64,9 +78,22 @@ def make_session(config: Config) -> aiohttp.ClientSession:
 
 
 class App:
-    def __init__(self, config: Config, state: State) -> None:
+    def __init__(self, config: Config, state: StateStore) -> None:
         self.config = config
         self.state = state
+        # On a shared state, one daemon leads under a lease; on SQLite, this one always does.
+        self.lease: LeaseKeeper | None = None
+        if state.leadership is not None:
+            self.lease = LeaseKeeper(
+                state.leadership, holder_name(config.state.node_name), config.state.lease_ttl_s
+            )
+        self.leading = False
+        self._term_over = asyncio.Event()  # set to end the current term (see _lead)
+        self._term_reason: str | None = None
+        self._ready_sent = False
+        self._pending: dict[str, int] = {}  # outbox sizes, refreshed every COUNTS_EVERY_S
+        self._paused: list[str] = []
+        self._counts_at = -math.inf
         self.stop = asyncio.Event()
         self.workers: dict[str, Worker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -97,9 +124,23 @@ class App:
 
             self.metrics = Metrics(
                 [h.name for h in config.webhooks],
-                pending=state.pending_counts,
-                paused=lambda: state.pauses().keys(),
+                pending=self._scrape_pending,
+                paused=self._scrape_paused,
             )
+
+    async def _scrape_pending(self) -> dict[str, int]:
+        return await self.state.pending_counts() if self.leading else {}
+
+    async def _scrape_paused(self) -> list[str]:
+        return list(await self.state.pauses()) if self.leading else []
+
+    async def _refresh_counts(self, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now - self._counts_at < COUNTS_EVERY_S:
+            return
+        self._counts_at = now
+        self._pending = await self.state.pending_counts()
+        self._paused = sorted(await self.state.pauses())
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -115,26 +156,46 @@ class App:
         elif outcome.kind == "give_up":
             self.dead_lettered += 1
 
+    def role(self) -> dict[str, object]:
+        """This daemon's part: "single" on SQLite, else "leader" or "standby" and the lease."""
+        if self.lease is None:
+            return {"role": "single"}
+        seen = self.lease.seen
+        return {
+            "role": "leader" if self.leading else "standby",
+            "holder": self.lease.holder,
+            "leader": seen.holder if seen else None,
+            "epoch": seen.epoch if seen else 0,
+        }
+
     def health(self) -> tuple[bool, dict[str, object]]:
         from poller.metrics import poll_health  # noqa: PLC0415 - see __init__
 
+        if self.lease is not None and not self.leading:
+            return True, self.role()  # a standby is healthy: it waits to take over
         ok, details = poll_health(
             self.ingest.last_poll_ok_at,
             self.started_at,
             self.config.unleash.poll_interval_s,
-            self.config.state.path,
+            self.config.state.path if self.lease is None else None,
         )
         details["cursor"] = self.ingest.high_water
+        details.update(self.role())
         return ok, details
 
     def status_line(self) -> str:
-        pending = sum(self.state.pending_counts().values())
+        if self.lease is not None and not self.leading:
+            seen = self.lease.seen
+            leader = seen.holder if seen and seen.holder else "none"
+            return f"standby; leader {leader} (epoch {seen.epoch if seen else 0})"
+        pending = sum(self._pending.values())
         head = f"Unleash unreachable ({self._unleash_error})" if self._unleash_error else "polling"
-        paused = sorted(self.state.pauses())
+        if self.lease is not None:
+            head = f"leader (epoch {self.lease.epoch}); {head}"
         return (
             f"{head}; cursor {self.ingest.high_water}, {pending} pending, "
             f"{self.delivered} delivered, {self.dead_lettered} dead-lettered"
-            + (f"; paused: {', '.join(paused)}" if paused else "")
+            + (f"; paused: {', '.join(self._paused)}" if self._paused else "")
         )
 
     def _request_stop(self) -> None:
@@ -161,12 +222,8 @@ class App:
         def on_stop(signame: str) -> None:
             if self.stop.is_set():
                 log.warning("app.forced_exit", signal=signame)
-                # State is transactional; what was in flight is re-sent after restart, what
-                # was delivered is not.
-                for worker in [*self.workers.values(), *self.retiring.values()]:
-                    with contextlib.suppress(Exception):
-                        worker.commit_marks()
-                os._exit(1)
+                loop.create_task(self._forced_exit())
+                return
             log.info("app.stopping", signal=signame)
             self._request_stop()
 
@@ -174,11 +231,29 @@ class App:
             loop.add_signal_handler(sig, on_stop, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
 
+    async def _forced_exit(self) -> None:
+        """A second SIGTERM: exit now. State is transactional; what was in flight is
+        re-sent after restart, what was delivered is not (its marks are committed first,
+        given a second)."""
+        workers = [*self.workers.values(), *self.retiring.values()]
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(*(w.commit_marks() for w in workers), return_exceptions=True),
+                1.0,
+            )
+        os._exit(1)
+
     # -- workers -----------------------------------------------------------------------
 
     def _start_worker(self, hook: WebhookConfig, session: aiohttp.ClientSession) -> None:
         worker = Worker(
-            hook, self.state, session, asyncio.Event(), once=self._once, on_outcome=self._count
+            hook,
+            self.state,
+            session,
+            asyncio.Event(),
+            once=self._once,
+            on_outcome=self._count,
+            may_send=self.lease.may_send if self.lease is not None else None,
         )
         task = asyncio.create_task(worker.run(), name=f"worker:{hook.name}")
         task.add_done_callback(self._worker_done)
@@ -186,7 +261,13 @@ class App:
         self.tasks[hook.name] = task
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None and self._crash is None:
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        if isinstance(error, _TERM_ENDERS) and self.lease is not None:
+            self._end_term(error)
+            return
+        if self._crash is None:
             # An unexpected error: stop, then crash loudly; systemd restarts us, state is safe.
             self._crash = task.exception()
             self._request_stop()
@@ -248,13 +329,10 @@ class App:
                 "after a restart; the rest of the new config is applied",
             )
             new = dataclasses.replace(new, metrics=self.config.metrics)
-        if new.state.path != self.config.state.path:
+        if _state_place(new) != _state_place(self.config):
             log.error(
                 "config.reload_failed",
-                problems=[
-                    "state.path: cannot change on reload; "
-                    "restart the service to move the state file"
-                ],
+                problems=["state: cannot change on reload; restart the service to move the state"],
             )
             return
         if self.profile is not None:
@@ -281,7 +359,8 @@ class App:
     def _apply(self, action: Action) -> None:
         match action:
             case Start(hook):
-                self._start_worker(hook, self.session)
+                if self.leading:  # a standby starts its workers when it leads
+                    self._start_worker(hook, self.session)
             case Reconfigure(hook):
                 self.workers[hook.name].reconfigure(hook)
             case Retire(name, then) | WhenRetired(name, then):
@@ -302,7 +381,6 @@ class App:
                 self.session = session
                 self.source = UnleashSource(session, self.config.unleash)
                 self.ingest = Ingest(self.config, self.state, self.source, self._wake, self.metrics)
-                self._warn_orphans()
                 if once:
                     code = await self._run_once()
                 else:
@@ -312,7 +390,7 @@ class App:
             delivered=self.delivered,
             dead_lettered=self.dead_lettered,
             cursor=self.ingest.high_water,
-            pending=sum(self.state.pending_counts().values()),
+            pending=sum(self._pending.values()),
             uptime_s=round(time.monotonic() - started, 1),
         )
         if self._crash is not None:
@@ -321,7 +399,7 @@ class App:
 
     def _warn_orphans(self) -> None:
         known = {h.name for h in self.config.webhooks}
-        for name, count in self.state.pending_counts().items():
+        for name, count in self._pending.items():
             if name not in known:
                 log.warning(
                     "outbox.orphaned",
@@ -338,11 +416,11 @@ class App:
 
     # -- the server's profile (ui-config) ----------------------------------------------
 
-    def _use_saved_profile(self) -> None:
+    async def _use_saved_profile(self) -> None:
         """Before ui-config answers: render for the server as a previous run last read it
         (most often the same server, so the same bytes), else as the config was loaded
         (8.x, links to unleash.url)."""
-        saved = parse_saved_profile(self.state.saved_text(_PROFILE_KEY))
+        saved = parse_saved_profile(await self.state.saved_text(_PROFILE_KEY))
         if saved is not None:
             self._apply_profile(saved)
 
@@ -405,7 +483,7 @@ class App:
                 if failures:
                     log.info("unleash.profile_read", after_failures=failures)
                 self._apply_profile(profile)
-                self.state.save_text(_PROFILE_KEY, saved_profile_text(profile))
+                await self.state.save_text(_PROFILE_KEY, saved_profile_text(profile))
                 return
         finally:
             self._profile_tried.set()
@@ -458,7 +536,12 @@ class App:
 
     async def _run_once(self) -> int:
         code = EX_OK
-        self._use_saved_profile()
+        if self.lease is not None and not await self._lead_once():
+            return EX_TEMPFAIL
+        self.leading = True
+        await self._refresh_counts()
+        self._warn_orphans()
+        await self._use_saved_profile()
         await self._read_profile(retry=False)  # one try: --once does not wait for it
         try:
             await self._detect()
@@ -470,9 +553,28 @@ class App:
         for hook in self.config.webhooks:
             self._start_worker(hook, self.session)
         reporter = asyncio.create_task(self._progress_loop())
+        keeper = asyncio.create_task(self.lease.keep()) if self.lease is not None else None
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         reporter.cancel()
+        if keeper is not None:
+            keeper.cancel()
+            await self.lease.resign()  # type: ignore[union-attr]
         return code
+
+    async def _lead_once(self) -> bool:
+        """--once on a shared state: lead if the lease is free, else say who leads."""
+        assert self.lease is not None
+        if await self.lease.try_once():
+            self.lease.leading = True
+            return True
+        seen = self.lease.seen
+        log.error(
+            "lease.held",
+            leader=seen.holder if seen else None,
+            epoch=seen.epoch if seen else 0,
+            detail="another daemon leads on this state; --once runs only while none does",
+        )
+        return False
 
     async def _progress_loop(self) -> None:
         while True:
@@ -494,41 +596,130 @@ class App:
                 await runner.cleanup()
 
     async def _serve(self) -> int:
-        # Ask the server first, so pending deliveries render for it: ui-config beside the
-        # API detection, its first answer awaited no longer than one request. If it cannot
-        # be read, it is asked again in the background and delivery goes on meanwhile
-        # (see _read_profile); if the API cannot be, the poll loop asks again.
-        self._use_saved_profile()
+        watchdog = asyncio.create_task(
+            systemd.watchdog_loop(self.stop, self.status_line), name="systemd"
+        )
+        try:
+            while not self.stop.is_set():
+                if self.lease is not None:
+                    self._ready()  # a standby is up and healthy
+                    self.metrics.on_role(False, self.lease.seen.epoch if self.lease.seen else 0)
+                    if not await self.lease.acquire(self.stop):
+                        break
+                await self._lead()
+                if self.lease is None:
+                    break  # SQLite: one term, the daemon's whole run
+        finally:
+            self._request_stop()
+            await watchdog  # sends STOPPING=1 as soon as it sees stop
+        return EX_OK
+
+    def _ready(self) -> None:
+        if not self._ready_sent:
+            self._ready_sent = True
+            systemd.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _end_term(self, error: BaseException) -> None:
+        """The state says this daemon may no longer lead (fenced, or unreachable): end the
+        term; `_lead` stops the workers and the daemon stands by."""
+        if self._term_reason is None:
+            self._term_reason = f"{type(error).__name__}: {error}"
+        self._term_over.set()
+
+    async def _lead(self) -> None:
+        """One term as the leader: poll and deliver until stopped, or until the lease is
+        lost or the state cannot be reached; then stop the workers (in-flight requests
+        are re-sent by whoever leads next) and return."""
+        self._term_over.clear()
+        self._term_reason = None
+        self.leading = True
+        self._counts_at = -math.inf
+        self.metrics.on_role(True, self.lease.epoch if self.lease is not None else 0)
+        keeper = asyncio.create_task(self.lease.keep()) if self.lease is not None else None
+        poller: asyncio.Task[None] | None = None
+        try:
+            try:
+                await self._begin_term()
+            except _TERM_ENDERS as exc:
+                if self.lease is None:
+                    raise
+                self._end_term(exc)
+            if not self._term_over.is_set():
+                for hook in self.config.webhooks:
+                    self._start_worker(hook, self.session)
+                poller = asyncio.create_task(self._poll_loop(), name="poller")
+                self._ready()
+            await self._until_term_ends(poller, keeper)
+        finally:
+            self.leading = False
+            if keeper is not None:
+                keeper.cancel()
+            if poller is not None:
+                poller.cancel()
+            await self._stop_profile_reads()
+            await self._stop_workers()
+            if self.lease is not None:
+                if self.stop.is_set() and self._term_reason is None:
+                    await self.lease.resign()  # a standby takes over without waiting
+                else:
+                    self.lease.lost_elsewhere(self._term_reason or "term ended")
+        if self._term_reason is not None and not self.stop.is_set():
+            log.warning(
+                "leader.standing_by",
+                reason=self._term_reason,
+                detail="what was in flight is re-sent by whoever leads next",
+            )
+
+    async def _begin_term(self) -> None:
+        """Ask the server first, so pending deliveries render for it: ui-config beside the
+        API detection, its first answer awaited no longer than one request. If it cannot
+        be read, it is asked again in the background and delivery goes on meanwhile (see
+        _read_profile); if the API cannot be, the poll loop asks again."""
+        await self.ingest.load()  # the state, not memory, says where to go on
+        await self._refresh_counts()
+        self._warn_orphans()
+        await self._use_saved_profile()
         self._start_profile_reads()
         with contextlib.suppress(UnleashError):
             await self._detect()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._profile_tried.wait(), self.config.unleash.timeout_s)
-        for hook in self.config.webhooks:
-            self._start_worker(hook, self.session)
-        poller = asyncio.create_task(self._poll_loop(), name="poller")
-        stopper = asyncio.create_task(self.stop.wait())
-        watchdog = asyncio.create_task(
-            systemd.watchdog_loop(self.stop, self.status_line), name="systemd"
-        )
-        systemd.notify("READY=1", f"STATUS={self.status_line()}")
-        done, _ = await asyncio.wait([poller, stopper], return_when=asyncio.FIRST_COMPLETED)
-        self._request_stop()
-        await watchdog  # sends STOPPING=1 as soon as it sees stop
-        if poller in done and poller.exception() is not None and self._crash is None:
-            self._crash = poller.exception()
-        poller.cancel()
-        await self._stop_profile_reads()
-        cancelled = await drain(
-            list(self.workers.values()), list(self.tasks.values()), self.config.drain_timeout_s
-        )
-        if cancelled:
+
+    async def _until_term_ends(
+        self, poller: asyncio.Task[None] | None, keeper: asyncio.Task[None] | None
+    ) -> None:
+        waits = [asyncio.create_task(self.stop.wait()), asyncio.create_task(self._term_over.wait())]
+        tasks = [t for t in (poller, keeper) if t is not None]
+        try:
+            done, _ = await asyncio.wait([*waits, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        for task in tasks:
+            if task in done and not task.cancelled() and task.exception() is not None:
+                error = task.exception()
+                assert error is not None
+                if isinstance(error, _TERM_ENDERS) and self.lease is not None:
+                    self._end_term(error)
+                elif self._crash is None:
+                    self._crash = error
+                    self._request_stop()
+
+    async def _stop_workers(self) -> None:
+        """At a stop, in-flight deliveries get the drain time; at the end of a term, only
+        as long as the lease surely holds (a new leader re-sends what they carry)."""
+        timeout = self.config.drain_timeout_s
+        if self.lease is not None and not self.stop.is_set():
+            timeout = max(0.0, min(timeout, self.lease.valid_until - time.monotonic()))
+        cancelled = await drain(list(self.workers.values()), list(self.tasks.values()), timeout)
+        self.workers.clear()
+        self.tasks.clear()
+        if cancelled and self.stop.is_set():
             log.warning(
                 "app.drain_timeout",
                 workers_cancelled=cancelled,
                 detail="in-flight deliveries are re-sent after restart",
             )
-        return EX_OK
 
     def _report_progress(self) -> None:
         """A line every PROGRESS_EVERY_S while deliveries flow, so a long backlog (a
@@ -542,7 +733,7 @@ class App:
                 "delivery.progress",
                 delivered=self.delivered - self._progress_done[0],
                 dead_lettered=self.dead_lettered - self._progress_done[1],
-                pending=self.state.pending_counts(),
+                pending=self._pending,
                 seconds=round(now - self._progress_at, 1),
             )
         self._progress_at, self._progress_done = now, done
@@ -580,8 +771,9 @@ class App:
                 )
             # A state file deleted or replaced under us: stop (exit 74) rather than keep
             # writing to a file the next start will not find.
-            self.state.check_in_place()
-            if self.state.written_elsewhere():
+            await self.state.check_in_place()
+            await self._refresh_counts()
+            if await self.state.written_elsewhere():
                 self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
             next_gap = ingest.next_gap_check()
             if next_gap is not None and failures == 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,13 +28,14 @@ from poller.config import (
     load_config,
 )
 from poller.importer import ImporterError, ImportOptions, import_summary, run_import
+from poller.lease import holder_name
 from poller.providers.base import BuildError, Configured, shown
 from poller.redeliver import Range, RangeError, parse_time, redeliver_from
 from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
 from poller.schedule import Pause
 from poller.source import UnleashError
-from poller.state import State, StateError, StateLockedError
+from poller.state import LeaseView, StateError, StateLockedError, StateStore, open_state
 
 EX_USAGE = 64
 EX_DATAERR = 65
@@ -155,14 +157,49 @@ def _load(path: Path) -> Config:
     return load_config(path)
 
 
+async def _open_exclusive(config: Config, *, create: bool = True) -> StateStore:
+    """The state for a command that must run with no daemon on it (it moves the cursor or
+    delivers by itself): SQLite's file lock, or on a shared state the lease, taken for the
+    command's length. Raises StateLockedError while a daemon holds either."""
+    state = await open_state(config.state, create=create, lock=True)
+    if state.leadership is None:
+        return state
+    try:
+        leading, view = await state.leadership.try_lead(
+            holder_name(config.state.node_name) + "/cli", config.state.lease_ttl_s
+        )
+    except BaseException:
+        await state.close()
+        raise
+    if not leading:
+        await state.close()
+        raise StateLockedError(
+            f"{state.where}: a daemon ({view.holder}) leads on this state; "
+            "stop every daemon on it first"
+        )
+    return state
+
+
+async def _close(state: StateStore, config: Config) -> None:
+    """Close a state; a lease taken by _open_exclusive is given back first."""
+    if state.leadership is not None:
+        with contextlib.suppress(StateError):
+            await state.leadership.resign(holder_name(config.state.node_name) + "/cli")
+    await state.close()
+
+
 def _cmd_run(config: Config, once: bool) -> int:
     if problem := check_private(config):
         print(problem, file=sys.stderr)
         return EX_CONFIG
     log.configure(config.log_level)
-    state = State.open(config.state.path)
+    return asyncio.run(_run(config, once))
+
+
+async def _run(config: Config, once: bool) -> int:
+    state = await open_state(config.state)
     try:
-        return asyncio.run(App(config, state).run(once=once))
+        return await App(config, state).run(once=once)
     except sqlite3.DatabaseError as exc:
         # Disk full, read-only file system, permissions or the file damaged under us: stop where we
         # are. Nothing is lost: the cursor never moved past what was written.
@@ -174,7 +211,7 @@ def _cmd_run(config: Config, once: bool) -> int:
         )
         return EX_IOERR
     finally:
-        state.close()
+        await state.close()
 
 
 def _cmd_check(config: Config) -> int:
@@ -256,16 +293,17 @@ def _render_requests(provider: Configured, webhook: str, event: dict[str, object
     return 0
 
 
-def _cmd_status(config: Config, as_json: bool) -> int:
-    state = State.open(config.state.path, create=False, lock=False)
+async def _cmd_status(config: Config, as_json: bool) -> int:
+    state = await open_state(config.state, create=False, lock=False)
     try:
-        pending, dead = state.pending_counts(), state.dead_letter_counts()
-        pauses = state.pauses()
-        oldest = state.oldest_pending()
-        gaps = state.gaps()
+        pending, dead = await state.pending_counts(), await state.dead_letter_counts()
+        pauses = await state.pauses()
+        oldest = await state.oldest_pending()
+        gaps = await state.gaps()
         now = time.time()
         hooks = sorted({h.name for h in config.webhooks} | set(pending) | set(dead))
-        cursor = state.high_water()
+        cursor = await state.high_water()
+        lease = await state.leadership.lease() if state.leadership is not None else None
         per_hook: dict[str, dict[str, object]] = {
             name: {
                 "pending": pending.get(name, 0),
@@ -283,14 +321,32 @@ def _cmd_status(config: Config, as_json: bool) -> int:
             for name in hooks
         }
     finally:
-        state.close()
+        await state.close()
+    role = _role(config, lease)
     if as_json:
         print(
             json.dumps(
-                {"cursor": cursor, "gaps": [g.id for g in gaps], "webhooks": per_hook}, indent=2
+                {
+                    "backend": config.state.backend,
+                    "where": state.where,
+                    "role": role,
+                    "lease": None if lease is None else dataclasses.asdict(lease),
+                    "cursor": cursor,
+                    "gaps": [g.id for g in gaps],
+                    "webhooks": per_hook,
+                },
+                indent=2,
             )
         )
         return 0
+    if lease is not None:
+        held = (
+            f"held by {lease.holder}, epoch {lease.epoch}, "
+            + (f"{lease.expires_in_s:.1f}s left" if lease.expires_in_s > 0 else "expired")
+            if lease.holder
+            else f"free (epoch {lease.epoch})"
+        )
+        print(f"state: {state.where}; this node: {role}; lease {held}")
     print(
         f"cursor: {cursor}   gaps: {len(gaps)}"
         + (f" (ids {', '.join(str(g.id) for g in gaps[:10])})" if gaps else "")
@@ -309,11 +365,21 @@ def _cmd_status(config: Config, as_json: bool) -> int:
     return 0
 
 
+def _role(config: Config, lease: LeaseView | None) -> str:
+    """This host's part: "single" on SQLite; "leader" when the lease's holder is this
+    node (by node_name) and still valid, else "standby"."""
+    if lease is None:
+        return "single"
+    node = holder_name(config.state.node_name).rsplit(":", 1)[0]
+    held = lease.holder is not None and lease.expires_in_s > 0
+    return "leader" if held and lease.holder.rsplit(":", 1)[0] == node else "standby"  # type: ignore[union-attr]
+
+
 def _utc(timestamp: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
 
 
-def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
+async def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
     if webhook is not None:
         try:
             config.webhook(webhook)
@@ -321,10 +387,10 @@ def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
             print(f"unleash-poller: {exc.args[0]}", file=sys.stderr)
             return EX_USAGE
     if action == "list":
-        state = State.open(config.state.path, create=False, lock=False)
+        state = await open_state(config.state, create=False, lock=False)
         try:
             after = -1
-            while letters := state.dead_letters(webhook, after=after):
+            while letters := await state.dead_letters(webhook, after=after):
                 for d in letters:
                     failed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(d.failed_at))
                     event = json.loads(d.body)
@@ -334,21 +400,21 @@ def _cmd_dead_letters(config: Config, action: str, webhook: str | None) -> int:
                     )
                 after = letters[-1].event_id
         finally:
-            state.close()
+            await state.close()
         return 0
-    return _replay(config, webhook)
+    return await _replay(config, webhook)
 
 
-def _replay(config: Config, webhook: str | None) -> int:
+async def _replay(config: Config, webhook: str | None) -> int:
     try:
-        state = State.open(config.state.path, create=False, lock=True)
+        state = await _open_exclusive(config, create=False)
     except StateLockedError:
         # The daemon is running: hand the letters back to it, so it keeps id order.
-        state = State.open(config.state.path, create=False, lock=False)
+        state = await open_state(config.state, create=False, lock=False)
         try:
-            moved = state.requeue_dead_letters(webhook)
+            moved = await state.requeue_dead_letters(webhook)
         finally:
-            state.close()
+            await state.close()
         print(f"daemon is running: {moved} dead letter(s) moved back to its outbox")
         return 0
     log.configure(config.log_level)
@@ -358,9 +424,9 @@ def _replay(config: Config, webhook: str | None) -> int:
             print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
 
     try:
-        ok, failed = asyncio.run(replay_dead_letters(config, state, webhook, progress))
+        ok, failed = await replay_dead_letters(config, state, webhook, progress)
     finally:
-        state.close()
+        await _close(state, config)
     print(f"\nreplay: {ok} delivered, {failed} still failing", file=sys.stderr)
     return 0 if failed == 0 else 1
 
@@ -377,39 +443,41 @@ def _known_webhook(config: Config, name: str | None) -> bool:
     return True
 
 
-def _open_beside_daemon(config: Config) -> State:
-    """The state file for a command that writes beside a running daemon or without one
-    (the latter also upgrades an old file)."""
+async def _open_beside_daemon(config: Config) -> StateStore:
+    """The state for a command that writes beside a running daemon or without one (the
+    latter also upgrades an old SQLite file). Its writes are the kind a daemon allows."""
+    if config.state.url is not None:
+        return await open_state(config.state, create=True, lock=False)
     try:
-        return State.open(config.state.path, create=True, lock=True)
+        return await open_state(config.state, create=True, lock=True)
     except StateLockedError:
-        return State.open(config.state.path, create=False, lock=False)
+        return await open_state(config.state, create=False, lock=False)
 
 
-def _cmd_webhooks(config: Config, action: str, name: str) -> int:
+async def _cmd_webhooks(config: Config, action: str, name: str) -> int:
     if not _known_webhook(config, name):
         return EX_USAGE
-    state = _open_beside_daemon(config)
+    state = await _open_beside_daemon(config)
     try:
         if action == "pause":
-            state.set_pause(
+            await state.set_pause(
                 name, Pause("paused by hand", time.time(), awaits_resume=True, probe_at=math.inf)
             )
             print(f"{name}: paused; its events stay pending until `webhooks resume {name}`")
         else:
-            was = state.resume(name, retry_now=True)
-            pending = state.pending_counts().get(name, 0)
+            was = await state.resume(name, retry_now=True)
+            pending = (await state.pending_counts()).get(name, 0)
             print(
                 f"{name}: resumed; {pending} pending event(s) are delivered now"
                 if was
                 else f"{name}: was not paused ({pending} pending)"
             )
     finally:
-        state.close()
+        await state.close()
     return 0
 
 
-def _cmd_attempts(
+async def _cmd_attempts(
     config: Config, webhook: str | None, event_id: int | None, last: int, as_json: bool
 ) -> int:
     if not _known_webhook(config, webhook):
@@ -417,11 +485,11 @@ def _cmd_attempts(
     if last <= 0:
         print("unleash-poller: --last must be at least 1", file=sys.stderr)
         return EX_USAGE
-    state = State.open(config.state.path, create=False, lock=False)
+    state = await open_state(config.state, create=False, lock=False)
     try:
-        records = state.attempt_log(webhook, event_id, last)
+        records = await state.attempt_log(webhook, event_id, last)
     finally:
-        state.close()
+        await state.close()
     for r in records:
         when = (
             time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r.at)) + f".{int(r.at % 1 * 1000):03d}Z"
@@ -435,7 +503,7 @@ def _cmd_attempts(
     return 0
 
 
-def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
+async def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
     if not _known_webhook(config, args.webhook):
         return EX_USAGE
     try:
@@ -449,7 +517,7 @@ def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
         print(f"unleash-poller: redeliver: {exc}", file=sys.stderr)
         return EX_USAGE
     log.configure(config.log_level)
-    state = _open_beside_daemon(config)
+    state = await _open_beside_daemon(config)
     shown = [0.0]
 
     def progress(read: int, doing: str) -> None:
@@ -459,9 +527,7 @@ def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
             print(f"\rread {read} event(s): {doing}", end="", file=sys.stderr, flush=True)
 
     try:
-        result = asyncio.run(
-            redeliver_from(config, state, config.webhook(args.webhook), wanted, progress)
-        )
+        result = await redeliver_from(config, state, config.webhook(args.webhook), wanted, progress)
     except RangeError as exc:
         print(f"\nunleash-poller: redeliver: {exc}", file=sys.stderr)
         return EX_DATAERR
@@ -469,19 +535,19 @@ def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
         print(f"\nunleash-poller: redeliver: Unleash: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE
     finally:
-        state.close()
+        await state.close()
     print(f"\nredeliver: {result.method}", file=sys.stderr)
     extra = f", {result.already_pending} already pending" if result.already_pending else ""
     print(f"{result.queued} queued, {result.filtered_out} filtered out{extra}")
     return 0
 
 
-def _cmd_cursor(config: Config, event_id: int) -> int:
+async def _cmd_cursor(config: Config, event_id: int) -> int:
     if event_id < 0:
         print("unleash-poller: event id must be >= 0", file=sys.stderr)
         return EX_USAGE
     try:
-        state = State.open(config.state.path, create=True, lock=True)
+        state = await _open_exclusive(config)
     except StateLockedError:
         print(
             "unleash-poller: stop the daemon first (systemctl stop unleash-poller); "
@@ -490,10 +556,10 @@ def _cmd_cursor(config: Config, event_id: int) -> int:
         )
         return EX_IOERR
     try:
-        old = state.high_water()
-        state.set_cursor(event_id)
+        old = await state.high_water()
+        await state.set_cursor(event_id)
     finally:
-        state.close()
+        await _close(state, config)
     print(f"cursor moved from {old} to {event_id}; events with a greater id will be delivered")
     return 0
 
@@ -548,12 +614,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "render": lambda: _cmd_render(
             config, args.webhook, args.event, args.unleash_version, args.unleash_url
         ),
-        "status": lambda: _cmd_status(config, args.json),
-        "dead-letters": lambda: _cmd_dead_letters(config, args.action, args.webhook),
-        "cursor": lambda: _cmd_cursor(config, args.event_id),
-        "webhooks": lambda: _cmd_webhooks(config, args.action, args.name),
-        "attempts": lambda: _cmd_attempts(config, args.webhook, args.event, args.last, args.json),
-        "redeliver": lambda: _cmd_redeliver(config, args),
+        "status": lambda: asyncio.run(_cmd_status(config, args.json)),
+        "dead-letters": lambda: asyncio.run(_cmd_dead_letters(config, args.action, args.webhook)),
+        "cursor": lambda: asyncio.run(_cmd_cursor(config, args.event_id)),
+        "webhooks": lambda: asyncio.run(_cmd_webhooks(config, args.action, args.name)),
+        "attempts": lambda: asyncio.run(
+            _cmd_attempts(config, args.webhook, args.event, args.last, args.json)
+        ),
+        "redeliver": lambda: asyncio.run(_cmd_redeliver(config, args)),
     }
     try:
         return commands[args.command]()

@@ -149,6 +149,7 @@ class StateConfig:
     url: Secret | None = None  # postgresql://…; may carry the password
     schema: str = "unleash_poller"
     lease_ttl_s: float = 15.0
+    node_name: str | None = None  # names this host in the lease; default: the host name
 
     @property
     def backend(self) -> str:
@@ -1068,7 +1069,7 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
     state_table = check.table(
         top.get("state", {}),
         "state",
-        {"path", "url", "url_file", "url_env", "schema", "lease_ttl_s"},
+        {"path", "url", "url_file", "url_env", "schema", "lease_ttl_s", "node_name"},
     )
     state_path = check.get(
         state_table, "state", "path", str, "/var/lib/unleash-poller/state.sqlite3"
@@ -1080,11 +1081,26 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
             check.fail("state.url", problem)
         if "path" in state_table:
             check.fail("state.path", "give either path (SQLite) or url (PostgreSQL), not both")
-    state_schema = check.get(
-        state_table, "state", "schema", str, "unleash_poller", _sql_identifier
+    state_schema = check.get(state_table, "state", "schema", str, "unleash_poller", _sql_identifier)
+    node_name = check.get(
+        state_table,
+        "state",
+        "node_name",
+        str,
+        "",
+        lambda v: (
+            None
+            if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v)
+            else "must be 1-63 letters, digits, '.', '_' or '-'"
+        ),
     )
     lease_ttl = check.get(
-        state_table, "state", "lease_ttl_s", (int, float), 15.0, lambda v: None if 3 <= v <= 600 else "must be between 3 and 600"
+        state_table,
+        "state",
+        "lease_ttl_s",
+        (int, float),
+        15.0,
+        lambda v: None if 3 <= v <= 600 else "must be between 3 and 600",
     )
     raw_hooks = top.get("webhooks", [])
     if not isinstance(raw_hooks, list) or not raw_hooks:
@@ -1126,6 +1142,7 @@ def parse_config(data: Mapping[str, object], base: Path, source: Path | None = N
             url=state_url,
             schema=state_schema,
             lease_ttl_s=float(lease_ttl),
+            node_name=node_name or None,
         ),
         webhooks=tuple(h for h in hooks if h is not None),
         log_level=log_level,

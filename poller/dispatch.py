@@ -24,7 +24,7 @@ from poller.faults import crash_point
 from poller.log import get as get_logger
 from poller.providers.base import BuildError, Request
 from poller.render import UNREADABLE
-from poller.state import State
+from poller.state import StateStore
 
 log = get_logger()
 
@@ -71,7 +71,7 @@ def combine(outcomes: list[tuple[str, Outcome]]) -> Outcome:
 async def deliver_event(
     session: aiohttp.ClientSession,
     hook: WebhookConfig,
-    state: State,
+    state: StateStore,
     event_id: int,
     body_json: str,
     attempts_before: int,
@@ -89,7 +89,7 @@ async def deliver_event(
         await asyncio.sleep(YIELD_S)  # as attempt_once: a give-up never runs back to back
         return built, attempts, None
     several = len(built) > 1
-    done = state.parts_sent(hook.name, event_id) if several else frozenset()
+    done = await state.parts_sent(hook.name, event_id) if several else frozenset()
     judge = hook.provider.provider.judge
     outcomes: list[tuple[str, Outcome]] = []
     took: float | None = None
@@ -110,7 +110,7 @@ async def deliver_event(
             max_rate_limit_wait_s=hook.max_rate_limit_wait_s,
         )
         if outcome.kind == "delivered" and several:
-            state.part_sent(hook.name, event_id, request.part)
+            await state.part_sent(hook.name, event_id, request.part)
         elif outcome.kind != "delivered":
             log.warning(
                 "delivery.request_failed",

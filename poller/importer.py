@@ -23,7 +23,7 @@ import aiohttp
 from poller.config import Secret, UnleashConfig
 from poller.render import ServerProfile
 from poller.source import UnleashError, UnleashSource, read_server_profile
-from poller.state import State, StateError, StateLockedError
+from poller.state import SqliteState, StateError, StateLockedError
 
 # What Unleash's admin API answers in place of a sensitive parameter's value.
 MASKED = "*****"
@@ -510,7 +510,7 @@ async def run_import(options: ImportOptions) -> ImportResult:
                         exc.exit_code,
                     ) from None
                 disabled.append(integration.id)
-            _set_start_cursor(options.state_path, start_from)
+            await _set_start_cursor(options.state_path, start_from)
     to_fill = tuple(
         f for hook in plans if hook.active for f in hook.secret_files if f.value is None
     )
@@ -561,10 +561,10 @@ def _write_outputs(output: Path, text: str, plans: Sequence[WebhookPlan]) -> tup
     return tuple(written)
 
 
-def _set_start_cursor(path: Path, event_id: int) -> None:
+async def _set_start_cursor(path: Path, event_id: int) -> None:
     """The new state file starts after `event_id` (an existing one is moved there)."""
     try:
-        state = State.open(path, create=True, lock=True)
+        state = SqliteState.open(path, create=True, lock=True)
     except StateLockedError:
         raise ImporterError(
             f"--cut-over: {path} is in use by a running daemon; the integrations are "
@@ -578,9 +578,9 @@ def _set_start_cursor(path: Path, event_id: int) -> None:
             EX_CANTCREAT,
         ) from None
     try:
-        state.set_cursor(event_id)
+        await state.set_cursor(event_id)
     finally:
-        state.close()
+        await state.close()
 
 
 def import_summary(result: ImportResult) -> list[str]:

@@ -25,7 +25,7 @@ from poller.log import get as get_logger
 from poller.render import UNREADABLE, Event
 from poller.sink import MetricsSink, NullMetrics
 from poller.source import UnleashSource
-from poller.state import Gap, State
+from poller.state import Gap, StateStore
 
 FIRST_PAGE = 50  # most polls find a handful of events: ask for a small page first
 # Beyond this many new events, spill to the state file, not memory. Small, because the
@@ -61,7 +61,7 @@ def _dump(event: Event) -> str:
 @dataclass
 class Ingest:
     config: Config
-    state: State
+    state: StateStore
     source: UnleashSource
     wake: Callable[[set[str]], None]
     metrics: MetricsSink = field(default_factory=NullMetrics)
@@ -70,9 +70,17 @@ class Ingest:
     def __post_init__(self) -> None:
         self.last_poll_ok_at = 0.0  # Unix time; 0 until Unleash first answers
         self._full_read_at = self.clock()
-        self.high_water = self.state.high_water()
-        self.gaps: dict[int, Gap] = {g.id: g for g in self.state.gaps()}
+        self.high_water: int | None = None
+        self.gaps: dict[int, Gap] = {}
+        self._loaded = False
         self._filters = [(h.name, _filter(h)) for h in self.config.webhooks]
+
+    async def load(self) -> None:
+        """Read the cursor and the gaps from the state (again: after a takeover or a
+        reconnect the state, not memory, says where to go on)."""
+        self.high_water = await self.state.high_water()
+        self.gaps = {g.id: g for g in await self.state.gaps()}
+        self._loaded = True
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
@@ -92,13 +100,15 @@ class Ingest:
             high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
             if len(page.events) >= GIVE_BACK_AT:
                 asyncio.get_running_loop().call_soon(self._give_back)
-        self.state.ingest([], [], high)
+        await self.state.ingest([], [], high)
         self.high_water = high
         log.info("cursor.initialised", start_from=start, high_water=high)
         return high
 
     async def poll(self, *, force: bool = False) -> int:
         """Take in every event newer than the cursor; return how many were new."""
+        if not self._loaded:
+            await self.load()
         high = self.high_water if self.high_water is not None else await self._initialise()
         overdue = self.clock() - self._full_read_at >= self.config.unleash.full_read_interval_s
         unchanged = not force and not await self.source.changed()
@@ -122,10 +132,10 @@ class Ingest:
         if not reached_known and self.source.capabilities.api == "legacy" and high > 0:
             self._warn_overflow(high, collected)
         if staged:
-            self.state.stage([(i, _dump(e)) for i, e in collected.items()])
-            new = self._take_staged(high)
+            await self.state.stage([(i, _dump(e)) for i, e in collected.items()])
+            new = await self._take_staged(high)
         else:
-            new = self._take(high, collected)
+            new = await self._take(high, collected)
         self.last_poll_ok_at = time.time()
         return new
 
@@ -158,7 +168,7 @@ class Ingest:
                     total_in_unleash=page.total,
                 )
             if len(collected) >= STAGE_AT:
-                self.state.stage([(i, _dump(e)) for i, e in collected.items()])
+                await self.state.stage([(i, _dump(e)) for i, e in collected.items()])
                 staged += len(collected)
                 collected.clear()
             if reached_known:
@@ -210,48 +220,50 @@ class Ingest:
                 owed.extend((name, event_id) for name in wanted)
         return rows, owed
 
-    def _take(self, high: int, collected: dict[int, Event]) -> int:
+    async def _take(self, high: int, collected: dict[int, Event]) -> int:
         ids = sorted(collected)
         tracker = _GapTracker(high)
         for i in ids:
             tracker.see(i)
         settled = [i for i in ids if i in self.gaps]
         rows, owed = self._owed((i, collected[i]) for i in ids)
-        self.state.ingest(rows, owed, tracker.high, tracker.missing, settled)
-        self._after_take(high, tracker, settled, len(owed))
+        await self.state.ingest(rows, owed, tracker.high, tracker.missing, settled)
+        await self._after_take(high, tracker, settled, len(owed))
         if owed:
             self.wake({name for name, _ in owed})
         return tracker.count
 
-    def _take_staged(self, high: int) -> int:
+    async def _take_staged(self, high: int) -> int:
         """A long catch-up: everything is on disk; walk it in id order, a batch at a time,
         inside one transaction, so memory stays flat however long the history."""
         tracker = _GapTracker(high)
         settled: list[int] = []
         owed_count = 0
         hooks: set[str] = set()
-        with self.state.ingesting() as batch:
-            for staged in self.state.staged():
+        async with self.state.ingesting() as batch:
+            async for staged in self.state.staged():
                 for i, _ in staged:
                     tracker.see(i)
                 settled.extend(i for i, _ in staged if i in self.gaps)
                 rows, owed = self._owed_staged(staged)
-                batch.add(rows, owed)
+                await batch.add(rows, owed)
                 owed_count += len(owed)
                 hooks.update(name for name, _ in owed)
-            batch.finish(tracker.high, tracker.missing, settled)
-        self.state.clear_staging()
-        self._after_take(high, tracker, settled, owed_count)
+            await batch.finish(tracker.high, tracker.missing, settled)
+        await self.state.clear_staging()
+        await self._after_take(high, tracker, settled, owed_count)
         if hooks:
             self.wake(hooks)
         return tracker.count
 
-    def _after_take(self, old: int, tracker: _GapTracker, settled: list[int], owed: int) -> None:
+    async def _after_take(
+        self, old: int, tracker: _GapTracker, settled: list[int], owed: int
+    ) -> None:
         if tracker.count >= GIVE_BACK_AT:
             # Once the workers' first requests are out (they were just woken), not before.
             asyncio.get_running_loop().call_soon(self._give_back)
         self.high_water = tracker.high
-        self.gaps = {g.id: g for g in self.state.gaps()}
+        self.gaps = {g.id: g for g in await self.state.gaps()}
         if settled:
             log.warning(
                 "gap.filled",
@@ -278,12 +290,14 @@ class Ingest:
     async def recheck_gaps(self, now: float | None = None) -> None:
         """Ask again for missing ids that are due; give up on those past the grace period."""
         now = time.time() if now is None else now
+        if not self._loaded:
+            await self.load()
         due = [g for g in self.gaps.values() if g.next_check_at <= now]
         if not due:
             return
         found, failing = await self.source.fetch_ids([g.id for g in due])
         if failing:
-            self.state.give_up_gaps(failing)
+            await self.state.give_up_gaps(failing)
             self.metrics.on_gaps_expired(len(failing))
             log.error(
                 "gap.unreadable",
@@ -298,14 +312,14 @@ class Ingest:
             ids = sorted(found_by_id)
             rows, owed = self._owed((i, found_by_id[i]) for i in ids)
             high = self.high_water or 0
-            self.state.ingest(rows, owed, high, (), ids)
-            self._after_take(high, _GapTracker(high), ids, len(owed))
+            await self.state.ingest(rows, owed, high, (), ids)
+            await self._after_take(high, _GapTracker(high), ids, len(owed))
             if owed:
                 self.wake({name for name, _ in owed})
         grace = self.config.unleash.gap_grace_s
         expired = [g.id for g in due if g.id not in found_by_id and now - g.missing_since >= grace]
         if expired:
-            self.state.give_up_gaps(expired)
+            await self.state.give_up_gaps(expired)
             self.metrics.on_gaps_expired(len(expired))
             log.warning(
                 "gap.expired",
@@ -317,8 +331,10 @@ class Ingest:
         waiting = [g for g in due if g.id not in found_by_id and g.id not in set(expired)]
         for checks in {g.checks for g in waiting}:
             delay = backoff_s(checks, 1.0, GAP_RECHECK_MAX_S)
-            self.state.reschedule_gaps([g.id for g in waiting if g.checks == checks], now + delay)
-        self.gaps = {g.id: g for g in self.state.gaps()}
+            await self.state.reschedule_gaps(
+                [g.id for g in waiting if g.checks == checks], now + delay
+            )
+        self.gaps = {g.id: g for g in await self.state.gaps()}
 
     def next_gap_check(self) -> float | None:
         return min((g.next_check_at for g in self.gaps.values()), default=None)

@@ -7,9 +7,10 @@ cheap enough to call for each delivery.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -22,6 +23,7 @@ from poller import __version__
 from poller.config import parse_listen
 from poller.deliver import OutcomeKind
 from poller.source import UnleashErrorKind
+from poller.state.base import StateError
 
 # Outcome kind → the label operators read on a dashboard.
 OUTCOMES: dict[OutcomeKind, str] = {
@@ -65,8 +67,8 @@ class Metrics:
     def __init__(
         self,
         webhooks: Iterable[str] = (),
-        pending: Callable[[], Mapping[str, int]] | None = None,
-        paused: Callable[[], Iterable[str]] | None = None,
+        pending: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
+        paused: Callable[[], Awaitable[Iterable[str]]] | None = None,
     ) -> None:
         """`webhooks` get their series at 0 from the start. `pending` and `paused`, if
         given, are asked for the outbox sizes and the paused webhooks at each scrape (see
@@ -133,6 +135,18 @@ class Metrics:
         self._last_poll = Gauge(
             "unleash_poller_last_successful_poll_timestamp_seconds",
             "Unix time of the last poll Unleash answered.",
+            registry=r,
+        )
+        self._leader = Gauge(
+            "unleash_poller_leader",
+            "1 while this daemon leads (polls and delivers); 0 while it stands by. "
+            "Always 1 on a SQLite state.",
+            registry=r,
+        )
+        self._lease_epoch = Gauge(
+            "unleash_poller_lease_epoch",
+            "Epoch of the lease this daemon last held or saw (raised at every takeover); "
+            "0 on a SQLite state.",
             registry=r,
         )
         self._gaps_expired = Counter(
@@ -202,13 +216,17 @@ class Metrics:
         if count > 0:
             self._burst_overflows.inc(count)
 
-    def refresh(self) -> None:
+    def on_role(self, leader: bool, epoch: int) -> None:
+        self._leader.set(1 if leader else 0)
+        self._lease_epoch.set(epoch)
+
+    async def refresh(self) -> None:
         """Called before each scrape: outbox sizes are a COUNT over the outbox, too dear
         to run on every poll during a backlog of millions, cheap once per scrape."""
         if self._pending_source is not None:
-            self.set_pending(self._pending_source())
+            self.set_pending(await self._pending_source())
         if self._paused_source is not None:
-            self.set_paused(self._paused_source())
+            self.set_paused(await self._paused_source())
 
     def set_paused(self, paused: Iterable[str]) -> None:
         """The webhooks paused now; every other known webhook is not."""
@@ -230,7 +248,7 @@ def poll_health(
     last_poll_ok_at: float,
     started_at: float,
     poll_interval_s: float,
-    state_path: Path,
+    state_path: Path | None,
     now: float | None = None,
 ) -> tuple[bool, dict[str, object]]:
     """Healthy while Unleash answered within max(3 polls, 30 s) and the state file can be
@@ -239,7 +257,7 @@ def poll_health(
     now = time.time() if now is None else now
     max_age_s = max(3 * poll_interval_s, HEALTH_MIN_AGE_S)
     age_s = now - max(last_poll_ok_at, started_at)
-    writable = _writable(state_path)
+    writable = state_path is None or _writable(state_path)  # None: not a file (PostgreSQL)
     details: dict[str, object] = {
         "last_successful_poll_age_s": round(age_s, 1) if last_poll_ok_at else None,
         "max_poll_age_s": max_age_s,
@@ -278,7 +296,9 @@ async def start_http(
     expose = make_aiohttp_handler(metrics.registry)
 
     async def metrics_page(request: web.Request) -> web.StreamResponse:
-        metrics.refresh()
+        # The state unreachable: the last sizes stay; the daemon's log says why.
+        with contextlib.suppress(StateError):
+            await metrics.refresh()
         return await expose(request)
 
     app = web.Application()

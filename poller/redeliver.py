@@ -20,7 +20,7 @@ from poller.config import Config, WebhookConfig
 from poller.filters import EventFilter
 from poller.render import Event
 from poller.source import UnleashSource
-from poller.state import State
+from poller.state import StateStore
 
 _ID_CHUNK = 100  # ids per lookup: Unleash answers at most `limit` events per page
 
@@ -112,7 +112,7 @@ Progress = Callable[[int, str], None]  # (events read so far, what is being done
 
 async def redeliver(
     source: UnleashSource,
-    state: State,
+    state: StateStore,
     hook: WebhookConfig,
     wanted: Range,
     page_size: int,
@@ -149,7 +149,7 @@ async def redeliver(
         for i in sorted(events)
         if event_filter.matches(events[i])
     ]
-    queued = state.queue(hook.name, rows)
+    queued = await state.queue(hook.name, rows)
     return Result(queued, len(rows) - queued, len(events) - len(rows), method)
 
 
@@ -199,7 +199,7 @@ def _id(event: Event) -> int:
 
 
 async def redeliver_from(
-    config: Config, state: State, hook: WebhookConfig, wanted: Range, progress: Progress | None
+    config: Config, state: StateStore, hook: WebhookConfig, wanted: Range, progress: Progress | None
 ) -> Result:
     """`redeliver` with its own HTTP session (the CLI's entry point)."""
     async with make_session(config) as session:

@@ -12,13 +12,13 @@ from poller.app import make_session
 from poller.config import Config, WebhookConfig
 from poller.deliver import Attempt, Outcome, request_headers
 from poller.dispatch import deliver_event
-from poller.state import State
+from poller.state import StateStore
 from poller.worker import AttemptResult, attempt_once, attempt_record
 
 
 async def replay_dead_letters(
     config: Config,
-    state: State,
+    state: StateStore,
     webhook: str | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
@@ -26,20 +26,20 @@ async def replay_dead_letters(
     that succeeds; one that fails again stays, with the new reason. Returns (ok, failed)."""
     ok = failed = 0
     names = [webhook] if webhook else [h.name for h in config.webhooks]
-    total = sum(n for name, n in state.dead_letter_counts().items() if name in names)
+    total = sum(n for name, n in (await state.dead_letter_counts()).items() if name in names)
     async with make_session(config) as session:
         for name in names:
             hook = config.webhook(name)
             after = -1
-            while batch := state.dead_letters(name, after=after, limit=500):
+            while batch := await state.dead_letters(name, after=after, limit=500):
                 for letter in batch:
                     after = letter.event_id
                     outcome = await _replay_one(session, hook, state, letter.event_id, letter.body)
                     if outcome.kind == "delivered":
-                        state.remove_dead_letter(name, letter.event_id)
+                        await state.remove_dead_letter(name, letter.event_id)
                         ok += 1
                     else:
-                        state.dead_letter(
+                        await state.dead_letter(
                             name, letter.event_id, letter.attempts + 1, outcome.reason
                         )
                         failed += 1
@@ -49,7 +49,7 @@ async def replay_dead_letters(
 
 
 async def _replay_one(
-    session: aiohttp.ClientSession, hook: WebhookConfig, state: State, event_id: int, body: str
+    session: aiohttp.ClientSession, hook: WebhookConfig, state: StateStore, event_id: int, body: str
 ) -> Outcome:
     attempts = 0
     headers = request_headers(hook)
@@ -63,7 +63,7 @@ async def _replay_one(
             result = await attempt_once(session, hook, headers, event_id, body, attempts)
         attempts = result.attempts
         if hook.attempt_log_size:
-            state.record_attempts(
+            await state.record_attempts(
                 [attempt_record(hook.name, event_id, attempts, _attempt(result), _logged(result))],
                 {hook.name: hook.attempt_log_size},
             )

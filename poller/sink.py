@@ -33,6 +33,9 @@ class MetricsSink(Protocol):
     def on_burst_overflow(self, count: int = 1) -> None:
         """A poll found more new events than the legacy events API could return."""
 
+    def on_role(self, leader: bool, epoch: int) -> None:
+        """This daemon began to lead, or to stand by, under the lease of that epoch."""
+
 
 class NullMetrics:
     """What the daemon reports to when no [metrics] listener is configured: nothing."""
@@ -52,4 +55,7 @@ class NullMetrics:
         pass
 
     def on_burst_overflow(self, count: int = 1) -> None:
+        pass
+
+    def on_role(self, leader: bool, epoch: int) -> None:
         pass

@@ -28,7 +28,7 @@ from poller.log import debug_enabled
 from poller.log import get as get_logger
 from poller.render import RenderError, RenderStoppedError
 from poller.schedule import Action, Pause, Schedule
-from poller.state import AttemptRecord, Pending, State
+from poller.state import AttemptRecord, FencedError, Pending, StateStore
 
 log = get_logger()
 _BATCH = 64
@@ -235,12 +235,13 @@ class Worker:
     def __init__(
         self,
         hook: WebhookConfig,
-        state: State,
+        state: StateStore,
         session: aiohttp.ClientSession,
         stop: asyncio.Event,
         *,
         once: bool = False,
         on_outcome: Callable[[str, Outcome, float, float | None], None] | None = None,
+        may_send: Callable[[], bool] | None = None,
     ) -> None:
         self.hook = hook
         self.state = state
@@ -249,6 +250,10 @@ class Worker:
         self.once = once
         self.wake = asyncio.Event()
         self._on_outcome = on_outcome
+        # Under a lease: False once this daemon's lease may have run out (by its own
+        # monotonic clock), so no delivery starts that a new leader may also make.
+        self._may_send = may_send
+        self._committing: asyncio.Task[None] | None = None  # marks committed while sending
         self._headers = request_headers(hook)
         self._unmarked: list[int] = []  # delivered, marks not yet committed
         self._ahead: tuple[int, bytes | Outcome] | None = None  # the next body, rendered
@@ -265,7 +270,6 @@ class Worker:
             hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
         )
         self._attempts: list[AttemptRecord] = []  # logged with the next commit of marks
-        self._sync_pause()
 
     def reconfigure(self, hook: WebhookConfig) -> None:
         self.hook = hook
@@ -276,44 +280,58 @@ class Worker:
         )
         self.wake.set()
 
-    def commit_marks(self, *, attempts: bool = True) -> None:
+    async def commit_marks(self, *, attempts: bool = True) -> None:
         """Commit the delivery marks held back, if any, and (unless `attempts` is False) the
-        attempts not logged yet."""
+        attempts not logged yet. Waits for a commit started while sending, and raises
+        what it raised."""
+        task, self._committing = self._committing, None
+        if task is not None:
+            await task
+        await self._commit(attempts=attempts)
+
+    async def _commit(self, *, attempts: bool) -> None:
         records: list[AttemptRecord] = []
         if attempts or len(self._attempts) >= _ATTEMPTS_PER_COMMIT:
             records, self._attempts = self._attempts, []
         if self._unmarked:
-            self.state.delivered(self.hook.name, *self._unmarked)
-            self._unmarked = []
+            # Taken out first: marks added meanwhile, or by another lane's commit while this
+            # one waits on the store, are not dropped with these.
+            marks, self._unmarked = self._unmarked, []
+            try:
+                await self.state.delivered(self.hook.name, *marks)
+            except BaseException:
+                self._unmarked[:0] = marks  # still held: tried again at the stop
+                raise
         if records:  # none are kept when attempt_log_size is 0
-            self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
+            await self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
 
     # -- pauses: kept in the state store, so a pause survives a restart and can be set and
     # lifted by `unleash-poller webhooks pause|resume` beside the running daemon.
 
-    def _sync_pause(self) -> None:
+    async def _sync_pause(self) -> None:
         """Take the pause the store holds (it may have been changed by hand)."""
-        stored = self.state.pause(self.hook.name)
+        stored = await self.state.pause(self.hook.name)
         before = self.schedule.paused
         if stored != before:
             self.schedule.restore(stored)
-            self._log_pause(before, stored)
+            await self._log_pause(before, stored)
 
-    def _save_pause(self, before: Pause | None) -> None:
+    async def _save_pause(self, before: Pause | None) -> None:
         after = self.schedule.paused
         if after == before:
             return
         if after is None:
-            self.state.resume(self.hook.name)
+            await self.state.resume(self.hook.name)
         elif before is None:
-            self.state.set_pause(self.hook.name, after)
+            await self.state.set_pause(self.hook.name, after)
         else:  # a probe failed: only the next probe time moves
-            self.state.probe_failed(self.hook.name, after.probe_at, after.probes)
+            await self.state.probe_failed(self.hook.name, after.probe_at, after.probes)
             return
-        self._log_pause(before, after)
+        await self._log_pause(before, after)
 
-    def _log_pause(self, before: Pause | None, after: Pause | None) -> None:
+    async def _log_pause(self, before: Pause | None, after: Pause | None) -> None:
         name = self.hook.name
+        pending = (await self.state.pending_counts()).get(name, 0)
         if after is not None:
             log.error(
                 "webhook.paused",
@@ -321,7 +339,7 @@ class Worker:
                 reason=after.reason,
                 since=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(after.since)),
                 probing=not after.awaits_resume,
-                pending=self.state.pending_counts().get(name, 0),
+                pending=pending,
                 detail="nothing is dead-lettered while paused; "
                 + (
                     "the head event is probed until the receiver takes it"
@@ -334,15 +352,31 @@ class Worker:
                 "webhook.resumed",
                 webhook=name,
                 paused_for_s=round(time.time() - before.since, 1),
-                pending=self.state.pending_counts().get(name, 0),
+                pending=pending,
             )
 
-    def _commit_marks_if_full(self) -> None:
+    async def _commit_marks_if_full(self) -> None:
         if len(self._unmarked) >= MARKS_PER_COMMIT:
-            self.commit_marks(attempts=False)
+            await self.commit_marks(attempts=False)
+
+    def _commit_while_sending(self) -> None:
+        """Start committing the held marks if enough are held; the request out now
+        covers the commit's time. `commit_marks` waits for it and raises its error."""
+        if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
+            self._committing = asyncio.get_running_loop().create_task(self._commit(attempts=False))
+
+    def _reap_commit(self) -> None:
+        """Before the next request: once the commit started while the last one was out is
+        done, let the next start, and raise what it raised (no request goes out after a
+        failed commit)."""
+        task = self._committing
+        if task is not None and task.done():
+            self._committing = None
+            task.result()
 
     async def run(self) -> None:
         try:
+            await self._sync_pause()
             if self.hook.ordered:
                 await self._run_ordered()
             else:
@@ -351,9 +385,9 @@ class Worker:
             # Cancelled (a forced stop) or failed: the delivered event need not go out
             # again, but a second failure of the state file must not hide the first.
             with contextlib.suppress(Exception):
-                self.commit_marks()
+                await self.commit_marks()
             raise
-        self.commit_marks()
+        await self.commit_marks()
 
     async def _wait(self, timeout_s: float | None) -> None:
         """Until woken (new work), stopped, or the timeout passes."""
@@ -367,9 +401,9 @@ class Worker:
     async def _run_ordered(self) -> None:
         while not self.stop.is_set():
             self.wake.clear()
-            self.commit_marks()  # before reading the outbox, which must not offer them again
-            self._sync_pause()
-            rows = self.state.next_pending(self.hook.name, _BATCH)
+            await self.commit_marks()  # before reading the outbox: it must not offer them again
+            await self._sync_pause()
+            rows = await self.state.next_pending(self.hook.name, _BATCH)
             if not rows:
                 if self.once:
                     return
@@ -382,7 +416,7 @@ class Worker:
                 if wait_s > 0:
                     if self.once and math.isinf(wait_s):
                         return  # paused: nothing is due until a resume
-                    self.commit_marks()
+                    await self.commit_marks()
                     await self._wait(None if math.isinf(wait_s) else wait_s)
                     break
                 following = rows[index + 1] if index + 1 < len(rows) else None
@@ -412,13 +446,13 @@ class Worker:
                 if not await self._probe_lane():
                     return
                 continue
-            row = self._next_row()
+            row = await self._next_row()
             if row is not None:
                 now = time.time()
                 wait_s = self.schedule.gate(now, head=False) - now
                 if wait_s > 0:  # the rate limit, a 429 hold or a pause: the row goes back
                     self._queue.appendleft(row)
-                    self.commit_marks()
+                    await self.commit_marks()
                     if math.isinf(wait_s):
                         continue  # paused: the probe lane takes over
                     await self._wait(wait_s)
@@ -426,7 +460,7 @@ class Worker:
             if row is None:
                 if self.once and self._later_at == math.inf:
                     return  # nothing left but what other lanes are delivering
-                self.commit_marks()  # nothing more is coming soon
+                await self.commit_marks()  # nothing more is coming soon
                 timeout = self._later_at - time.time() if self._later_at < math.inf else None
                 await self._wait(timeout if timeout is None else max(0.0, timeout))
                 continue
@@ -440,15 +474,15 @@ class Worker:
         """Paused, unordered: one lane probes the head event, the others wait for the
         outcome. False when a --once run has nothing left it may do."""
         self.wake.clear()
-        self.commit_marks()
-        self._sync_pause()
+        await self.commit_marks()
+        await self._sync_pause()
         if self.schedule.paused is None:
             self._queue.clear()
             return True
         if self._taken:  # another lane is out with the probe (or was before the pause)
             await self._wait(None)
             return True
-        head = self.state.next_pending(self.hook.name, 1)
+        head = await self.state.next_pending(self.hook.name, 1)
         now = time.time()
         at = max(head[0].next_attempt_at, self.schedule.gate(now)) if head else math.inf
         if at > now:
@@ -465,19 +499,16 @@ class Worker:
             self.wake.set()  # the other lanes look again: resumed, or still paused
         return True
 
-    def _next_row(self) -> Pending | None:
+    async def _next_row(self) -> Pending | None:
         """The next due row for an unordered lane. The outbox is read once per batch, not
         once per delivery: again when the batch is used up or when woken (new rows)."""
         if self.wake.is_set() or not self._queue:
             self.wake.clear()
-            self.commit_marks()  # the outbox must not offer a delivered event again
-            self._sync_pause()
+            await self.commit_marks()  # the outbox must not offer a delivered event again
+            await self._sync_pause()
             now = time.time()
-            rows = [
-                r
-                for r in self.state.next_pending(self.hook.name, _BATCH + len(self._taken))
-                if r.event_id not in self._taken
-            ]
+            read = await self.state.next_pending(self.hook.name, _BATCH + len(self._taken))
+            rows = [r for r in read if r.event_id not in self._taken]
             self._queue = deque(r for r in rows if r.next_attempt_at <= now)
             self._later_at = min(
                 (r.next_attempt_at for r in rows if r.next_attempt_at > now), default=math.inf
@@ -503,7 +534,7 @@ class Worker:
         """While a request is out: commit the marks if enough are held, and render the
         next body if renders are quick."""
         try:
-            self._commit_marks_if_full()
+            self._commit_while_sending()
             quick = self._render_s < _AHEAD_MAX_S and not self.hook.renderer.off_loop
             if row is not None and quick:
                 self._ahead = (row.event_id, self._render(row))
@@ -511,6 +542,10 @@ class Worker:
             self._side_error = exc
 
     async def _attempt(self, row: Pending, following: Pending | None) -> AttemptResult:
+        if self._may_send is not None and not self._may_send():
+            # The lease may be gone by now: a new leader may send this event too.
+            raise FencedError("the lease was not renewed in time; no new delivery starts")
+        self._reap_commit()
         self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.
@@ -572,9 +607,9 @@ class Worker:
         if action.kind == "delivered":
             self._unmarked.append(row.event_id)
             if not ordered:
-                self._commit_marks_if_full()
+                await self._commit_marks_if_full()
         elif action.kind == "dead_letter":
-            self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
+            await self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
             log.error(
                 "delivery.dead_lettered",
                 webhook=name,
@@ -584,10 +619,12 @@ class Worker:
             )
         else:  # retry, or kept pending while paused (until the next probe or a resume)
             at = now if math.isinf(action.at) else action.at  # inf: held by the pause itself
-            self.state.retry_later(name, row.event_id, attempts, at, outcome.reason, rate_limited)
+            await self.state.retry_later(
+                name, row.event_id, attempts, at, outcome.reason, rate_limited
+            )
             if action.kind == "keep":
                 outcome = Outcome("retry", outcome.reason, max(0.0, action.at - now))
-        self._save_pause(paused_before)
+        await self._save_pause(paused_before)
         if self._on_outcome is not None:
             self._on_outcome(name, outcome, now - row.enqueued_at, duration_s)
         if self._side_error is not None:

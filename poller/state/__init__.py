@@ -45,14 +45,13 @@ __all__ = [
 ]
 
 
-async def open_state(
-    config: StateConfig, *, create: bool = True, lock: bool = True
-) -> StateStore:
+async def open_state(config: StateConfig, *, create: bool = True, lock: bool = True) -> StateStore:
     """Open the configured state. `lock` is for the daemon (and tools that write while it is
     stopped): SQLite takes its file lock; PostgreSQL readies the lease. A tool opened with
     `lock=False` reads, and writes only what is safe beside a running daemon."""
     if config.url is None:
         return SqliteState.open(config.path, create=create, lock=lock)
-    from poller.state.postgres import PostgresState  # psycopg is the `postgres` extra
+    # Imported only when asked for: psycopg is the `postgres` extra.
+    from poller.state.postgres import PostgresState  # noqa: PLC0415
 
     return await PostgresState.open(config, create=create, lock=lock)

@@ -25,7 +25,6 @@ from poller.state.base import (
     Gap,
     Leadership,
     Pending,
-    StateDump,
     StateError,
     StateLockedError,
     storable,
@@ -558,7 +557,9 @@ class SqliteState:
 
     # -- attempt log -------------------------------------------------------------------
 
-    async def record_attempts(self, records: Sequence[AttemptRecord], keep: Mapping[str, int]) -> None:
+    async def record_attempts(
+        self, records: Sequence[AttemptRecord], keep: Mapping[str, int]
+    ) -> None:
         """Append to the attempt log and trim each webhook's part to its last `keep[name]`
         attempts (all in one transaction)."""
         if not records:

@@ -1,0 +1,157 @@
+"""Leadership under a lease, for a state several daemons share (PostgreSQL).
+
+One row in the store holds the holder, an epoch raised at every takeover and an expiry by
+the database's clock. The leader renews it several times per TTL; a standby looks again
+just after the expiry it last saw. Every write the leader makes is fenced by its epoch in
+the store itself (`FencedError`), so a paused or cut-off old leader commits nothing after
+a takeover. Fencing guards the state, not the receivers: by its own monotonic clock, a
+leader that could not renew stops starting deliveries (`may_send`) before its lease can
+have run out, so after a takeover it sends at most the request already on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from poller.log import get as get_logger
+from poller.state import Leadership, LeaseView, StateUnavailableError
+
+log = get_logger()
+
+
+class LeaseLostError(Exception):
+    """This daemon no longer leads (taken over, or not renewed in time)."""
+
+
+def holder_name(node_name: str | None) -> str:
+    """`<node>:<pid>`: which host holds the lease, and which process on it."""
+    return f"{node_name or socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        leadership: Leadership,
+        holder: str,
+        ttl_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.leadership = leadership
+        self.holder = holder
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.epoch = 0
+        self.leading = False
+        self.seen: LeaseView | None = None  # the lease as the last read saw it
+        self.valid_until = 0.0  # by our monotonic clock: no delivery starts after this
+        # Ahead of the lease's end by a fifth of it (at least half a second), for the
+        # difference between the two clocks' rates and the time a request takes to start.
+        self.margin_s = max(0.5, ttl_s / 5)
+
+    def may_send(self) -> bool:
+        return self.leading and self.clock() < self.valid_until
+
+    async def _try(self) -> bool:
+        started = self.clock()
+        leading, view = await self.leadership.try_lead(self.holder, self.ttl_s)
+        self.seen = view
+        if leading:
+            # The database set the expiry at its `now` + TTL, no earlier than `started`.
+            self.valid_until = started + self.ttl_s - self.margin_s
+            self.epoch = view.epoch
+        return leading
+
+    async def try_once(self) -> bool:
+        """One look: lead now if the lease is free (a --once run)."""
+        self.leading = await self._try()
+        return self.leading
+
+    async def acquire(self, stop: asyncio.Event) -> bool:
+        """Stand by until this daemon leads (True) or `stop` is set (False). Looks again
+        just after the expiry it saw, so a dead leader is replaced within about a TTL."""
+        announced = False
+        failures = 0
+        while not stop.is_set():
+            try:
+                before = self.seen
+                if await self._try():
+                    self.leading = True
+                    self._log_acquired(before)
+                    return True
+                failures = 0
+                if not announced and self.seen is not None:
+                    announced = True
+                    log.info(
+                        "lease.standby",
+                        holder=self.holder,
+                        leader=self.seen.holder,
+                        epoch=self.seen.epoch,
+                        detail="another daemon leads; this one stands by and touches nothing",
+                    )
+                expires_in = self.seen.expires_in_s if self.seen else self.ttl_s
+                delay = min(max(expires_in + 0.05, 0.05), self.ttl_s / 3)
+            except StateUnavailableError as exc:
+                failures += 1
+                delay = min(self.ttl_s / 3, 0.5 * 2 ** min(failures, 6))
+                if failures == 1:
+                    log.error("lease.unreachable", holder=self.holder, error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        return False
+
+    def _log_acquired(self, before: LeaseView | None) -> None:
+        old = before.holder if before is not None else None
+        if old and old != self.holder:
+            log.warning(
+                "lease.takeover",
+                old_holder=old,
+                new_holder=self.holder,
+                epoch=self.epoch,
+                detail="the previous leader's lease ran out; this daemon delivers now",
+            )
+        else:
+            log.info("lease.acquired", holder=self.holder, epoch=self.epoch)
+
+    async def keep(self) -> None:
+        """Renew while leading, several times per TTL; raise LeaseLostError when the lease
+        is lost (taken over, or not renewable before it runs out)."""
+        every = self.ttl_s / 3
+        while True:
+            await asyncio.sleep(every)
+            try:
+                if not await self._try():
+                    self._lost(f"taken over by {self.seen.holder if self.seen else '?'}")
+            except StateUnavailableError as exc:
+                if self.clock() >= self.valid_until:
+                    self._lost(f"not renewed in time: {exc}")
+                log.warning("lease.renew_failed", holder=self.holder, error=str(exc))
+                every = min(self.ttl_s / 6, 1.0)
+                continue
+            every = self.ttl_s / 3
+
+    def _lost(self, reason: str) -> None:
+        self.leading = False
+        self.valid_until = 0.0
+        log.error("lease.lost", holder=self.holder, epoch=self.epoch, reason=reason)
+        raise LeaseLostError(reason)
+
+    def lost_elsewhere(self, reason: str) -> None:
+        """A write was fenced, or the state went away: stop leading (no log of its own
+        when already logged)."""
+        if self.leading:
+            self.leading = False
+            self.valid_until = 0.0
+            log.error("lease.lost", holder=self.holder, epoch=self.epoch, reason=reason)
+
+    async def resign(self) -> None:
+        if not self.leading:
+            return
+        self.leading = False
+        with contextlib.suppress(Exception):
+            await self.leadership.resign(self.holder)
