@@ -176,13 +176,15 @@ _NEXT_PENDING = (
     "o.rate_limited FROM outbox o JOIN events e ON e.id = o.event_id "
     "WHERE o.webhook = %s AND o.event_id > %s ORDER BY o.event_id LIMIT %s"
 )
+# Arrays go in binary (%b): the text form escapes every quote of every JSON body with a
+# regular expression, which cost ~50 µs of CPU per event taken in.
 _INSERT_EVENTS = (
-    "INSERT INTO events (id, body) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+    "INSERT INTO events (id, body) SELECT * FROM unnest(%b::bigint[], %b::text[]) "
     "ON CONFLICT DO NOTHING"
 )
 _INSERT_OWED = (
     "INSERT INTO outbox (webhook, event_id, enqueued_at) "
-    "SELECT w, e, %s FROM unnest(%s::text[], %s::bigint[]) AS o (w, e) ON CONFLICT DO NOTHING"
+    "SELECT w, e, %s FROM unnest(%b::text[], %b::bigint[]) AS o (w, e) ON CONFLICT DO NOTHING"
 )
 _SET_HIGH_WATER = (
     "INSERT INTO meta (key, value) VALUES ('high_water', %s) "
@@ -199,7 +201,7 @@ _FENCE: LiteralString = "(SELECT fence(%(epoch)s, %(durable)s))"
 # rows its first part deletes, hence "another webhook's" in the checks.
 _DELIVERED: LiteralString = (
     "WITH gone AS (DELETE FROM outbox WHERE " + _FENCE + " AND webhook = %(w)s "
-    "              AND event_id = ANY(%(ids)s) RETURNING event_id), "
+    "              AND event_id = ANY(%(ids)b::bigint[]) RETURNING event_id), "
     "parts AS (DELETE FROM parts_sent p USING gone g "
     "          WHERE p.webhook = %(w)s AND p.event_id = g.event_id AND NOT EXISTS "
     "          (SELECT 1 FROM dead_letters d WHERE d.webhook = %(w)s AND d.event_id = g.event_id)) "
@@ -227,9 +229,9 @@ _RECORD_ATTEMPTS: LiteralString = (
     "                                 latency_ms, outcome) "
     "        SELECT %(w)s, base.seq + r.n, r.event_id, r.at, r.attempt, r.status, r.error, "
     "               r.latency_ms, r.outcome "
-    "        FROM base, unnest(%(event_id)s::bigint[], %(at)s::float8[], %(attempt)s::int[], "
-    "                          %(status)s::int[], %(error)s::text[], %(latency_ms)s::float8[], "
-    "                          %(outcome)s::text[]) "
+    "        FROM base, unnest(%(event_id)b::bigint[], %(at)b::float8[], %(attempt)b::int[], "
+    "                          %(status)b::int[], %(error)b::text[], %(latency_ms)b::float8[], "
+    "                          %(outcome)b::text[]) "
     "        WITH ORDINALITY AS r (event_id, at, attempt, status, error, latency_ms, outcome, n) "
     "        WHERE r.n > %(count)s - %(keep)s "
     "        RETURNING seq) "
@@ -725,14 +727,17 @@ class PostgresState:
             self._ingest,
             [
                 (
-                    "UPDATE gaps SET next_check_at = %s, checks = checks + 1 WHERE id = ANY(%s)",
+                    "UPDATE gaps SET next_check_at = %s, checks = checks + 1 "
+                    "WHERE id = ANY(%b::bigint[])",
                     (next_check_at, list(gap_ids)),
                 )
             ],
         )
 
     async def give_up_gaps(self, gap_ids: Iterable[int]) -> None:
-        await self._write(self._ingest, [("DELETE FROM gaps WHERE id = ANY(%s)", (list(gap_ids),))])
+        await self._write(
+            self._ingest, [("DELETE FROM gaps WHERE id = ANY(%b::bigint[])", (list(gap_ids),))]
+        )
 
     async def saved_text(self, key: str) -> str | None:
         value = await self._value("SELECT value FROM meta WHERE key = %s", (f"note:{key}",))
@@ -759,7 +764,7 @@ class PostgresState:
             self._ingest,
             [
                 (
-                    "INSERT INTO staging (id, body) SELECT * FROM unnest(%s::bigint[], %s::text[]) "
+                    "INSERT INTO staging (id, body) SELECT * FROM unnest(%b::bigint[], %b::text[]) "
                     "ON CONFLICT DO NOTHING",
                     _event_columns(events),
                 )
@@ -1180,10 +1185,10 @@ def _finish_steps(
     high_water: int, new_gaps: Iterable[int], settled_gaps: Iterable[int], now: float
 ) -> list[Step]:
     return [
-        ("DELETE FROM gaps WHERE id = ANY(%s::bigint[])", (list(settled_gaps),)),
+        ("DELETE FROM gaps WHERE id = ANY(%b::bigint[])", (list(settled_gaps),)),
         (
             "INSERT INTO gaps (id, missing_since, next_check_at) "
-            "SELECT g, %s, %s FROM unnest(%s::bigint[]) AS g ON CONFLICT DO NOTHING",
+            "SELECT g, %s, %s FROM unnest(%b::bigint[]) AS g ON CONFLICT DO NOTHING",
             (now, now, list(new_gaps)),
         ),
         (_SET_HIGH_WATER, (str(high_water),)),
