@@ -22,7 +22,7 @@ from yarl import URL
 from poller.app import App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
-from poller.state import State
+from poller.state import SqliteState
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -49,7 +49,7 @@ def _config(tmp_path: Path) -> Config:
 class _Announcing(App):
     """An App that says when it is running (its signal handlers are in place by then)."""
 
-    def __init__(self, config: Config, state: State) -> None:
+    def __init__(self, config: Config, state: SqliteState) -> None:
         super().__init__(config, state)
         self.started = asyncio.Event()
 
@@ -69,7 +69,7 @@ def test_run_removes_its_signal_handlers(tmp_path: Path, monkeypatch: pytest.Mon
     handlers from before it ran are back."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     config = _config(tmp_path)
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
 
     async def main() -> tuple[list[bool], list[object], list[object]]:
         loop = asyncio.get_running_loop()
@@ -85,7 +85,7 @@ def test_run_removes_its_signal_handlers(tmp_path: Path, monkeypatch: pytest.Mon
     try:
         removed, before, after = asyncio.run(main())
     finally:
-        state.close()
+        asyncio.run(state.close())
     assert removed == [False, False, False]
     assert after == before
 
@@ -101,7 +101,7 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     path.touch(mode=0o600)
     path.write_text(_toml(1))
     config = load_config(path)
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     errors: list[dict[str, object]] = []
 
     async def main() -> int:
@@ -126,7 +126,7 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     try:
         assert asyncio.run(main()) == 0
     finally:
-        state.close()
+        asyncio.run(state.close())
     assert errors == []
 
 
@@ -189,7 +189,7 @@ def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
     """A detected profile rebuilds the renderers; a reload applies it to the new config at
     once and asks the server again on the next poll."""
     path = _write_chat(tmp_path / "c.toml")
-    state = State.open(tmp_path / "state.sqlite3")
+    state = SqliteState.open(tmp_path / "state.sqlite3")
     try:
         app = App(load_config(path), state)
         worker = _Worker(app.config.webhooks[0])
@@ -216,7 +216,7 @@ def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
         assert app._detected is False  # the events API is asked again on the next poll
         assert worker.hook is app.config.webhooks[0]
     finally:
-        state.close()
+        asyncio.run(state.close())
 
 
 # -- ui-config is optional to polling and delivery ----------------------------------------
@@ -315,7 +315,7 @@ def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_late
     for i in (1, 2, 3):
         fake.add(i)
     path = _fake_config(tmp_path)
-    state = State.open(tmp_path / "s.sqlite3")
+    state = SqliteState.open(tmp_path / "s.sqlite3")
 
     async def main() -> None:
         app = App(load_config(path), state)
@@ -353,8 +353,8 @@ def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_late
     with aioresponses() as mocked:
         fake.mock(mocked)
         asyncio.run(main())
-    saved = parse_saved_profile(state.saved_text("server_profile"))
-    state.close()
+    saved = parse_saved_profile(asyncio.run(state.saved_text("server_profile")))
+    asyncio.run(state.close())
     assert saved is not None
     assert (saved.version, saved.unleash_url) == ("8.2.0", "http://ui.test")
 
@@ -367,8 +367,12 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
     fake = _FakeUnleash()
     fake.add(1)
     path = _fake_config(tmp_path)
-    state = State.open(tmp_path / "s.sqlite3")
-    state.save_text("server_profile", saved_profile_text(ServerProfile("7.6.5", "http://ui.test")))
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+    asyncio.run(
+        state.save_text(
+            "server_profile", saved_profile_text(ServerProfile("7.6.5", "http://ui.test"))
+        )
+    )
 
     async def main() -> None:
         app = App(load_config(path), state)
@@ -383,7 +387,7 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
     with aioresponses() as mocked, capture_logs() as logs:
         fake.mock(mocked)
         asyncio.run(main())
-    state.close()
+    asyncio.run(state.close())
     assert fake.bodies[1] == "1|<b>1"
     warnings = [e for e in logs if e.get("event") == "unleash.profile_unknown"]
     assert len(warnings) == 1, warnings

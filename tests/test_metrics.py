@@ -73,7 +73,7 @@ def test_sinks_take_what_the_protocol_declares(sink: type) -> None:
     """Metrics and NullMetrics have every MetricsSink method, with its exact signature
     (names, annotations, defaults), so they cannot drift apart again."""
     methods = [name for name in vars(MetricsSink) if name.startswith("on_")]
-    assert len(methods) == 5
+    assert len(methods) == 6
     for name in methods:
         expected = inspect.signature(getattr(MetricsSink, name))
         assert inspect.signature(getattr(sink, name)) == expected, name
@@ -172,7 +172,7 @@ def test_pending_source_is_read_at_each_scrape() -> None:
     outbox = {"ops": 3}
     calls = []
 
-    def pending() -> dict[str, int]:
+    async def pending() -> dict[str, int]:
         calls.append(1)
         return dict(outbox)
 
@@ -368,7 +368,11 @@ def test_poll_health_state_not_writable(tmp_path: Path) -> None:
 def test_paused_gauge_follows_the_state_store_at_each_scrape() -> None:
     """unleash_poller_webhook_paused is 1 for the webhooks paused at scrape time, 0 else."""
     paused: set[str] = set()
-    metrics = Metrics(["a", "b"], paused=lambda: set(paused))
+
+    async def now_paused() -> set[str]:
+        return set(paused)
+
+    metrics = Metrics(["a", "b"], paused=now_paused)
     assert samples(metrics)[key("unleash_poller_webhook_paused", webhook="a")] == 0
     paused.add("a")
     got = samples(metrics)
