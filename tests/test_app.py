@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -19,10 +21,12 @@ from aioresponses import CallbackResult, aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
-from poller.app import App
+from poller.app import COUNTS_EVERY_S, App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
+from poller.schedule import Pause
 from poller.state import SqliteState
+from tests.support.unleash import free_port
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -128,6 +132,87 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     finally:
         asyncio.run(state.close())
     assert errors == []
+
+
+def test_on_sqlite_the_daemon_leads_alone_and_its_metrics_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While App runs on a SQLite state, /metrics shows unleash_poller_leader 1.0 and lease
+    epoch 0, the outbox and pause gauges read from the state (which only a leader does),
+    and /healthz says role "single"."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    port = free_port()
+    config = parse_config(
+        tomllib.loads(_toml() + f'[metrics]\nlisten = "127.0.0.1:{port}"\n'), tmp_path
+    )
+    state = SqliteState.open(config.state.path)
+    event = '{"id": 1, "type": "feature-created", "createdBy": "me", "data": {}}'
+
+    async def seed() -> None:
+        await state.ingest([(1, event)], [("a", 1)], 1)
+        # Paused by hand: the event stays pending however long the test takes.
+        await state.set_pause("a", Pause("by hand", time.time(), True, math.inf))
+
+    async def main() -> tuple[list[str], dict[str, object]]:
+        await seed()
+        app = _Announcing(config, state)
+        running = asyncio.create_task(app.run())
+        try:
+            await asyncio.wait_for(app.worker_started.wait(), 10)
+            assert app.leading
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{port}"
+                async with session.get(f"{base}/metrics") as resp:
+                    assert resp.status == 200
+                    page = (await resp.text()).splitlines()
+                async with session.get(f"{base}/healthz") as resp:
+                    health = await resp.json()
+        finally:
+            app._request_stop()
+            assert await asyncio.wait_for(running, 10) == 0
+        return page, health
+
+    try:
+        page, health = asyncio.run(main())
+    finally:
+        asyncio.run(state.close())
+    assert "unleash_poller_leader 1.0" in page
+    assert "unleash_poller_lease_epoch 0.0" in page
+    assert 'unleash_poller_outbox_pending{webhook="a"} 1.0' in page
+    assert 'unleash_poller_webhook_paused{webhook="a"} 1.0' in page
+    assert health["role"] == "single"
+    assert health["cursor"] == 1
+
+
+def test_the_status_line_reads_outbox_counts_kept_for_two_seconds(tmp_path: Path) -> None:
+    """The status line (systemd STATUS=, the watchdog) shows the pending and paused
+    webhooks as last counted: a count is taken again only COUNTS_EVERY_S after the last,
+    so a backlog's COUNT does not run on every poll."""
+    config = _config(tmp_path)
+    state = SqliteState.open(config.state.path)
+    event = '{"id": 1, "type": "feature-created", "createdBy": "me", "data": {}}'
+
+    async def main() -> list[str]:
+        app = App(config, state)
+        app.ingest = SimpleNamespace(high_water=1)  # type: ignore[assignment]
+        await state.ingest([(1, event)], [("a", 1)], 1)
+        await app._refresh_counts(now=100.0)
+        lines = [app.status_line()]
+        await state.ingest([(2, event)], [("a", 2)], 2)
+        await state.set_pause("a", Pause("by hand", time.time(), True, math.inf))
+        await app._refresh_counts(now=100.0 + COUNTS_EVERY_S - 0.1)  # too soon: kept
+        lines.append(app.status_line())
+        await app._refresh_counts(now=100.0 + COUNTS_EVERY_S)
+        lines.append(app.status_line())
+        return lines
+
+    try:
+        lines = asyncio.run(main())
+    finally:
+        asyncio.run(state.close())
+    assert lines[0] == "polling; cursor 1, 1 pending, 0 delivered, 0 dead-lettered"
+    assert lines[1] == lines[0]
+    assert lines[2] == "polling; cursor 1, 2 pending, 0 delivered, 0 dead-lettered; paused: a"
 
 
 EVENT = {

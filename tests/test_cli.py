@@ -148,6 +148,28 @@ def test_status_needs_a_state_file_then_reports(config: Path, tmp_path: Path) ->
     assert "HTTP 500 after 2 attempts" in listed.stdout
 
 
+def test_status_on_sqlite_names_the_backend_and_a_single_daemon(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a SQLite state, `status --json` says backend "sqlite", where the file is, role
+    "single" and no lease; the text report has no lease line (that is for a shared state)."""
+    path = tmp_path / "state" / "s.sqlite3"
+    state = SqliteState.open(path)
+    asyncio.run(state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4))
+    asyncio.run(state.close())
+    assert main(["status", "-c", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "sqlite"
+    assert report["where"] == str(path)
+    assert report["role"] == "single"
+    assert report["lease"] is None
+    assert (report["cursor"], report["webhooks"]["plain"]["pending"]) == (4, 1)
+    assert main(["status", "-c", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("cursor: 4   gaps: 0"), text
+    assert "lease" not in text
+
+
 def test_cursor_set_refuses_beside_a_running_daemon(config: Path, tmp_path: Path) -> None:
     """`cursor set` moves the cursor and clears gaps, but not while the daemon's lock is held."""
     state = SqliteState.open(tmp_path / "state" / "s.sqlite3")

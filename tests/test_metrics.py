@@ -184,6 +184,18 @@ def test_pending_source_is_read_at_each_scrape() -> None:
     assert len(calls) == 2
 
 
+def test_leader_and_lease_epoch_follow_on_role() -> None:
+    """unleash_poller_leader is 1 while leading and 0 while standing by; the epoch gauge
+    shows the lease epoch last held or seen."""
+    metrics = Metrics(["ops"])
+    metrics.on_role(True, 3)
+    got = samples(metrics)
+    assert (got[key("unleash_poller_leader")], got[key("unleash_poller_lease_epoch")]) == (1, 3)
+    metrics.on_role(False, 4)
+    got = samples(metrics)
+    assert (got[key("unleash_poller_leader")], got[key("unleash_poller_lease_epoch")]) == (0, 4)
+
+
 def test_each_metrics_object_has_its_own_registry() -> None:
     """Two daemons in one process (as in tests) do not add to each other's counters."""
     first, second = Metrics(["ops"]), Metrics(["ops"])
