@@ -477,3 +477,26 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
     warnings = [e for e in logs if e.get("event") == "unleash.profile_unknown"]
     assert len(warnings) == 1, warnings
     assert "7.6.5" in str(warnings[0]["rendering_as"])
+
+
+def test_the_stop_summary_counts_the_outbox_as_the_run_leaves_it(tmp_path: Path) -> None:
+    """`app.stopped` reports what is pending at the end, not the count cached before the
+    poll: a --once run that takes in three events for a paused webhook says 3 pending."""
+    fake = _FakeUnleash()
+    for i in (1, 2, 3):
+        fake.add(i)
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+
+    async def main() -> int:
+        await state.set_pause("h", Pause("by hand", time.time(), True, math.inf))
+        return await App(load_config(_fake_config(tmp_path)), state).run(once=True)
+
+    with aioresponses() as mocked, capture_logs() as logs:
+        fake.mock(mocked)
+        try:
+            assert asyncio.run(main()) == 0
+        finally:
+            asyncio.run(state.close())
+    [stopped] = [e for e in logs if e.get("event") == "app.stopped"]
+    assert (stopped["cursor"], stopped["pending"], stopped["delivered"]) == (3, 3, 0)
+    assert fake.bodies == {}
