@@ -61,6 +61,7 @@ from tests.support.daemon import (
     wait_for_ids,
     wants,
 )
+from tests.support.pgstate import state_url
 from tests.support.receiver import Receiver, RecordedRequest
 from tests.support.unleash import (
     TEST_ROLE_PASSWORD,
@@ -168,7 +169,6 @@ class Site:
     # -- nodes
 
     def _write_config(self, name: str, metrics_port: int) -> Path:
-        db = self.state_db
         path = self._tmp_path / f"{name}.toml"
         path.touch(mode=0o600)  # it holds a token and a password
         path.write_text(
@@ -178,7 +178,7 @@ class Site:
                 start_from=self.start,
                 poll_interval_s=POLL_S,
                 state={
-                    "url": f"postgresql://{db.user}:{db.password}@{db.host}:{db.port}/{db.name}",
+                    "url": state_url(self.state_db),
                     "schema": self.schema,
                     "lease_ttl_s": TTL_S,
                     "node_name": name,
