@@ -3,7 +3,8 @@
 One ordered webhook with the default body drains an outbox of `--events` rows in a state
 file, with `deliver.post` replaced by a stub that answers 200 after one loop turn: what is
 left is rendering, the group-committed marks, the outbox reads and the worker's
-bookkeeping, the work a real run does on top of aiohttp. `--profile` prints cProfile's top functions.
+bookkeeping, the work a real run does on top of aiohttp. `--profile` prints cProfile's top
+functions.
 No Unleash and no receiver are needed.
 
     .venv/bin/python -m bench.worker_cost [--events 20000] [--profile]
