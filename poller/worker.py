@@ -43,6 +43,9 @@ _ATTEMPTS_PER_COMMIT = 64
 # less than this. The work may run before a request on a new connection has been written,
 # inside that request's timeout, so it must stay small against any timeout.
 _AHEAD_MAX_S = 0.002
+# A worker stopped by an error or a cancel commits its held marks within this, or leaves
+# them (a duplicate each, never a loss).
+_LAST_COMMIT_S = 2.0
 
 
 def delivery_id(event_id: int) -> str:
@@ -384,8 +387,9 @@ class Worker:
         except BaseException:
             # Cancelled (a forced stop) or failed: the delivered event need not go out
             # again, but a second failure of the state file must not hide the first.
+            # Bounded: a state that went away (PostgreSQL cut off) must not hold up the stop.
             with contextlib.suppress(Exception):
-                await self.commit_marks()
+                await asyncio.wait_for(self.commit_marks(), _LAST_COMMIT_S)
             raise
         await self.commit_marks()
 
