@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import zlib
@@ -83,6 +84,10 @@ _PERMANENT_CONNECT = (
     "invalid",
     "certificate",
 )
+# psycopg warns through the standard logging module (which the daemon does not set up, so
+# it would print a bare line to stderr) when ending a pipeline on a connection that just
+# died; the same failure is raised as StateUnavailableError, logged by the daemon.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _BODY_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
