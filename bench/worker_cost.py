@@ -3,7 +3,8 @@
 One ordered webhook with the default body drains an outbox of `--events` rows in a state
 file, with `deliver.post` replaced by a stub that answers 200 after one loop turn: what is
 left is rendering, the group-committed marks, the outbox reads and the worker's
-bookkeeping, the work a real run does on top of aiohttp. `--profile` prints cProfile's top functions.
+bookkeeping, the work a real run does on top of aiohttp. `--profile` prints cProfile's top
+functions.
 No Unleash and no receiver are needed.
 
     .venv/bin/python -m bench.worker_cost [--events 20000] [--profile]
@@ -28,7 +29,7 @@ from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
 from poller.deliver import Attempt
 from poller.state import SqliteState
-from poller.worker import Worker
+from poller.worker import make_worker
 
 
 def _event(i: int) -> str:
@@ -70,7 +71,7 @@ async def _answer_at_once(
 
 async def _drain(config: Config, state: SqliteState) -> float:
     async with make_session(config) as session:
-        worker = Worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
+        worker = make_worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
         started = time.perf_counter()
         await worker.run()
         return time.perf_counter() - started
