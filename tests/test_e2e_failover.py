@@ -16,7 +16,7 @@ header on every webhook, so the receiver tells who sent what. They share one lea
 5. Stopping a standby (SIGTERM or kill -9) changes nothing for delivery.
 
 Duplicates: a worker sends one request at a time per (ordered) webhook and group-commits its
-delivery marks, MARKS_PER_COMMIT to a transaction (poller/worker.py). A leader that stops
+delivery marks, MARKS_PER_COMMIT to a transaction (poller/worker_ordered.py). A leader that stops
 leading without a clean stop leaves its successor at most MARKS_PER_COMMIT delivered but
 unmarked events plus the one request on the wire to send again: RESENT_PER_HANDOVER per
 webhook per handover, re-sent in order. A clean stop (SIGTERM) drains and commits first,
