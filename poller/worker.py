@@ -402,8 +402,9 @@ class Worker(ABC):
         )
 
     # Hooks for the work in order delivery does while a request is out (none here).
-    def _before_request(self) -> None:  # noqa: B027 - a hook, see above
-        """Before a request goes out: raise what the work done during the last one raised."""
+    async def _before_request(self) -> None:  # noqa: B027 - a hook, see above
+        """Before a request goes out: finish (and raise what raised) the work done during
+        the last one."""
 
     def _after_outcome(self) -> None:  # noqa: B027 - a hook, see above
         """Once an outcome is recorded: raise what the work done while sending raised."""
@@ -414,10 +415,10 @@ class Worker(ABC):
         coroutine of its own but attempt_once's: one frame less on the hot path."""
 
     async def _attempt(self, row: Pending, following: Pending | None) -> AttemptResult:
+        await self._before_request()
         if self._may_send is not None and not self._may_send():
             # The lease may be gone by now: a new leader may send this event too.
             raise FencedError("the lease was not renewed in time; no new delivery starts")
-        self._before_request()
         self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.

@@ -80,13 +80,15 @@ class OrderedWorker(Worker):
         if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
             self._committing = asyncio.get_running_loop().create_task(self._commit(attempts=False))
 
-    def _before_request(self) -> None:
-        """Once the commit started while the last request was out is done, let the next
-        start, and raise what it raised (no request goes out after a failed commit)."""
+    async def _before_request(self) -> None:
+        """The commit started while the last request was out must be done before the next
+        request starts (so at most MARKS_PER_COMMIT delivered events are ever unmarked,
+        however slow the state), and raises what it raised (no request goes out after a
+        failed commit). On SQLite it is done by then; on PostgreSQL it most often is."""
         task = self._committing
-        if task is not None and task.done():
+        if task is not None:
             self._committing = None
-            task.result()
+            await task
 
     def _render(self, row: Pending) -> bytes | Outcome:
         started = time.perf_counter()
