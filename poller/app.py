@@ -90,6 +90,7 @@ class App:
         self.leading = False
         self._term_over = asyncio.Event()  # set to end the current term (see _lead)
         self._term_reason: str | None = None
+        self._term_unreachable = False  # the term ended because the state went away
         self._ready_sent = False
         self._pending: dict[str, int] = {}  # outbox sizes, refreshed every COUNTS_EVERY_S
         self._paused: list[str] = []
@@ -610,7 +611,9 @@ class App:
                 if self.lease is not None:
                     self._ready()  # a standby is up and healthy
                     self.metrics.on_role(False, self.lease.seen.epoch if self.lease.seen else 0)
-                    if not await self.lease.acquire(self.stop):
+                    # An outage the last term logged is not logged again while waited out.
+                    quiet = self._term_unreachable
+                    if not await self.lease.acquire(self.stop, outage_logged=quiet):
                         break
                 await self._lead()
                 if self.lease is None:
@@ -629,7 +632,10 @@ class App:
         """The state says this daemon may no longer lead (fenced, or unreachable): end the
         term; `_lead` stops the workers and the daemon stands by."""
         if self._term_reason is None:
-            self._term_reason = f"{type(error).__name__}: {error}"
+            self._term_reason = str(error)
+            self._term_unreachable = isinstance(error, StateUnavailableError) or (
+                isinstance(error, LeaseLostError) and error.unreachable
+            )
         self._term_over.set()
 
     async def _lead(self) -> None:
@@ -638,6 +644,7 @@ class App:
         are re-sent by whoever leads next) and return."""
         self._term_over.clear()
         self._term_reason = None
+        self._term_unreachable = False
         self.leading = True
         self._counts_at = -math.inf
         self.metrics.on_role(True, self.lease.epoch if self.lease is not None else 0)
@@ -668,12 +675,30 @@ class App:
                 if self.stop.is_set() and self._term_reason is None:
                     await self.lease.resign()  # a standby takes over without waiting
                 else:
-                    self.lease.lost_elsewhere(self._term_reason or "term ended")
+                    self.lease.stand_down()
         if self._term_reason is not None and not self.stop.is_set():
-            log.warning(
-                "leader.standing_by",
+            self._log_term_end()
+
+    def _log_term_end(self) -> None:
+        """One line for the end of a term: the state gone away, or the lease lost."""
+        assert self.lease is not None
+        if self._term_unreachable:
+            log.error(
+                "state.unreachable",
+                state=self.state.where,
+                error=self._term_reason,
+                holder=self.lease.holder,
+                epoch=self.lease.epoch,
+                detail="stopped delivering and standing by; the state is asked again with "
+                "back-off and whoever leads next re-sends what was in flight",
+            )
+        else:
+            log.error(
+                "lease.lost",
+                holder=self.lease.holder,
+                epoch=self.lease.epoch,
                 reason=self._term_reason,
-                detail="what was in flight is re-sent by whoever leads next",
+                detail="another daemon leads now; this one stands by",
             )
 
     async def _begin_term(self) -> None:

@@ -25,7 +25,12 @@ log = get_logger()
 
 
 class LeaseLostError(Exception):
-    """This daemon no longer leads (taken over, or not renewed in time)."""
+    """This daemon no longer leads (taken over, or not renewed in time). `unreachable`:
+    because the state could not be reached to renew it."""
+
+    def __init__(self, reason: str, *, unreachable: bool = False) -> None:
+        super().__init__(reason)
+        self.unreachable = unreachable
 
 
 def holder_name(node_name: str | None) -> str:
@@ -72,11 +77,13 @@ class LeaseKeeper:
         self.leading = await self._try()
         return self.leading
 
-    async def acquire(self, stop: asyncio.Event) -> bool:
+    async def acquire(self, stop: asyncio.Event, *, outage_logged: bool = False) -> bool:
         """Stand by until this daemon leads (True) or `stop` is set (False). Looks again
-        just after the expiry it saw, so a dead leader is replaced within about a TTL."""
+        just after the expiry it saw, so a dead leader is replaced within about a TTL.
+        `outage_logged`: the state is known to be away and that was logged already, so a
+        failure to reach it is not logged again."""
         announced = False
-        failures = 0
+        failures = 1 if outage_logged else 0
         while not stop.is_set():
             try:
                 before = self.seen
@@ -100,7 +107,12 @@ class LeaseKeeper:
                 failures += 1
                 delay = min(self.ttl_s / 3, 0.5 * 2 ** min(failures, 6))
                 if failures == 1:
-                    log.error("lease.unreachable", holder=self.holder, error=str(exc))
+                    log.error(
+                        "state.unreachable",
+                        error=str(exc),
+                        holder=self.holder,
+                        detail="standing by; the state is asked again with back-off",
+                    )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
         return False
@@ -129,25 +141,22 @@ class LeaseKeeper:
                     self._lost(f"taken over by {self.seen.holder if self.seen else '?'}")
             except StateUnavailableError as exc:
                 if self.clock() >= self.valid_until:
-                    self._lost(f"not renewed in time: {exc}")
-                log.warning("lease.renew_failed", holder=self.holder, error=str(exc))
+                    self._lost(f"not renewed in time: {exc}", unreachable=True)
+                # Not a warning of its own: if the state stays away, the term ends with one.
+                log.info("lease.renew_failed", holder=self.holder, error=str(exc))
                 every = min(self.ttl_s / 6, 1.0)
                 continue
             every = self.ttl_s / 3
 
-    def _lost(self, reason: str) -> None:
+    def _lost(self, reason: str, *, unreachable: bool = False) -> None:
+        self.stand_down()
+        raise LeaseLostError(reason, unreachable=unreachable)
+
+    def stand_down(self) -> None:
+        """Lead no more (the term ended: fenced, taken over, or the state went away); the
+        App logs why, in one line."""
         self.leading = False
         self.valid_until = 0.0
-        log.error("lease.lost", holder=self.holder, epoch=self.epoch, reason=reason)
-        raise LeaseLostError(reason)
-
-    def lost_elsewhere(self, reason: str) -> None:
-        """A write was fenced, or the state went away: stop leading (no log of its own
-        when already logged)."""
-        if self.leading:
-            self.leading = False
-            self.valid_until = 0.0
-            log.error("lease.lost", holder=self.holder, epoch=self.epoch, reason=reason)
 
     async def resign(self) -> None:
         if not self.leading:
