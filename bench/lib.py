@@ -28,6 +28,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.support.unleash import (  # noqa: E402
     PostgresDatabase,
     UnleashServer,
+    drop_database,
+    ensure_postgres,
     missing_tools,
 )
 
@@ -215,6 +217,52 @@ class Inserter:
         self._process.wait(timeout=10)
 
 
+# --------------------------------------------------------------------------- PG state
+
+
+@dataclass
+class PostgresStates:
+    """A database of its own on the local cluster for the daemon's PostgreSQL state (not
+    Unleash's); every run gets a fresh schema in it, as every SQLite run gets a new file."""
+
+    db: PostgresDatabase
+
+    def url(self) -> str:
+        db = self.db
+        password = urllib.parse.quote(db.password, safe="")
+        return f"postgresql://{db.user}:{password}@{db.host}:{db.port}/{db.name}"
+
+    def state(self, schema: str) -> dict[str, object]:
+        """The [state] table of a config on the fresh schema `schema`."""
+        self.db.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE;")
+        return {"url": self.url(), "schema": schema}
+
+    def transactions(self, observer: PostgresDatabase) -> int:
+        """Transactions committed or rolled back in the state database so far, read from
+        another database (`observer`) so the reading adds none. A backend reports its
+        counts at the latest when it ends: this waits until the daemon's have ended."""
+        deadline = time.monotonic() + 10
+        while True:
+            busy, count = observer.psql(
+                "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = :'db'), "
+                "(SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                "WHERE datname = :'db');",
+                db=self.db.name,
+            )[0].split("|")
+            if int(busy) == 0 or time.monotonic() > deadline:
+                return int(count)
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def postgres_states(name: str) -> Iterator[PostgresStates]:
+    db = ensure_postgres(name)
+    try:
+        yield PostgresStates(db)
+    finally:
+        drop_database(db)
+
+
 # --------------------------------------------------------------------------- receiver
 
 
@@ -303,8 +351,10 @@ def write_config(
     unleash_url: str | None = None,
     top: Mapping[str, object] | None = None,
     unleash_extra: Mapping[str, object] | None = None,
+    state: Mapping[str, object] | None = None,
 ) -> Path:
-    """A poller config that sets only what it is given: everything else stays default."""
+    """A poller config that sets only what it is given: everything else stays default.
+    `state` replaces the [state] table (default: a SQLite file beside the config)."""
     lines = [f"{k} = {_toml(v)}" for k, v in (top or {}).items()]
     lines += [
         "[unleash]",
@@ -313,7 +363,8 @@ def write_config(
         f"start_from = {_toml(start_from)}",
     ]
     lines += [f"{k} = {_toml(v)}" for k, v in (unleash_extra or {}).items()]
-    lines += ["", "[state]", f"path = {_toml(str(path.with_suffix('.sqlite3')))}"]
+    state = state or {"path": str(path.with_suffix(".sqlite3"))}
+    lines += ["", "[state]", *(f"{k} = {_toml(v)}" for k, v in state.items())]
     for hook in webhooks:
         lines += ["", "[[webhooks]]", *(f"{k} = {_toml(v)}" for k, v in hook.items())]
     path.touch(mode=0o600)

@@ -47,6 +47,7 @@ class RateRun:
     out_of_order: int
     duplicates: int
     receiver_cpu_s: float = 0.0  # the lean receiver's CPU time during this run
+    transactions: int | None = None  # PostgreSQL state: transactions in its database
 
 
 @dataclass
@@ -130,8 +131,10 @@ def run_poller(
     name: str,
     hook: dict[str, object],
     prefix: tuple[str, ...] = (),
+    state: dict[str, object] | None = None,
 ) -> RateRun:
-    """`run --once` from the id before the backlog: fetch, take in, deliver, exit."""
+    """`run --once` from the id before the backlog: fetch, take in, deliver, exit.
+    `state` is the config's [state] table (default: a fresh SQLite file)."""
     path = f"/{name}"
     config_path = work / f"{name}.toml"
     write_config(
@@ -139,6 +142,7 @@ def run_poller(
         server,
         [{"name": name, "url": receiver.url(path), **hook}],
         start_from=backlog.before,
+        state=state,
     )
     receiver_cpu = proc_stat(receiver.pid).cpu_ns
     daemon = Daemon(config_path, once=True, prefix=prefix)
@@ -169,6 +173,8 @@ def report_run(report: Report, run: RateRun, count: int) -> None:
         f"{run.name}: lost / out of order / dup",
         f"{run.lost} / {run.out_of_order} / {run.duplicates}",
     )
+    if run.transactions is not None:
+        report.add(f"{run.name}: state transactions / event", run.transactions / count)
 
 
 def rate_arguments(description: str) -> argparse.ArgumentParser:
@@ -191,8 +197,12 @@ class RateBench:
     def baseline(self, concurrency: int = 1, tag: str = "") -> RateRun:
         return run_baseline(self.receiver, self.bodies, self.backlog, concurrency, tag)
 
-    def poller(self, name: str, hook: dict[str, object]) -> RateRun:
-        return run_poller(self.server, self.receiver, self.work, self.backlog, name, hook)
+    def poller(
+        self, name: str, hook: dict[str, object], state: dict[str, object] | None = None
+    ) -> RateRun:
+        return run_poller(
+            self.server, self.receiver, self.work, self.backlog, name, hook, state=state
+        )
 
 
 @contextlib.contextmanager
