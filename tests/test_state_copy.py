@@ -9,9 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from poller.config import StateConfig
 from poller.schedule import Pause
-from poller.state import AttemptRecord, SqliteState, StateDump, StateLockedError, StateStore
-from poller.state.copy import CopySummary, TargetNotEmptyError, copy_state
+from poller.state import AttemptRecord, SqliteState, StateDump, StateStore
+from poller.state.copy import (
+    CopyRefusedError,
+    CopySummary,
+    TargetNotEmptyError,
+    copy_configured,
+    copy_state,
+)
 
 NOW = 1_790_000_000.0
 
@@ -172,16 +179,21 @@ def test_a_failed_import_leaves_the_target_empty(tmp_path: Path) -> None:
     assert asyncio.run(run())
 
 
-def test_a_source_held_by_the_daemon_cannot_be_opened_for_the_copy(tmp_path: Path) -> None:
-    """While a daemon holds the state file's lock, opening it as `state copy` does fails
-    with StateLockedError (which the command turns into its refusal)."""
+def test_a_source_held_by_the_daemon_is_refused_before_the_target_is_made(
+    tmp_path: Path,
+) -> None:
+    """While a daemon holds the state file's lock, the copy is refused with a line that
+    says to stop it, and no target file is made."""
 
     async def run() -> None:
         daemon = sqlite(tmp_path / "a.sqlite3")
         try:
-            with pytest.raises(StateLockedError, match="another unleash-poller is running"):
-                sqlite(tmp_path / "a.sqlite3", create=False)
+            with pytest.raises(CopyRefusedError, match=r"a\.sqlite3: a running unleash-poller"):
+                await copy_configured(
+                    StateConfig(tmp_path / "a.sqlite3"), StateConfig(tmp_path / "b.sqlite3")
+                )
         finally:
             await daemon.close()
 
     asyncio.run(run())
+    assert not (tmp_path / "b.sqlite3").exists()
