@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from poller.config import StateConfig
 from poller.schedule import Pause
 from poller.state import AttemptRecord, SqliteState, StateDump, StateStore
 from poller.state.copy import (
-    CopyRefusedError,
     CopySummary,
     TargetNotEmptyError,
-    copy_configured,
     copy_state,
 )
 
@@ -179,21 +178,125 @@ def test_a_failed_import_leaves_the_target_empty(tmp_path: Path) -> None:
     assert asyncio.run(run())
 
 
-def test_a_source_held_by_the_daemon_is_refused_before_the_target_is_made(
-    tmp_path: Path,
-) -> None:
-    """While a daemon holds the state file's lock, the copy is refused with a line that
-    says to stop it, and no target file is made."""
+# -- the command: `unleash-poller state copy` --------------------------------------------
 
+SECRET = "s3cret-pw"  # noqa: S105 - a made-up password the output must never show
+
+
+def _config(tmp_path: Path) -> Path:
+    path = tmp_path / "poller.toml"
+    path.write_text(
+        "[unleash]\n"
+        'url = "http://127.0.0.1:1"\n'
+        'token_file = "token"\n'
+        "[state]\n"
+        f'path = "{tmp_path}/a.sqlite3"\n'
+        "[[webhooks]]\n"
+        'name = "alpha"\n'
+        'url = "http://127.0.0.1:1/alpha"\n'
+    )
+    (tmp_path / "token").write_text("*:*.t\n")
+    return path
+
+
+def _filled(path: Path) -> None:
     async def run() -> None:
-        daemon = sqlite(tmp_path / "a.sqlite3")
-        try:
-            with pytest.raises(CopyRefusedError, match=r"a\.sqlite3: a running unleash-poller"):
-                await copy_configured(
-                    StateConfig(tmp_path / "a.sqlite3"), StateConfig(tmp_path / "b.sqlite3")
-                )
-        finally:
-            await daemon.close()
+        state = sqlite(path)
+        await fill(state)
+        await state.close()
 
     asyncio.run(run())
+
+
+def _export(path: Path) -> StateDump:
+    async def run() -> StateDump:
+        state = SqliteState.open(path, create=False, lock=False)
+        try:
+            return await state.export_rows()
+        finally:
+            await state.close()
+
+    return asyncio.run(run())
+
+
+def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "poller", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+
+
+def test_the_command_copies_into_a_new_file_and_says_what_it_moved(tmp_path: Path) -> None:
+    """`state copy --to-file` exits 0 with one summary line, and the new file holds
+    exactly what the configured one does."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    done = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"copied {tmp_path}/a.sqlite3 to {tmp_path}/b.sqlite3: cursor 8, 4 event(s), "
+        "4 outbox row(s), 1 dead letter(s), 2 gap(s); also 2 note(s), 2 pause(s), "
+        "1 sent part(s), 3 logged attempt(s)"
+    ]
+    assert _export(tmp_path / "b.sqlite3") == _export(tmp_path / "a.sqlite3")
+
+
+def test_the_command_refuses_a_target_that_holds_a_state(tmp_path: Path) -> None:
+    """Into a file that already holds a state: exit 2, one line, the file unchanged."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    assert _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config).returncode == 0
+    before = _export(tmp_path / "b.sqlite3")
+    again = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [
+        f"unleash-poller: state copy: {tmp_path}/b.sqlite3: already holds a state; "
+        "copy only into an empty one"
+    ]
+    assert _export(tmp_path / "b.sqlite3") == before
+
+
+def test_the_command_refuses_while_the_daemon_holds_the_state(tmp_path: Path) -> None:
+    """While a daemon holds the state file's lock: exit 2, one line saying to stop it,
+    and no target made."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    daemon = sqlite(tmp_path / "a.sqlite3", create=False)
+    try:
+        refused = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+    finally:
+        asyncio.run(daemon.close())
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        f"unleash-poller: state copy: {tmp_path}/a.sqlite3: a daemon is running on this "
+        "state; stop it first (systemctl stop unleash-poller)"
+    ]
     assert not (tmp_path / "b.sqlite3").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--to-file", "{tmp}/a.sqlite3"), "is the source"),
+        ((), "one of the arguments --to --to-file is required"),
+        (("--to", f"mysql://poller:{SECRET}@db/state"), "mysql://poller:***@db/state is not a"),
+        (("--to", "postgresql://db/state", "--schema", "Bad-Name"), "not a lower-case SQL"),
+    ],
+)
+def test_bad_usage_exits_2_in_one_line_without_the_password(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """Usage errors (the source as target, no target, a URL of another kind, a bad schema
+    name) exit 2 with a message that never holds the URL's password."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    before = _export(tmp_path / "a.sqlite3")
+    done = _cli("state", "copy", "-c", config, *(a.format(tmp=tmp_path) for a in args))
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert _export(tmp_path / "a.sqlite3") == before

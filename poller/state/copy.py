@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from poller.config import StateConfig
-from poller.state import open_state
-from poller.state.base import StateDump, StateError, StateLockedError, StateStore
+from poller.state.base import StateDump, StateError, StateStore
 
 
 class CopyRefusedError(Exception):
@@ -87,31 +85,3 @@ async def copy_state(source: StateStore, target: StateStore) -> CopySummary:
             "empty the target before trying again"
         )
     return copied
-
-
-async def copy_configured(source: StateConfig, target: StateConfig) -> tuple[str, str, CopySummary]:
-    """Open both stores as the daemon would (the source must exist; the target is made if
-    it does not), copy, close. Returns the names of source and target (without secrets)
-    and what was copied. A store a running daemon holds is a CopyRefusedError."""
-    try:
-        source_store = await open_state(source, create=False, lock=True)
-    except StateLockedError:
-        where = source.path if source.url is None else "the configured PostgreSQL state"
-        raise CopyRefusedError(
-            f"{where}: a running unleash-poller holds this state; stop it first "
-            "(systemctl stop unleash-poller): the copy must see a state nothing changes"
-        ) from None
-    try:
-        try:
-            target_store = await open_state(target, create=True, lock=True)
-        except StateLockedError:
-            raise CopyRefusedError(
-                f"{target.path}: a running unleash-poller holds the target state file"
-            ) from None
-        try:
-            summary = await copy_state(source_store, target_store)
-            return source_store.where, target_store.where, summary
-        finally:
-            await target_store.close()
-    finally:
-        await source_store.close()
