@@ -26,6 +26,9 @@ from tests.support.unleash import (
     missing_tools,
 )
 
+# `pg_database` and `pg_state`: PostgreSQL for state tests (a schema per test).
+pytest_plugins = ("tests.support.pgstate",)
+
 
 def _unleash_versions() -> list[str]:
     raw = os.environ.get("UNLEASH_VERSIONS", "").strip() or DEFAULT_VERSION
