@@ -621,7 +621,10 @@ async def _cmd_cursor(config: Config, event_id: int) -> int:
 
 
 def _where(state: StateConfig) -> str:
-    return str(state.path) if state.url is None else redact_database_url(state.url.reveal())
+    """A state as messages name it before it is open (never with a password)."""
+    if state.url is None:
+        return str(state.path)
+    return f"{redact_database_url(state.url.reveal())} (schema {state.schema})"
 
 
 async def _cmd_state_copy(config: Config, args: argparse.Namespace) -> int:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import sqlite3
 import subprocess
 import sys
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from poller.config import StateConfig
 from poller.schedule import Pause
-from poller.state import AttemptRecord, SqliteState, StateDump, StateStore
+from poller.state import AttemptRecord, SqliteState, StateDump, StateStore, open_state
 from poller.state.copy import (
+    CopyMismatchError,
     CopySummary,
     TargetNotEmptyError,
     copy_state,
@@ -150,6 +155,31 @@ def test_is_empty_sees_every_kind_of_row(tmp_path: Path, leftover: str) -> None:
         return fresh, after
 
     assert asyncio.run(run()) == (True, False)
+
+
+class _LosesALetter(SqliteState):
+    """A target whose import silently drops the last dead letter (a broken backend)."""
+
+    async def import_rows(self, dump: StateDump) -> None:
+        await super().import_rows(dataclasses.replace(dump, dead_letters=dump.dead_letters[:-1]))
+
+
+def test_a_copy_that_reads_back_short_is_an_error_naming_the_table(tmp_path: Path) -> None:
+    """When the target holds fewer rows than were copied, copy_state raises a StateError
+    (exit 74) that says which table and how many, instead of reporting success."""
+
+    async def run() -> None:
+        source = sqlite(tmp_path / "a.sqlite3")
+        await fill(source)
+        target = _LosesALetter.open(tmp_path / "b.sqlite3", create=True, lock=True)
+        try:
+            with pytest.raises(CopyMismatchError, match=r"\(dead_letters 1 → 0\)"):
+                await copy_state(source, target)
+        finally:
+            await source.close()
+            await target.close()
+
+    asyncio.run(run())
 
 
 def test_a_failed_import_leaves_the_target_empty(tmp_path: Path) -> None:
@@ -300,3 +330,140 @@ def test_bad_usage_exits_2_in_one_line_without_the_password(
     assert message in done.stderr
     assert SECRET not in done.stdout + done.stderr
     assert _export(tmp_path / "a.sqlite3") == before
+
+
+# -- into PostgreSQL -----------------------------------------------------------------------
+
+
+def _in_one_order(dump: StateDump) -> StateDump:
+    """The dump's rows sorted, to compare dumps of different backends."""
+    return dataclasses.replace(
+        dump,
+        events=sorted(dump.events),
+        outbox=sorted(dump.outbox),
+        gaps=sorted(dump.gaps, key=lambda g: g.id),
+        dead_letters=sorted(dump.dead_letters),
+        parts_sent=sorted(dump.parts_sent),
+        attempt_log=sorted(dump.attempt_log, key=lambda r: (r.webhook, r.at, r.attempt)),
+    )
+
+
+async def _leading(config: StateConfig) -> StateStore:
+    """A store opened as the daemon (or `state copy`) opens it: leading under its lease."""
+    store = await open_state(config, create=True, lock=True)
+    if store.leadership is not None:
+        led, lease = await store.leadership.try_lead("test-copy", 30)
+        assert led, lease
+    return store
+
+
+def test_sqlite_to_postgresql_and_back_keeps_every_row(
+    tmp_path: Path, pg_state: Callable[[], StateConfig]
+) -> None:
+    """SQLite → PostgreSQL → a new SQLite file: each copy holds exactly the source's rows
+    (bodies, errors, 429 counts, inf probe times, the attempt log in order)."""
+
+    async def run() -> tuple[StateDump, StateDump, StateDump, CopySummary]:
+        source = sqlite(tmp_path / "a.sqlite3")
+        await fill(source)
+        postgres = await _leading(pg_state())
+        back = sqlite(tmp_path / "back.sqlite3")
+        try:
+            summary = await copy_state(source, postgres)
+            assert await copy_state(postgres, back) == summary
+            assert await postgres.attempt_log("alpha") == await source.attempt_log("alpha")
+            assert await postgres.next_pending("alpha", 10) == await source.next_pending(
+                "alpha", 10
+            )
+            return (
+                await source.export_rows(),
+                await postgres.export_rows(),
+                await back.export_rows(),
+                summary,
+            )
+        finally:
+            for store in (source, postgres, back):
+                await store.close()
+
+    original, in_postgres, back, summary = asyncio.run(run())
+    assert _in_one_order(in_postgres) == _in_one_order(original)
+    assert back == original
+    assert summary.outbox == 4
+    assert summary.attempt_log == 3
+
+
+def test_a_postgresql_target_that_holds_a_state_is_refused_untouched(
+    tmp_path: Path, pg_state: Callable[[], StateConfig]
+) -> None:
+    """A PostgreSQL schema that holds only a cursor is refused, and keeps only that."""
+
+    async def run() -> StateDump:
+        source = sqlite(tmp_path / "a.sqlite3")
+        await fill(source)
+        target = await _leading(pg_state())
+        await target.set_cursor(3)
+        try:
+            with pytest.raises(TargetNotEmptyError, match="already holds a state"):
+                await copy_state(source, target)
+            return await target.export_rows()
+        finally:
+            await source.close()
+            await target.close()
+
+    assert asyncio.run(run()) == StateDump(3, {}, [], [], [], [], [], {}, [])
+
+
+def _target_url(config: StateConfig) -> str:
+    assert config.url is not None
+    return config.url.reveal()
+
+
+def test_the_command_copies_into_postgresql_without_printing_the_password(
+    tmp_path: Path, pg_state: Callable[[], StateConfig]
+) -> None:
+    """`state copy --to postgresql://…` exits 0 and its one line names the target with the
+    password masked; the schema then holds the state; a second run is refused (exit 2),
+    again without the password."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    target = pg_state()
+    url = _target_url(target)
+    password = urllib.parse.unquote(urllib.parse.urlsplit(url).password or "")
+    assert password
+    done = _cli("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    [line] = done.stdout.splitlines()
+    assert line.startswith(f"copied {tmp_path}/a.sqlite3 to postgresql://")
+    assert ":***@" in line
+    assert line.endswith(
+        "cursor 8, 4 event(s), 4 outbox row(s), 1 dead letter(s), 2 gap(s); also 2 note(s), "
+        "2 pause(s), 1 sent part(s), 3 logged attempt(s)"
+    )
+
+    async def read() -> StateDump:
+        store = await open_state(target, create=False, lock=False)
+        try:
+            return await store.export_rows()
+        finally:
+            await store.close()
+
+    assert _in_one_order(asyncio.run(read())) == _in_one_order(_export(tmp_path / "a.sqlite3"))
+    again = _cli("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
+    assert again.returncode == 2
+    assert "already holds a state" in again.stderr
+    assert password not in again.stdout + again.stderr
+
+
+def test_an_unreachable_postgresql_target_is_74_in_one_line_without_the_password(
+    tmp_path: Path,
+) -> None:
+    """A target that cannot be reached: exit 74, one line naming it redacted, no traceback."""
+    config = _config(tmp_path)
+    _filled(tmp_path / "a.sqlite3")
+    url = f"postgresql://poller:{SECRET}@127.0.0.1:1/state?connect_timeout=2"
+    done = _cli("state", "copy", "-c", config, "--to", url)
+    assert done.returncode == 74, done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    assert "Traceback" not in done.stderr
