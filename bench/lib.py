@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -252,6 +253,62 @@ class PostgresStates:
             if int(busy) == 0 or time.monotonic() > deadline:
                 return int(count)
             time.sleep(0.05)
+
+
+class BackendCpu:
+    """The CPU time of the PostgreSQL server processes serving one database (the daemon's
+    state connections), sampled from /proc every 20 ms while a run lasts: a backend's
+    last reading before it exits is kept, so at most its final 20 ms are missed. Only the
+    postmaster's children are looked at, so the sampling itself costs little."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._marker = f" {db.name} ".encode()
+        self._postmaster = _postmaster_pid(db.port)
+        self._seen: dict[int, int] = {}  # pid -> CPU ticks at its last reading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._seen.values()) / CLK_TCK
+
+    def _sample(self) -> None:
+        children = f"/proc/{self._postmaster}/task/{self._postmaster}/children"
+        while not self._stop.wait(0.02):
+            with open(children) as listed:
+                pids = [int(p) for p in listed.read().split()]
+            for pid in pids:
+                try:
+                    if pid not in self._seen:
+                        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                            if self._marker not in cmdline.read():
+                                continue
+                    with open(f"/proc/{pid}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # exited meanwhile
+                self._seen[pid] = int(fields[11]) + int(fields[12])
+
+
+def _postmaster_pid(port: int) -> int:
+    """The postmaster of the local cluster on `port` (Debian's pg_lsclusters layout)."""
+    listed = subprocess.run(
+        ["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True
+    ).stdout
+    for line in listed.splitlines():
+        version, name, cluster_port, *_ = line.split()
+        if int(cluster_port) == port:
+            pid_file = Path(f"/var/run/postgresql/{version}-{name}.pid")
+            return int(pid_file.read_text().split()[0])
+    raise RuntimeError(f"no local PostgreSQL cluster on port {port}")
 
 
 @contextlib.contextmanager

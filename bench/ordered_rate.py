@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 
-from bench.lib import PostgresStates, Report, postgres_states, say
+from bench.lib import BackendCpu, PostgresStates, Report, postgres_states, say
 from bench.rates import (
     RateBench,
     RateRun,
@@ -43,8 +43,10 @@ def _ordered(bench: RateBench, states: PostgresStates | None, backend: str, roun
     name = f"ordered-pg-{round_}"
     state = states.state(name.replace("-", "_"))
     before = states.transactions(bench.server.db)
-    run = bench.poller(name, {}, state=state)
+    with BackendCpu(states.db) as server:
+        run = bench.poller(name, {}, state=state)
     run.transactions = states.transactions(bench.server.db) - before
+    run.state_server_cpu_s = server.cpu_s
     return run
 
 

@@ -48,6 +48,7 @@ class RateRun:
     duplicates: int
     receiver_cpu_s: float = 0.0  # the lean receiver's CPU time during this run
     transactions: int | None = None  # PostgreSQL state: transactions in its database
+    state_server_cpu_s: float | None = None  # PostgreSQL state: its server processes' CPU
 
 
 @dataclass
@@ -175,6 +176,12 @@ def report_run(report: Report, run: RateRun, count: int) -> None:
     )
     if run.transactions is not None:
         report.add(f"{run.name}: state transactions / event", run.transactions / count)
+    if run.state_server_cpu_s is not None:
+        report.add(
+            f"{run.name}: PostgreSQL server CPU time / event",
+            run.state_server_cpu_s / count * 1e6,
+            "us",
+        )
 
 
 def rate_arguments(description: str) -> argparse.ArgumentParser:
