@@ -4,6 +4,7 @@ backlog, one lean receiver, and a sequence of senders measured against the same 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import resource
@@ -49,6 +50,7 @@ class RateRun:
     receiver_cpu_s: float = 0.0  # the lean receiver's CPU time during this run
     transactions: int | None = None  # PostgreSQL state: transactions in its database
     state_server_cpu_s: float | None = None  # PostgreSQL state: its server processes' CPU
+    warnings: dict[str, int] | None = None  # the daemon's warning/error log events, counted
 
 
 @dataclass
@@ -155,7 +157,16 @@ def run_poller(
         receiver, path, f"poller {name}", backlog, done.wall_s, done.cpu_s, done.max_rss_kb
     )
     run.receiver_cpu_s = receiver_cpu_s
-    say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s")
+    run.warnings = dict(
+        collections.Counter(
+            str(entry.get("event"))
+            for entry in daemon.log_events()
+            if entry.get("level") in ("warning", "error", "critical")
+        )
+    )
+    noted = f", log: {run.warnings}" if run.warnings else ""
+    order = f", lost/out of order/dup {run.lost}/{run.out_of_order}/{run.duplicates}"
+    say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s{order}{noted}")
     return run
 
 
@@ -226,3 +237,11 @@ def median_rate(runs: list[RateRun]) -> float:
 
 def add_rounds(report: Report, label: str, runs: list[RateRun]) -> None:
     report.add(f"{label} rates, each round", " ".join(f"{r.rate:.0f}" for r in runs), "ev/s")
+    if any(r.lost or r.out_of_order or r.duplicates for r in runs):
+        report.add(
+            f"{label} lost/out of order/dup, each round",
+            " ".join(f"{r.lost}/{r.out_of_order}/{r.duplicates}" for r in runs),
+        )
+    for r in runs:
+        if r.warnings:
+            report.note(f"{r.name} logged {r.warnings}")
