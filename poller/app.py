@@ -35,7 +35,7 @@ from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource, read_server_profile
-from poller.state import FencedError, StateStore, StateUnavailableError
+from poller.state import FencedError, StateError, StateStore, StateUnavailableError
 from poller.worker import Worker, drain
 
 if TYPE_CHECKING:
@@ -385,6 +385,10 @@ class App:
                     code = await self._run_once()
                 else:
                     code = await self._run_forever()
+        # The summary counts the outbox as the run leaves it, not as last cached. A state
+        # gone by now (unreachable, fenced) only leaves the last count in it.
+        with contextlib.suppress(StateError):
+            self._pending = await self.state.pending_counts()
         log.info(
             "app.stopped",
             delivered=self.delivered,
@@ -577,8 +581,10 @@ class App:
         return False
 
     async def _progress_loop(self) -> None:
+        """--once has no poll loop: the progress line's counts are refreshed here."""
         while True:
             await asyncio.sleep(1.0)
+            await self._refresh_counts()
             self._report_progress()
 
     async def _run_forever(self) -> int:

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import sqlite3
 import sys
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 
 from poller import __version__, log
 from poller.app import EX_IOERR, EX_UNAVAILABLE, App, ask_server_profile
+from poller.backoff import backoff_s
 from poller.config import (
     EX_CONFIG,
     TOKEN_ENV,
@@ -38,7 +40,14 @@ from poller.render import RenderError, ServerProfile, parse_version
 from poller.replay import replay_dead_letters
 from poller.schedule import Pause
 from poller.source import UnleashError
-from poller.state import LeaseView, StateError, StateLockedError, StateStore, open_state
+from poller.state import (
+    LeaseView,
+    StateError,
+    StateLockedError,
+    StateStore,
+    StateUnavailableError,
+    open_state,
+)
 from poller.state.copy import TargetNotEmptyError, copy_state
 from poller.urls import redact_database_url
 
@@ -252,8 +261,32 @@ def _cmd_run(config: Config, once: bool) -> int:
     return asyncio.run(_run(config, once))
 
 
+async def _open_for_daemon(config: Config, once: bool) -> StateStore:
+    """Open the state; a PostgreSQL that cannot be reached yet (down, restarting) is asked
+    again with back-off, with one log line, rather than failing the start. Only a state
+    unusable for good (StateError) ends the run (exit 74). --once asks once."""
+    failures = 0
+    while True:
+        try:
+            return await open_state(config.state)
+        except StateUnavailableError as exc:
+            if once:
+                raise
+            failures += 1
+            delay = backoff_s(failures, 1.0, 30.0, random.random())  # noqa: S311 - jitter
+            if failures == 1:
+                log.get().error(
+                    "state.unreachable",
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
+                    detail="nothing is polled or delivered until the state answers; "
+                    "asked again with back-off",
+                )
+            await asyncio.sleep(delay)
+
+
 async def _run(config: Config, once: bool) -> int:
-    state = await open_state(config.state)
+    state = await _open_for_daemon(config, once)
     try:
         return await App(config, state).run(once=once)
     except sqlite3.DatabaseError as exc:

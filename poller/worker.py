@@ -43,6 +43,9 @@ _ATTEMPTS_PER_COMMIT = 64
 # less than this. The work may run before a request on a new connection has been written,
 # inside that request's timeout, so it must stay small against any timeout.
 _AHEAD_MAX_S = 0.002
+# A worker stopped by an error or a cancel commits its held marks within this, or leaves
+# them (a duplicate each, never a loss).
+_LAST_COMMIT_S = 2.0
 
 
 def delivery_id(event_id: int) -> str:
@@ -294,9 +297,14 @@ class Worker:
         if attempts or len(self._attempts) >= _ATTEMPTS_PER_COMMIT:
             records, self._attempts = self._attempts, []
         if self._unmarked:
-            marks = list(self._unmarked)
-            await self.state.delivered(self.hook.name, *marks)
-            del self._unmarked[: len(marks)]  # more may have been added meanwhile
+            # Taken out first: marks added meanwhile, or by another lane's commit while this
+            # one waits on the store, are not dropped with these.
+            marks, self._unmarked = self._unmarked, []
+            try:
+                await self.state.delivered(self.hook.name, *marks)
+            except BaseException:
+                self._unmarked[:0] = marks  # still held: tried again at the stop
+                raise
         if records:  # none are kept when attempt_log_size is 0
             await self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
 
@@ -360,6 +368,15 @@ class Worker:
         if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
             self._committing = asyncio.get_running_loop().create_task(self._commit(attempts=False))
 
+    def _reap_commit(self) -> None:
+        """Before the next request: once the commit started while the last one was out is
+        done, let the next start, and raise what it raised (no request goes out after a
+        failed commit)."""
+        task = self._committing
+        if task is not None and task.done():
+            self._committing = None
+            task.result()
+
     async def run(self) -> None:
         try:
             await self._sync_pause()
@@ -370,8 +387,9 @@ class Worker:
         except BaseException:
             # Cancelled (a forced stop) or failed: the delivered event need not go out
             # again, but a second failure of the state file must not hide the first.
+            # Bounded: a state that went away (PostgreSQL cut off) must not hold up the stop.
             with contextlib.suppress(Exception):
-                await self.commit_marks()
+                await asyncio.wait_for(self.commit_marks(), _LAST_COMMIT_S)
             raise
         await self.commit_marks()
 
@@ -531,6 +549,7 @@ class Worker:
         if self._may_send is not None and not self._may_send():
             # The lease may be gone by now: a new leader may send this event too.
             raise FencedError("the lease was not renewed in time; no new delivery starts")
+        self._reap_commit()
         self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -19,10 +21,12 @@ from aioresponses import CallbackResult, aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
-from poller.app import App
+from poller.app import COUNTS_EVERY_S, App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
-from poller.state import State
+from poller.schedule import Pause
+from poller.state import SqliteState
+from tests.support.unleash import free_port
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -49,7 +53,7 @@ def _config(tmp_path: Path) -> Config:
 class _Announcing(App):
     """An App that says when it is running (its signal handlers are in place by then)."""
 
-    def __init__(self, config: Config, state: State) -> None:
+    def __init__(self, config: Config, state: SqliteState) -> None:
         super().__init__(config, state)
         self.started = asyncio.Event()
 
@@ -69,7 +73,7 @@ def test_run_removes_its_signal_handlers(tmp_path: Path, monkeypatch: pytest.Mon
     handlers from before it ran are back."""
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     config = _config(tmp_path)
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
 
     async def main() -> tuple[list[bool], list[object], list[object]]:
         loop = asyncio.get_running_loop()
@@ -85,7 +89,7 @@ def test_run_removes_its_signal_handlers(tmp_path: Path, monkeypatch: pytest.Mon
     try:
         removed, before, after = asyncio.run(main())
     finally:
-        state.close()
+        asyncio.run(state.close())
     assert removed == [False, False, False]
     assert after == before
 
@@ -101,7 +105,7 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     path.touch(mode=0o600)
     path.write_text(_toml(1))
     config = load_config(path)
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     errors: list[dict[str, object]] = []
 
     async def main() -> int:
@@ -126,8 +130,89 @@ def test_two_reloads_in_one_loop_turn_replace_the_worker_once(
     try:
         assert asyncio.run(main()) == 0
     finally:
-        state.close()
+        asyncio.run(state.close())
     assert errors == []
+
+
+def test_on_sqlite_the_daemon_leads_alone_and_its_metrics_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While App runs on a SQLite state, /metrics shows unleash_poller_leader 1.0 and lease
+    epoch 0, the outbox and pause gauges read from the state (which only a leader does),
+    and /healthz says role "single"."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    port = free_port()
+    config = parse_config(
+        tomllib.loads(_toml() + f'[metrics]\nlisten = "127.0.0.1:{port}"\n'), tmp_path
+    )
+    state = SqliteState.open(config.state.path)
+    event = '{"id": 1, "type": "feature-created", "createdBy": "me", "data": {}}'
+
+    async def seed() -> None:
+        await state.ingest([(1, event)], [("a", 1)], 1)
+        # Paused by hand: the event stays pending however long the test takes.
+        await state.set_pause("a", Pause("by hand", time.time(), True, math.inf))
+
+    async def main() -> tuple[list[str], dict[str, object]]:
+        await seed()
+        app = _Announcing(config, state)
+        running = asyncio.create_task(app.run())
+        try:
+            await asyncio.wait_for(app.worker_started.wait(), 10)
+            assert app.leading
+            async with aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{port}"
+                async with session.get(f"{base}/metrics") as resp:
+                    assert resp.status == 200
+                    page = (await resp.text()).splitlines()
+                async with session.get(f"{base}/healthz") as resp:
+                    health = await resp.json()
+        finally:
+            app._request_stop()
+            assert await asyncio.wait_for(running, 10) == 0
+        return page, health
+
+    try:
+        page, health = asyncio.run(main())
+    finally:
+        asyncio.run(state.close())
+    assert "unleash_poller_leader 1.0" in page
+    assert "unleash_poller_lease_epoch 0.0" in page
+    assert 'unleash_poller_outbox_pending{webhook="a"} 1.0' in page
+    assert 'unleash_poller_webhook_paused{webhook="a"} 1.0' in page
+    assert health["role"] == "single"
+    assert health["cursor"] == 1
+
+
+def test_the_status_line_reads_outbox_counts_kept_for_two_seconds(tmp_path: Path) -> None:
+    """The status line (systemd STATUS=, the watchdog) shows the pending and paused
+    webhooks as last counted: a count is taken again only COUNTS_EVERY_S after the last,
+    so a backlog's COUNT does not run on every poll."""
+    config = _config(tmp_path)
+    state = SqliteState.open(config.state.path)
+    event = '{"id": 1, "type": "feature-created", "createdBy": "me", "data": {}}'
+
+    async def main() -> list[str]:
+        app = App(config, state)
+        app.ingest = SimpleNamespace(high_water=1)  # type: ignore[assignment]
+        await state.ingest([(1, event)], [("a", 1)], 1)
+        await app._refresh_counts(now=100.0)
+        lines = [app.status_line()]
+        await state.ingest([(2, event)], [("a", 2)], 2)
+        await state.set_pause("a", Pause("by hand", time.time(), True, math.inf))
+        await app._refresh_counts(now=100.0 + COUNTS_EVERY_S - 0.1)  # too soon: kept
+        lines.append(app.status_line())
+        await app._refresh_counts(now=100.0 + COUNTS_EVERY_S)
+        lines.append(app.status_line())
+        return lines
+
+    try:
+        lines = asyncio.run(main())
+    finally:
+        asyncio.run(state.close())
+    assert lines[0] == "polling; cursor 1, 1 pending, 0 delivered, 0 dead-lettered"
+    assert lines[1] == lines[0]
+    assert lines[2] == "polling; cursor 1, 2 pending, 0 delivered, 0 dead-lettered; paused: a"
 
 
 EVENT = {
@@ -189,7 +274,7 @@ def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
     """A detected profile rebuilds the renderers; a reload applies it to the new config at
     once and asks the server again on the next poll."""
     path = _write_chat(tmp_path / "c.toml")
-    state = State.open(tmp_path / "state.sqlite3")
+    state = SqliteState.open(tmp_path / "state.sqlite3")
     try:
         app = App(load_config(path), state)
         worker = _Worker(app.config.webhooks[0])
@@ -216,7 +301,7 @@ def test_profile_is_applied_and_kept_across_a_reload(tmp_path: Path) -> None:
         assert app._detected is False  # the events API is asked again on the next poll
         assert worker.hook is app.config.webhooks[0]
     finally:
-        state.close()
+        asyncio.run(state.close())
 
 
 # -- ui-config is optional to polling and delivery ----------------------------------------
@@ -315,7 +400,7 @@ def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_late
     for i in (1, 2, 3):
         fake.add(i)
     path = _fake_config(tmp_path)
-    state = State.open(tmp_path / "s.sqlite3")
+    state = SqliteState.open(tmp_path / "s.sqlite3")
 
     async def main() -> None:
         app = App(load_config(path), state)
@@ -353,8 +438,8 @@ def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_late
     with aioresponses() as mocked:
         fake.mock(mocked)
         asyncio.run(main())
-    saved = parse_saved_profile(state.saved_text("server_profile"))
-    state.close()
+    saved = parse_saved_profile(asyncio.run(state.saved_text("server_profile")))
+    asyncio.run(state.close())
     assert saved is not None
     assert (saved.version, saved.unleash_url) == ("8.2.0", "http://ui.test")
 
@@ -367,8 +452,12 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
     fake = _FakeUnleash()
     fake.add(1)
     path = _fake_config(tmp_path)
-    state = State.open(tmp_path / "s.sqlite3")
-    state.save_text("server_profile", saved_profile_text(ServerProfile("7.6.5", "http://ui.test")))
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+    asyncio.run(
+        state.save_text(
+            "server_profile", saved_profile_text(ServerProfile("7.6.5", "http://ui.test"))
+        )
+    )
 
     async def main() -> None:
         app = App(load_config(path), state)
@@ -383,8 +472,31 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
     with aioresponses() as mocked, capture_logs() as logs:
         fake.mock(mocked)
         asyncio.run(main())
-    state.close()
+    asyncio.run(state.close())
     assert fake.bodies[1] == "1|<b>1"
     warnings = [e for e in logs if e.get("event") == "unleash.profile_unknown"]
     assert len(warnings) == 1, warnings
     assert "7.6.5" in str(warnings[0]["rendering_as"])
+
+
+def test_the_stop_summary_counts_the_outbox_as_the_run_leaves_it(tmp_path: Path) -> None:
+    """`app.stopped` reports what is pending at the end, not the count cached before the
+    poll: a --once run that takes in three events for a paused webhook says 3 pending."""
+    fake = _FakeUnleash()
+    for i in (1, 2, 3):
+        fake.add(i)
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+
+    async def main() -> int:
+        await state.set_pause("h", Pause("by hand", time.time(), True, math.inf))
+        return await App(load_config(_fake_config(tmp_path)), state).run(once=True)
+
+    with aioresponses() as mocked, capture_logs() as logs:
+        fake.mock(mocked)
+        try:
+            assert asyncio.run(main()) == 0
+        finally:
+            asyncio.run(state.close())
+    [stopped] = [e for e in logs if e.get("event") == "app.stopped"]
+    assert (stopped["cursor"], stopped["pending"], stopped["delivered"]) == (3, 3, 0)
+    assert fake.bodies == {}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from poller.state import State
+from poller.state import SqliteState
 from tests.support.receiver import Receiver
 from tests.support.unleash import free_port
 
@@ -22,6 +23,20 @@ SILENT_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor
 
 def _event(i: int) -> str:
     return json.dumps({"id": i, "type": "feature-created", "createdBy": "me", "data": {}})
+
+
+async def _seed(path: Path) -> None:
+    """Twenty events owed to "ok", the first ten also to "runaway"."""
+    state = SqliteState.open(path)
+    ids = range(1, 21)
+    try:
+        await state.ingest(
+            [(i, _event(i)) for i in ids],
+            [("ok", i) for i in ids] + [("runaway", i) for i in range(1, 11)],
+            20,
+        )
+    finally:
+        await state.close()
 
 
 def _healthz_answers(port: int) -> bool:
@@ -66,14 +81,7 @@ url = "{receiver.url("/ok")}"
 """
         )
         config.chmod(0o600)
-        state = State.open(tmp_path / "state.sqlite3")
-        ids = range(1, 21)
-        state.ingest(
-            [(i, _event(i)) for i in ids],
-            [("ok", i) for i in ids] + [("runaway", i) for i in range(1, 11)],
-            20,
-        )
-        state.close()
+        asyncio.run(_seed(tmp_path / "state.sqlite3"))
         log = (tmp_path / "daemon.log").open("wb")
         daemon = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "-c", str(config)],

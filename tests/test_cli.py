@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from aioresponses import CallbackResult, aioresponses
 
 from poller import __version__
 from poller.cli import main
-from poller.state import State
+from poller.state import SqliteState
 
 EVENT = {
     "id": 5,
@@ -122,15 +123,17 @@ def test_status_needs_a_state_file_then_reports(config: Path, tmp_path: Path) ->
     missing = _cli("status", "-c", config)
     assert missing.returncode == 74
     assert "no state file" in missing.stderr
-    state = State.open(tmp_path / "state" / "s.sqlite3")
-    state.ingest(
-        [(4, json.dumps(EVENT)), (6, json.dumps(EVENT))],
-        [("plain", 4), ("chat", 4), ("plain", 6)],
-        6,
-        [5],
+    state = SqliteState.open(tmp_path / "state" / "s.sqlite3")
+    asyncio.run(
+        state.ingest(
+            [(4, json.dumps(EVENT)), (6, json.dumps(EVENT))],
+            [("plain", 4), ("chat", 4), ("plain", 6)],
+            6,
+            [5],
+        )
     )
-    state.dead_letter("chat", 4, 2, "HTTP 500 after 2 attempts")
-    state.close()
+    asyncio.run(state.dead_letter("chat", 4, 2, "HTTP 500 after 2 attempts"))
+    asyncio.run(state.close())
     text = _cli("status", "-c", config)
     assert text.returncode == 0
     assert "cursor: 6   gaps: 1 (ids 5)" in text.stdout
@@ -145,32 +148,54 @@ def test_status_needs_a_state_file_then_reports(config: Path, tmp_path: Path) ->
     assert "HTTP 500 after 2 attempts" in listed.stdout
 
 
+def test_status_on_sqlite_names_the_backend_and_a_single_daemon(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On a SQLite state, `status --json` says backend "sqlite", where the file is, role
+    "single" and no lease; the text report has no lease line (that is for a shared state)."""
+    path = tmp_path / "state" / "s.sqlite3"
+    state = SqliteState.open(path)
+    asyncio.run(state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4))
+    asyncio.run(state.close())
+    assert main(["status", "-c", str(config), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["backend"] == "sqlite"
+    assert report["where"] == str(path)
+    assert report["role"] == "single"
+    assert report["lease"] is None
+    assert (report["cursor"], report["webhooks"]["plain"]["pending"]) == (4, 1)
+    assert main(["status", "-c", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("cursor: 4   gaps: 0"), text
+    assert "lease" not in text
+
+
 def test_cursor_set_refuses_beside_a_running_daemon(config: Path, tmp_path: Path) -> None:
     """`cursor set` moves the cursor and clears gaps, but not while the daemon's lock is held."""
-    state = State.open(tmp_path / "state" / "s.sqlite3")
-    state.ingest([], [], 10, [7])
+    state = SqliteState.open(tmp_path / "state" / "s.sqlite3")
+    asyncio.run(state.ingest([], [], 10, [7]))
     busy = _cli("cursor", "set", "-c", config, "3")
     assert busy.returncode == 74
     assert "stop the daemon first" in busy.stderr
-    state.close()
+    asyncio.run(state.close())
     moved = _cli("cursor", "set", "-c", config, "3")
     assert moved.returncode == 0, moved.stderr
     assert "cursor moved from 10 to 3" in moved.stdout
-    state = State.open(tmp_path / "state" / "s.sqlite3", lock=False)
-    assert (state.high_water(), state.gaps()) == (3, [])
-    state.close()
+    state = SqliteState.open(tmp_path / "state" / "s.sqlite3", lock=False)
+    assert (asyncio.run(state.high_water()), asyncio.run(state.gaps())) == (3, [])
+    asyncio.run(state.close())
 
 
 def test_replay_beside_a_running_daemon_hands_letters_back(config: Path, tmp_path: Path) -> None:
     """With the daemon running, replay moves dead letters back into its outbox."""
-    state = State.open(tmp_path / "state" / "s.sqlite3")
-    state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4)
-    state.dead_letter("plain", 4, 2, "HTTP 500")
+    state = SqliteState.open(tmp_path / "state" / "s.sqlite3")
+    asyncio.run(state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4))
+    asyncio.run(state.dead_letter("plain", 4, 2, "HTTP 500"))
     result = _cli("dead-letters", "replay", "-c", config)
     assert result.returncode == 0, result.stderr
     assert "daemon is running: 1 dead letter(s) moved back to its outbox" in result.stdout
-    assert state.pending_counts() == {"plain": 1}
-    state.close()
+    assert asyncio.run(state.pending_counts()) == {"plain": 1}
+    asyncio.run(state.close())
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
@@ -293,9 +318,9 @@ def test_pause_and_resume_by_hand_with_the_daemon_stopped_and_running(
     """`webhooks pause` works on a stopped daemon's file and beside a running one (its
     lock held); `status` shows the pause and the pending count; `resume` lifts it."""
     path = tmp_path / "state" / "s.sqlite3"
-    state = State.open(path)
-    state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4)
-    state.close()
+    state = SqliteState.open(path)
+    asyncio.run(state.ingest([(4, json.dumps(EVENT))], [("plain", 4)], 4))
+    asyncio.run(state.close())
     paused = _cli("webhooks", "pause", "plain", "-c", config)  # daemon stopped
     assert paused.returncode == 0, paused.stderr
     status = _cli("status", "-c", config)
@@ -304,18 +329,20 @@ def test_pause_and_resume_by_hand_with_the_daemon_stopped_and_running(
     as_json = json.loads(_cli("status", "-c", config, "--json").stdout)
     assert as_json["webhooks"]["plain"]["paused"]["reason"] == "paused by hand"
     assert as_json["webhooks"]["chat"]["paused"] is None
-    daemon = State.open(path)  # holds the lock, as a running daemon does
+    daemon = SqliteState.open(path)  # holds the lock, as a running daemon does
     try:
         resumed = _cli("webhooks", "resume", "plain", "-c", config)
         assert resumed.returncode == 0, resumed.stderr
         assert "plain: resumed; 1 pending event(s) are delivered now" in resumed.stdout
-        assert daemon.written_elsewhere() is False  # first call only takes the baseline
-        assert daemon.pause("plain") is None
+        # The first call only takes the baseline.
+        assert asyncio.run(daemon.written_elsewhere()) is False
+        assert asyncio.run(daemon.pause("plain")) is None
         assert _cli("webhooks", "pause", "chat", "-c", config).returncode == 0
-        assert daemon.written_elsewhere() is True  # what wakes a running daemon's workers
-        assert daemon.pause("chat") is not None
+        # What wakes a running daemon's workers.
+        assert asyncio.run(daemon.written_elsewhere()) is True
+        assert asyncio.run(daemon.pause("chat")) is not None
     finally:
-        daemon.close()
+        asyncio.run(daemon.close())
 
 
 def test_attempts_lists_the_log_as_text_and_json(config: Path, tmp_path: Path) -> None:
@@ -323,18 +350,20 @@ def test_attempts_lists_the_log_as_text_and_json(config: Path, tmp_path: Path) -
     latency, outcome), filtered by webhook, event and --last; --json one object a line."""
     from poller.state import AttemptRecord
 
-    state = State.open(tmp_path / "state" / "s.sqlite3")
-    state.record_attempts(
-        [
-            AttemptRecord("plain", 4, 1_800_000_000.25, 1, 500, None, 12.5, "retry"),
-            AttemptRecord("plain", 4, 1_800_000_001.5, 2, 200, None, 3.0, "delivered"),
-            AttemptRecord(
-                "chat", 5, 1_800_000_002.0, 1, None, "timed out after 10s", 10000.0, "retry"
-            ),
-        ],
-        {"plain": 10, "chat": 10},
+    state = SqliteState.open(tmp_path / "state" / "s.sqlite3")
+    asyncio.run(
+        state.record_attempts(
+            [
+                AttemptRecord("plain", 4, 1_800_000_000.25, 1, 500, None, 12.5, "retry"),
+                AttemptRecord("plain", 4, 1_800_000_001.5, 2, 200, None, 3.0, "delivered"),
+                AttemptRecord(
+                    "chat", 5, 1_800_000_002.0, 1, None, "timed out after 10s", 10000.0, "retry"
+                ),
+            ],
+            {"plain": 10, "chat": 10},
+        )
     )
-    state.close()
+    asyncio.run(state.close())
     text = _cli("attempts", "-c", config).stdout.splitlines()
     assert text == [
         "2027-01-15T08:00:00.250Z\tplain\t4\t#1\tHTTP 500\t12.5ms\tretry",

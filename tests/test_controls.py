@@ -6,11 +6,12 @@ arrival times, not from sleeps."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from poller.app import make_session
 from poller.config import Config, parse_config
 from poller.replay import replay_dead_letters
-from poller.state import State
+from poller.state import SqliteState
 from poller.worker import Worker
 from tests.support.receiver import Receiver, RecordedRequest
 
@@ -51,8 +52,20 @@ def _event(i: int) -> str:
     return json.dumps({"id": i, "type": "feature-created", "featureName": f"f{i}"})
 
 
-def _fill(state: State, hooks: list[str], ids: range) -> None:
-    state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
+async def _take_in(state: SqliteState, hooks: list[str], ids: range) -> None:
+    await state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
+
+
+def _fill(state: SqliteState, hooks: list[str], ids: range) -> None:
+    asyncio.run(_take_in(state, hooks, ids))
+
+
+async def _nothing_owed(state: SqliteState) -> bool:
+    return await state.pending_counts() == {}
+
+
+async def _paused(state: SqliteState, hook: str) -> bool:
+    return await state.pause(hook) is not None
 
 
 def _ids(requests: list[RecordedRequest]) -> list[int]:
@@ -68,13 +81,18 @@ def _max_in_window(times: list[float], window_s: float) -> int:
     return best
 
 
+async def _holds(until: Callable[[], bool | Awaitable[bool]]) -> bool:
+    held = until()
+    return await held if inspect.isawaitable(held) else held
+
+
 async def _run(
     config: Config,
-    state: State,
-    until: Callable[[], bool],
+    state: SqliteState,
+    until: Callable[[], bool | Awaitable[bool]],
     *,
     timeout_s: float,
-    meanwhile: Callable[[list[Worker]], None] | None = None,
+    meanwhile: Callable[[list[Worker]], Awaitable[None]] | None = None,
 ) -> list[Worker]:
     """Run a daemon-mode worker per webhook until `until()` holds (checked every 50 ms);
     `meanwhile(workers)` runs at each check (to add events while they run)."""
@@ -84,11 +102,11 @@ async def _run(
         tasks = [asyncio.create_task(w.run()) for w in workers]
         deadline = time.monotonic() + timeout_s
         try:
-            while not until():
+            while not await _holds(until):
                 if time.monotonic() > deadline:
                     raise AssertionError(f"condition not met within {timeout_s} s")
                 if meanwhile is not None:
-                    meanwhile(workers)
+                    await meanwhile(workers)
                 await asyncio.sleep(0.05)
         finally:
             stop.set()
@@ -109,7 +127,7 @@ def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
         _hook("slow", receiver.url("/slow"), f"max_per_second = 5\nmax_in_flight = {max_in_flight}")
         + _hook("fast", receiver.url("/fast")),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["slow", "fast"], range(1, count + 1))
     asyncio.run(
         _run(
@@ -136,7 +154,7 @@ def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
     assert fast[-1] - fast[0] < 3.0
     if max_in_flight == 1:
         assert _ids(receiver.requests("/slow")) == list(range(1, count + 1))
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.pending_counts()) == {}
 
 
 def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
@@ -146,14 +164,14 @@ def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
     in order, none dead-lettered though retries = 0; nothing is sent during a hold."""
     receiver.respond("/a", statuses=[200, 200, 429] * 20, retry_after=2)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retries = 0"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 13))
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=60))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     got = receiver.requests("/a")
     statuses = ([200, 200, 429] * 20)[: len(got)]
     delivered = [i for i, s in zip(_ids(got), statuses, strict=True) if s == 200]
     assert delivered == list(range(1, 13))
-    assert state.dead_letter_counts() == {}
+    assert asyncio.run(state.dead_letter_counts()) == {}
     holds = [
         got[n + 1].received_at - got[n].received_at for n, s in enumerate(statuses[:-1]) if s == 429
     ]
@@ -163,7 +181,7 @@ def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
     )
     assert len(holds) >= 5
     assert min(holds) >= 2.0, holds
-    log = state.attempt_log("a")
+    log = asyncio.run(state.attempt_log("a"))
     assert [r.status for r in log] == statuses
     assert sum(1 for r in log if r.status == 429) == len(holds) + (statuses[-1] == 429)
 
@@ -172,9 +190,9 @@ def test_429_holds_every_lane_of_an_unordered_webhook(tmp_path: Path, receiver: 
     """Unordered (4 lanes): after a 429 with Retry-After: 2 no lane sends for 2 s."""
     receiver.respond("/a", statuses=[200] * 5 + [429], retry_after=2)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "max_in_flight = 4"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 21))
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     got = receiver.requests("/a")
     assert sorted(_ids(got)) == sorted([*range(1, 21), _ids(got)[5]])
     # Lanes already out when the 429 came back may still arrive; after that, silence.
@@ -182,7 +200,7 @@ def test_429_holds_every_lane_of_an_unordered_webhook(tmp_path: Path, receiver: 
     late = [t for t in after if t < 2.0]
     assert len(late) <= 3, after
     assert any(t >= 2.0 for t in after)
-    assert state.dead_letter_counts() == {}
+    assert asyncio.run(state.dead_letter_counts()) == {}
 
 
 def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_order(
@@ -204,18 +222,18 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
             "retry_schedule_s = [0.05]\npause_after_failures = 5\nprobe_interval_s = 0.5",
         ),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     added = [0]
     paused_seen: list[float] = []
 
-    def feed(workers: list[Worker]) -> None:
+    async def feed(workers: list[Worker]) -> None:
         if added[0] < 200:
-            _fill(state, ["a"], range(added[0] + 1, added[0] + 21))
+            await _take_in(state, ["a"], range(added[0] + 1, added[0] + 21))
             added[0] += 20
             workers[0].wake.set()
 
-    def probed_twice() -> bool:
-        if state.pause("a") is not None and not paused_seen:
+    async def probed_twice() -> bool:
+        if await state.pause("a") is not None and not paused_seen:
             paused_seen.append(time.monotonic())
         return (
             added[0] == 200
@@ -226,27 +244,27 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
     started = time.monotonic()
     asyncio.run(_run(config, state, probed_twice, timeout_s=60, meanwhile=feed))
     outage_s = time.monotonic() - started
-    pause = state.pause("a")
+    pause = asyncio.run(state.pause("a"))
     assert pause is not None
     assert not pause.awaits_resume
     assert "5 events in a row" in pause.reason
-    assert [d.event_id for d in state.dead_letters("a")] == [1, 2, 3, 4, 5]
-    assert state.pending_counts() == {"a": 195}
+    assert [d.event_id for d in asyncio.run(state.dead_letters("a"))] == [1, 2, 3, 4, 5]
+    assert asyncio.run(state.pending_counts()) == {"a": 195}
     during = [r for r in receiver.requests("/a") if r.received_at > paused_seen[0]]
     assert set(_ids(during)) == {6}  # only the head is probed
 
     receiver.respond("/a", status=200)
     back = time.monotonic()
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=60))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     after = [r for r in receiver.requests("/a") if r.received_at > back]
     print(
         f"FIGURES: receiver down {outage_s:.1f} s with 200 events: "
-        f"{len(state.dead_letters('a'))} dead letters, paused, {len(during)} probes; "
+        f"{len(asyncio.run(state.dead_letters('a')))} dead letters, paused, {len(during)} probes; "
         f"{len(after)} delivered in order {after[-1].received_at - back:.2f} s after it came back"
     )
     assert _ids(after) == list(range(6, 201))
-    assert state.pause("a") is None
-    assert len(state.dead_letters("a")) == 5
+    assert asyncio.run(state.pause("a")) is None
+    assert len(asyncio.run(state.dead_letters("a"))) == 5
 
 
 def test_410_pauses_at_once_and_a_resume_delivers_everything(
@@ -256,23 +274,23 @@ def test_410_pauses_at_once_and_a_resume_delivers_everything(
     `webhooks resume` does it) and a restart, every event arrives in order."""
     receiver.respond("/a", statuses=[200, 200, 410], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "probe_interval_s = 0.1"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 11))
-    asyncio.run(_run(config, state, lambda: state.pause("a") is not None, timeout_s=30))
+    asyncio.run(_run(config, state, lambda: _paused(state, "a"), timeout_s=30))
     time.sleep(0.5)  # long enough for several probes, were any made
     assert len(receiver.requests("/a")) == 3
-    pause = state.pause("a")
+    pause = asyncio.run(state.pause("a"))
     assert pause is not None
     assert pause.awaits_resume
     assert "410" in pause.reason
-    assert state.dead_letter_counts() == {}
-    assert state.pending_counts() == {"a": 8}
+    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert asyncio.run(state.pending_counts()) == {"a": 8}
 
     # Restarted while still paused: the pause survives, nothing is sent.
     asyncio.run(_run(config, state, lambda: True, timeout_s=5))
     assert len(receiver.requests("/a")) == 3
-    assert state.resume("a", retry_now=True)
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    assert asyncio.run(state.resume("a", retry_now=True))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     assert _ids(receiver.requests("/a")) == [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
@@ -292,16 +310,16 @@ def test_attempt_log_records_every_attempt_and_keeps_the_last_n(
         )
         + _hook("down", "http://127.0.0.1:1/", "retries = 0"),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 9))
     _fill(state, ["down"], range(9, 10))
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
-    log = state.attempt_log("a")
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    log = asyncio.run(state.attempt_log("a"))
     assert [(r.event_id, r.attempt) for r in log] == [(4, 1), (5, 1), (6, 1), (7, 1), (8, 1)]
     assert all(r.status == 200 and r.latency_ms is not None for r in log)
-    first = state.attempt_log("a", event_id=1)
+    first = asyncio.run(state.attempt_log("a", event_id=1))
     assert first == []  # trimmed
-    (down,) = state.attempt_log("down")
+    (down,) = asyncio.run(state.attempt_log("down"))
     assert (down.status, down.outcome, down.attempt) == (None, "dead_letter", 1)
     assert down.error is not None
     assert "connection failed" in down.error
@@ -314,10 +332,10 @@ def test_attempt_log_counts_a_retry_as_attempt_two(tmp_path: Path, receiver: Rec
     """A 500 then a 200: attempt 1 (500, retry) and attempt 2 (200, delivered)."""
     receiver.respond("/a", statuses=[500], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retry_schedule_s = [0.05]"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
-    log = state.attempt_log("a", event_id=1)
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    log = asyncio.run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 500, "retry"),
         (2, 200, "delivered"),
@@ -327,12 +345,12 @@ def test_attempt_log_counts_a_retry_as_attempt_two(tmp_path: Path, receiver: Rec
 def test_dead_letter_replay_is_in_the_attempt_log(tmp_path: Path, receiver: Receiver) -> None:
     """`dead-letters replay` (daemon stopped) logs its attempts too, numbered afresh."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 3))
-    state.dead_letter("a", 1, 2, "HTTP 500 after 2 attempts")
+    asyncio.run(state.dead_letter("a", 1, 2, "HTTP 500 after 2 attempts"))
     receiver.respond("/a", statuses=[503], status=200)
     assert asyncio.run(replay_dead_letters(config, state, "a")) == (1, 0)
-    log = state.attempt_log("a", event_id=1)
+    log = asyncio.run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 503, "retry"),
         (2, 200, "delivered"),
@@ -344,11 +362,11 @@ def test_429s_do_not_use_up_the_retries(tmp_path: Path, receiver: Receiver) -> N
     so the 500 is retried and the event delivered (attempts numbered 1-4 in the log)."""
     receiver.respond("/a", statuses=[429, 429, 500], retry_after="0", status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retry_schedule_s = [0.05]"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
-    assert state.dead_letter_counts() == {}
-    log = state.attempt_log("a", event_id=1)
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    assert asyncio.run(state.dead_letter_counts()) == {}
+    log = asyncio.run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 429, "retry"),
         (2, 429, "retry"),
@@ -367,12 +385,12 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
         tmp_path,
         _hook("a", receiver.url("/a"), "max_in_flight = 4\nretries = 0\nprobe_interval_s = 0.3"),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 41))
     paused_at: list[float] = []
 
-    def probed_three_times() -> bool:
-        if state.pause("a") is not None and not paused_at:
+    async def probed_three_times() -> bool:
+        if await state.pause("a") is not None and not paused_at:
             paused_at.append(time.monotonic())
         return (
             bool(paused_at)
@@ -380,7 +398,7 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
         )
 
     asyncio.run(_run(config, state, probed_three_times, timeout_s=30))
-    dead = [d.event_id for d in state.dead_letters("a")]
+    dead = [d.event_id for d in asyncio.run(state.dead_letters("a"))]
     assert len(dead) == 5
     probes = [r for r in receiver.requests("/a") if r.received_at > paused_at[0] + 0.1]
     head = min(set(range(1, 41)) - set(dead))
@@ -390,10 +408,10 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
 
     receiver.respond("/a", status=200)
     back = time.monotonic()
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     after = _ids([r for r in receiver.requests("/a") if r.received_at > back])
     assert sorted(after) == sorted(set(range(1, 41)) - set(dead))
-    assert state.pause("a") is None
+    assert asyncio.run(state.pause("a")) is None
 
 
 # -- providers: their requests go through poller.dispatch and must mean what a plain
@@ -426,12 +444,14 @@ def test_slack_429s_hold_the_whole_webhook_and_lose_nothing(
     )
     # One retry only: were the 429s counted, the event with two of them would be given up.
     config = _config(tmp_path, _slack_hook(receiver.url("/slack"), "retry_schedule_s = [0.05]"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     ids = range(1, 5)
-    state.ingest([(i, _slack_event(i)) for i in ids], [("app", i) for i in ids], ids[-1])
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=60))
+    asyncio.run(
+        state.ingest([(i, _slack_event(i)) for i in ids], [("app", i) for i in ids], ids[-1])
+    )
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     got = receiver.requests("/slack")
-    assert state.dead_letter_counts() == {}
+    assert asyncio.run(state.dead_letter_counts()) == {}
     assert len(got) == 12 + 5  # every message once, plus the five answered 429
     answered_429 = [r for i, r in enumerate(got) if i % 3 == 2]
     for before, after in itertools.pairwise(got):
@@ -456,23 +476,23 @@ def test_410_from_a_provider_pauses_and_a_resume_delivers_the_rest(
         tmp_path,
         f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/teams")}"\n',
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     ids = range(1, 6)
-    state.ingest([(i, _slack_event(i)) for i in ids], [("t", i) for i in ids], ids[-1])
-    asyncio.run(_run(config, state, lambda: state.pause("t") is not None, timeout_s=30))
-    pause = state.pause("t")
+    asyncio.run(state.ingest([(i, _slack_event(i)) for i in ids], [("t", i) for i in ids], ids[-1]))
+    asyncio.run(_run(config, state, lambda: _paused(state, "t"), timeout_s=30))
+    pause = asyncio.run(state.pause("t"))
     assert pause is not None
     assert pause.awaits_resume
     assert "410" in pause.reason
-    assert state.dead_letter_counts() == {}
-    assert state.pending_counts() == {"t": 4}
-    assert state.resume("t", retry_now=True)
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert asyncio.run(state.pending_counts()) == {"t": 4}
+    assert asyncio.run(state.resume("t", retry_now=True))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     flags = [
         int(r.body.decode().split("flag")[1].split("x")[0]) for r in receiver.requests("/teams")
     ]
     assert flags == [1, 2, 2, 3, 4, 5]
-    assert state.dead_letter_counts() == {}
+    assert asyncio.run(state.dead_letter_counts()) == {}
 
 
 def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> None:
@@ -484,10 +504,10 @@ def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> 
         f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/t")}"\n'
         "retry_schedule_s = [0.05]\n",
     )
-    state = State.open(config.state.path)
-    state.ingest([(1, _slack_event(1))], [("t", 1)], 1)
-    asyncio.run(_run(config, state, lambda: state.pending_counts() == {}, timeout_s=30))
+    state = SqliteState.open(config.state.path)
+    asyncio.run(state.ingest([(1, _slack_event(1))], [("t", 1)], 1))
+    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     first, second, third = (r.received_at for r in receiver.requests("/t"))
     assert second - first >= 0.95
     assert third - second >= 1.95
-    assert state.dead_letter_counts() == {}
+    assert asyncio.run(state.dead_letter_counts()) == {}

@@ -18,7 +18,7 @@ import pytest
 from poller.app import make_session
 from poller.config import parse_config
 from poller.deliver import post, request_headers
-from poller.state import State
+from poller.state import SqliteState
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CANARY = "Xq7Canary"
@@ -115,9 +115,11 @@ def test_no_url_secret_in_the_log_the_state_file_or_dead_letters_list(tmp_path: 
             config = work / "config.toml"
             config.write_text(_toml(server.url()))
             config.chmod(0o600)
-            state = State.open(work / "state.sqlite3")
-            state.ingest([(1, '{"id": 1, "type": "feature-created"}')], [("hook", 1)], 1)
-            state.close()
+            state = SqliteState.open(work / "state.sqlite3")
+            asyncio.run(
+                state.ingest([(1, '{"id": 1, "type": "feature-created"}')], [("hook", 1)], 1)
+            )
+            asyncio.run(state.close())
             run = subprocess.run(
                 [sys.executable, "-m", "poller", "run", "--once", "-c", str(config)],
                 cwd=REPO_ROOT,

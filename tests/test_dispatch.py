@@ -20,7 +20,7 @@ from poller.dispatch import combine
 from poller.providers import slack_app
 from poller.providers.base import Answer, Failure
 from poller.replay import replay_dead_letters
-from poller.state import State
+from poller.state import SqliteState
 from poller.worker import Worker
 from tests.support.receiver import Receiver
 
@@ -105,7 +105,7 @@ def _event(i: int) -> str:
     )  # fmt: skip
 
 
-async def _drain(config: Config, state: State) -> None:
+async def _drain(config: Config, state: SqliteState) -> None:
     async with make_session(config) as session:
         workers = [Worker(h, state, session, asyncio.Event(), once=True) for h in config.webhooks]
         await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), 20)
@@ -120,13 +120,13 @@ def test_a_failed_channel_alone_is_retried(tmp_path: Path, slack: FakeSlack) -> 
         (429, {"ok": False, "error": "ratelimited"}, {"Retry-After": "0"}),
     ]
     config = _config(tmp_path, slack)
-    state = State.open(config.state.path)
-    state.ingest([(1, _event(1))], [("app", 1)], 1)
+    state = SqliteState.open(config.state.path)
+    asyncio.run(state.ingest([(1, _event(1))], [("app", 1)], 1))
     asyncio.run(_drain(config, state))
     assert slack.posts == ["a", "b", "b", "b", "c"]
-    assert state.pending_counts() == {}
-    assert state.dead_letters() == []
-    assert state.parts_sent("app", 1) == frozenset()
+    assert asyncio.run(state.pending_counts()) == {}
+    assert asyncio.run(state.dead_letters()) == []
+    assert asyncio.run(state.parts_sent("app", 1)) == frozenset()
 
 
 def test_a_final_slack_error_dead_letters_and_replay_sends_only_that_channel(
@@ -136,21 +136,21 @@ def test_a_final_slack_error_dead_letters_and_replay_sends_only_that_channel(
     that channel; a replay then posts to that channel only."""
     slack.script["c"] = [(200, {"ok": False, "error": "channel_not_found"}, {})]
     config = _config(tmp_path, slack)
-    state = State.open(config.state.path)
-    state.ingest([(1, _event(1)), (2, _event(2))], [("app", 1), ("app", 2)], 2)
+    state = SqliteState.open(config.state.path)
+    asyncio.run(state.ingest([(1, _event(1)), (2, _event(2))], [("app", 1), ("app", 2)], 2))
     asyncio.run(_drain(config, state))
     assert slack.posts == ["a", "b", "c", "a", "b", "c"]
-    [letter] = state.dead_letters()
+    [letter] = asyncio.run(state.dead_letters())
     assert letter.event_id == 1
     assert letter.reason == "channel:c: Slack error: channel_not_found after 1 attempt"
-    assert state.parts_sent("app", 1) == {"channel:a", "channel:b"}
+    assert asyncio.run(state.parts_sent("app", 1)) == {"channel:a", "channel:b"}
     ok, failed = asyncio.run(replay_dead_letters(config, state, None))
     assert (ok, failed) == (1, 0)
     assert slack.posts[6:] == ["c"]
     files = [config.state.path, config.state.path.with_name(config.state.path.name + "-wal")]
     assert not any(b"xoxb-1" in f.read_bytes() for f in files if f.exists())
-    assert state.dead_letters() == []
-    assert state.parts_sent("app", 1) == frozenset()
+    assert asyncio.run(state.dead_letters()) == []
+    assert asyncio.run(state.parts_sent("app", 1)) == frozenset()
 
 
 def test_combined_outcome_of_several_requests() -> None:
@@ -205,13 +205,13 @@ retry_schedule_s = [0.05]
 """),
             tmp_path,
         )
-        state = State.open(config.state.path)
-        state.ingest([(1, _event(1))], [("svc", 1)], 1)
+        state = SqliteState.open(config.state.path)
+        asyncio.run(state.ingest([(1, _event(1))], [("svc", 1)], 1))
         asyncio.run(_drain(config, state))
         first, second = receiver.requests("/svc")
     assert second.received_at - first.received_at >= 0.95
-    assert state.pending_counts() == {}
-    assert state.dead_letters() == []
+    assert asyncio.run(state.pending_counts()) == {}
+    assert asyncio.run(state.dead_letters()) == []
 
 
 def test_combined_outcome_keeps_pauses_and_rate_limit_flags() -> None:
@@ -274,9 +274,9 @@ def test_slack_ratelimited_answers_do_not_dead_letter(tmp_path: Path, slack: Fak
     limited = (200, {"ok": False, "error": "ratelimited"}, {"Retry-After": "1"})
     slack.script["b"] = [limited, limited, limited]
     config = _config(tmp_path, slack)
-    state = State.open(config.state.path)
-    state.ingest([(1, _event(1))], [("app", 1)], 1)
+    state = SqliteState.open(config.state.path)
+    asyncio.run(state.ingest([(1, _event(1))], [("app", 1)], 1))
     asyncio.run(_drain(config, state))
-    assert state.dead_letters() == []
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.dead_letters()) == []
+    assert asyncio.run(state.pending_counts()) == {}
     assert slack.posts == ["a", "b", "b", "b", "b", "c"]

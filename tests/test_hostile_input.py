@@ -19,7 +19,7 @@ from poller.app import make_session
 from poller.config import Config, parse_config
 from poller.ingest import Ingest
 from poller.source import UnleashSource
-from poller.state import State
+from poller.state import SqliteState
 from poller.worker import Worker
 from tests.support.receiver import Receiver
 
@@ -60,8 +60,8 @@ def _event(event_id: object, name: str) -> str:
     )
 
 
-async def _poll_then_deliver(config: Config, page: str) -> tuple[Ingest, State]:
-    state = State.open(config.state.path)
+async def _poll_then_deliver(config: Config, page: str) -> tuple[Ingest, SqliteState]:
+    state = SqliteState.open(config.state.path)
     async with make_session(config) as session:
         source = UnleashSource(session, config.unleash)
         ingest = Ingest(config, state, source, lambda hooks: None)
@@ -83,10 +83,10 @@ def test_a_lone_surrogate_is_stored_and_delivered_as_javascript_would(
     config = _config(tmp_path, receiver)
     page = '{"events": [' + _event(2, "f21\\ud800") + ", " + _event(1, "ok") + '], "total": 2}'
     _, state = asyncio.run(_poll_then_deliver(config, page))
-    assert state.high_water() == 2
-    assert state.pending_counts() == {}
-    state.close()
-    State.open(config.state.path).close()  # a restart reads it back
+    assert asyncio.run(state.high_water()) == 2
+    assert asyncio.run(state.pending_counts()) == {}
+    asyncio.run(state.close())
+    asyncio.run(SqliteState.open(config.state.path).close())  # a restart reads it back
 
     def body(name: str) -> bytes:
         return receiver.requests("/" + name)[1].body
@@ -112,7 +112,7 @@ def test_an_id_out_of_range_is_refused_and_its_neighbours_flow(
     page = '{"events": [' + ", ".join(events) + '], "total": 4}'
     with structlog.testing.capture_logs() as logs:
         ingest, state = asyncio.run(_poll_then_deliver(config, page))
-    assert state.high_water() == 3
+    assert asyncio.run(state.high_water()) == 3
     assert ingest.gaps == {}
     assert [json.loads(r.body)["id"] for r in receiver.requests("/plain")] == [1, 2, 3]
     refused = [line for line in logs if line["event"] == "poll.event_refused"]
@@ -152,8 +152,8 @@ url = "http://127.0.0.1:1/a"
             + f', "total": {newest}}}'
         )
 
-    async def poll() -> State:
-        state = State.open(config.state.path)
+    async def poll() -> SqliteState:
+        state = SqliteState.open(config.state.path)
         async with make_session(config) as session:
             ingest = Ingest(config, state, UnleashSource(session, config.unleash), lambda h: None)
             with aioresponses() as mocked:
@@ -163,7 +163,8 @@ url = "http://127.0.0.1:1/a"
 
     with structlog.testing.capture_logs() as logs:
         state = asyncio.run(poll())
-    assert state.high_water() == newest
-    assert [p.event_id for p in state.next_pending("a", 20_000)] == list(range(11, newest + 1))
-    assert state.gaps() == []
+    assert asyncio.run(state.high_water()) == newest
+    pending = asyncio.run(state.next_pending("a", 20_000))
+    assert [p.event_id for p in pending] == list(range(11, newest + 1))
+    assert asyncio.run(state.gaps()) == []
     assert not [line for line in logs if line["event"] == "gap.too_large"]

@@ -30,7 +30,7 @@ from poller.importer import (
     run_import,
     toml_value,
 )
-from poller.state import State
+from poller.state import SqliteState
 
 SECRETS = Path("/etc/unleash-poller/secrets")
 
@@ -414,6 +414,6 @@ def test_a_cut_over_that_fails_partway_says_what_is_done_and_how_to_finish(
     assert [str(u) for u in puts] == [f"{base}/api/admin/addons/1", f"{base}/api/admin/addons/2"]
     assert info.value.exit_code == 69
     if options.state_path.exists():
-        state = State.open(options.state_path)
-        assert state.high_water() is None
-        state.close()
+        state = SqliteState.open(options.state_path)
+        assert asyncio.run(state.high_water()) is None
+        asyncio.run(state.close())

@@ -20,7 +20,7 @@ from poller.config import Config, parse_config
 from poller.ingest import Ingest
 from poller.sink import NullMetrics
 from poller.source import Capabilities, Event, Page
-from poller.state import State
+from poller.state import EventRow, SqliteState
 
 
 class RecordingSink(NullMetrics):
@@ -119,16 +119,20 @@ def log() -> FakeLog:
 
 def _ingest(
     tmp_path: Path, log: FakeLog, start_from: str = '"latest"', sink: RecordingSink | None = None
-) -> tuple[Ingest, State, set[str]]:
-    state = State.open(tmp_path / "s.sqlite3")
+) -> tuple[Ingest, SqliteState, set[str]]:
+    state = SqliteState.open(tmp_path / "s.sqlite3")
     woken: set[str] = set()
     config = _config(tmp_path, start_from)
     ingest = Ingest(config, state, log, woken.update, sink or RecordingSink())  # type: ignore[arg-type]
     return ingest, state, woken
 
 
-def _pending(state: State, hook: str) -> list[int]:
-    return [p.event_id for p in state.next_pending(hook, 100_000)]
+def _pending(state: SqliteState, hook: str) -> list[int]:
+    return [p.event_id for p in asyncio.run(state.next_pending(hook, 100_000))]
+
+
+async def _staged(state: SqliteState) -> list[list[EventRow]]:
+    return [rows async for rows in state.staged()]
 
 
 def test_latest_start_skips_history_then_takes_new_events(tmp_path: Path, log: FakeLog) -> None:
@@ -136,15 +140,35 @@ def test_latest_start_skips_history_then_takes_new_events(tmp_path: Path, log: F
     log.add(1, 2, 3)
     ingest, state, woken = _ingest(tmp_path, log)
     assert asyncio.run(ingest.poll()) == 0
-    assert state.high_water() == 3
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.high_water()) == 3
+    assert asyncio.run(state.pending_counts()) == {}
     log.add(4)
     log.add(5, project="web")
     assert asyncio.run(ingest.poll()) == 2
     assert _pending(state, "all") == [4, 5]
     assert _pending(state, "web") == [5]
     assert woken == {"all", "web"}
-    assert state.gaps() == []
+    assert asyncio.run(state.gaps()) == []
+
+
+def test_the_cursor_is_read_from_the_state_when_polling_not_when_made(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """Ingest reads the cursor at its first poll, and again at `load()` (after a takeover
+    another daemon may have moved it): events up to the cursor the state holds then are
+    not taken in again, and no `latest` start skips what lies above it."""
+    log.add(1, 2, 3)
+    ingest, state, _ = _ingest(tmp_path, log)
+    assert ingest.high_water is None
+    asyncio.run(state.ingest([], [], 1))  # written after Ingest was made
+    assert asyncio.run(ingest.poll()) == 2
+    assert _pending(state, "all") == [2, 3]
+    log.add(4, 5, 6)
+    asyncio.run(state.ingest([], [], 5))  # another leader took 4 and 5 meanwhile
+    asyncio.run(ingest.load())
+    assert ingest.high_water == 5
+    assert asyncio.run(ingest.poll()) == 1
+    assert _pending(state, "all") == [2, 3, 6]
 
 
 def test_explicit_start_id_and_earliest(tmp_path: Path, log: FakeLog) -> None:
@@ -154,12 +178,12 @@ def test_explicit_start_id_and_earliest(tmp_path: Path, log: FakeLog) -> None:
     ingest, state, _ = _ingest(tmp_path, log, "101")
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == [103]
-    assert [g.id for g in state.gaps()] == [102]
-    state.close()
+    assert [g.id for g in asyncio.run(state.gaps())] == [102]
+    asyncio.run(state.close())
     ingest, state, _ = _ingest(tmp_path / "b", log, '"earliest"')
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == [100, 101, 103]
-    assert [g.id for g in state.gaps()] == [102]
+    assert [g.id for g in asyncio.run(state.gaps())] == [102]
 
 
 def test_burst_across_pages_and_staging(
@@ -173,8 +197,8 @@ def test_burst_across_pages_and_staging(
     log.add(*range(2, 503))
     assert asyncio.run(ingest.poll()) == 501
     assert _pending(state, "all") == list(range(2, 503))
-    assert state.gaps() == []
-    assert list(state.staged()) == []
+    assert asyncio.run(state.gaps()) == []
+    assert asyncio.run(_staged(state)) == []
 
 
 def test_events_arriving_while_paging_are_not_lost(tmp_path: Path, log: FakeLog) -> None:
@@ -197,13 +221,13 @@ def test_late_commit_is_found_by_recheck(tmp_path: Path, log: FakeLog) -> None:
     asyncio.run(ingest.poll())
     log.add(2, 4, 5)  # 3 is still uncommitted
     asyncio.run(ingest.poll())
-    assert [g.id for g in state.gaps()] == [3]
+    assert [g.id for g in asyncio.run(state.gaps())] == [3]
     assert _pending(state, "all") == [2, 4, 5]
     log.add(3)
     with capture_logs() as logs:
         asyncio.run(ingest.recheck_gaps(now=10**10))
     assert _pending(state, "all") == [2, 3, 4, 5]
-    assert state.gaps() == []
+    assert asyncio.run(state.gaps()) == []
     assert [e["count"] for e in logs if e["event"] == "gap.filled"] == [1]
 
 
@@ -215,13 +239,13 @@ def test_rolled_back_id_is_given_up_after_grace(tmp_path: Path, log: FakeLog) ->
     asyncio.run(ingest.poll())
     log.add(3)
     asyncio.run(ingest.poll())
-    [gap] = state.gaps()
+    [gap] = asyncio.run(state.gaps())
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 1))
-    [gap] = state.gaps()
+    [gap] = asyncio.run(state.gaps())
     assert gap.checks == 1
     assert gap.next_check_at > gap.missing_since + 1
     asyncio.run(ingest.recheck_gaps(now=gap.missing_since + 11))
-    assert state.gaps() == []
+    assert asyncio.run(state.gaps()) == []
     assert sink.gaps_expired == [1]
 
 
@@ -233,21 +257,21 @@ def test_gap_rechecks_back_off_doubling_to_a_cap(tmp_path: Path, log: FakeLog) -
     asyncio.run(ingest.poll())
     log.add(3)
     asyncio.run(ingest.poll())
-    [gap] = state.gaps()
+    [gap] = asyncio.run(state.gaps())
     now = gap.next_check_at
     waits = []
     for _ in range(3):
         asyncio.run(ingest.recheck_gaps(now=now))
-        [gap] = state.gaps()
+        [gap] = asyncio.run(state.gaps())
         waits.append(gap.next_check_at - now)
         now = gap.next_check_at
     assert waits == [1.0, 2.0, 4.0]
     with sqlite3.connect(tmp_path / "s.sqlite3") as db:
         db.execute("UPDATE gaps SET checks = 1100")
     db.close()
-    ingest.gaps = {g.id: g for g in state.gaps()}
+    ingest.gaps = {g.id: g for g in asyncio.run(state.gaps())}
     asyncio.run(ingest.recheck_gaps(now=now))
-    [gap] = state.gaps()
+    [gap] = asyncio.run(state.gaps())
     assert gap.next_check_at - now == 30.0
     assert gap.checks == 1101
 
@@ -284,7 +308,7 @@ def test_legacy_gap_below_a_small_burst_is_not_an_overflow(tmp_path: Path, log: 
         assert asyncio.run(ingest.poll()) == 17
     assert sink.burst_overflows == []
     assert [e for e in logs if e["event"] == "poll.burst_overflow"] == []
-    assert [g.id for g in state.gaps()] == [2]
+    assert [g.id for g in asyncio.run(state.gaps())] == [2]
 
 
 def test_reading_stops_at_the_page_that_reaches_the_cursor(tmp_path: Path, log: FakeLog) -> None:
@@ -326,7 +350,7 @@ def test_late_commit_found_in_a_normal_page(tmp_path: Path, log: FakeLog) -> Non
     log.add(3)
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == [2, 3, 4]
-    assert state.gaps() == []
+    assert asyncio.run(state.gaps()) == []
 
 
 def test_without_id_filter_late_ids_are_found_by_reading_deeper(
@@ -340,13 +364,13 @@ def test_without_id_filter_late_ids_are_found_by_reading_deeper(
     asyncio.run(ingest.poll())
     log.add(2, *range(4, 40))
     asyncio.run(ingest.poll())
-    assert [g.id for g in state.gaps()] == [3]
+    assert [g.id for g in asyncio.run(state.gaps())] == [3]
     # The late event sorts by its (old) timestamp: below the 36 newer ones, past one page.
     log.visible.insert(0, {"id": 3, "type": "feature-created", "createdAt": "x"})
     log.order = "created"
     asyncio.run(ingest.poll())
     assert _pending(state, "all") == list(range(2, 40))
-    assert state.gaps() == []
+    assert asyncio.run(state.gaps()) == []
 
 
 class StaleProbeLog(FakeLog):
@@ -365,7 +389,7 @@ def test_a_probe_that_always_says_unchanged_cannot_hide_events(tmp_path: Path) -
     log = StaleProbeLog()
     log.add(1, 2)
     now = [1000.0]
-    state = State.open(tmp_path / "s.sqlite3")
+    state = SqliteState.open(tmp_path / "s.sqlite3")
     config = _config(tmp_path, extra="")
     ingest = Ingest(config, state, log, lambda hooks: None, clock=lambda: now[0])  # type: ignore[arg-type]
     assert config.unleash.full_read_interval_s == 60.0
@@ -414,7 +438,7 @@ def test_unfiltered_webhooks_get_the_bodies_as_read(
     sent it, whether it was spilled to the state file (kept as text) or held in memory."""
     monkeypatch.setattr(ingest_module, "STAGE_AT", stage_at)
     log.add(1)
-    state = State.open(tmp_path / "s.sqlite3")
+    state = SqliteState.open(tmp_path / "s.sqlite3")
     ingest = Ingest(_unfiltered_config(tmp_path), state, log, lambda hooks: None)  # type: ignore[arg-type]
     asyncio.run(ingest.poll())
     log.add(*range(2, 103))
@@ -422,7 +446,7 @@ def test_unfiltered_webhooks_get_the_bodies_as_read(
     assert asyncio.run(ingest.poll()) == 101
     expected = [ingest_module._dump(e) for e in sorted(log.visible[1:], key=lambda e: e["id"])]  # type: ignore[arg-type,return-value]
     for hook in ("all", "also"):
-        assert [p.body for p in state.next_pending(hook, 1000)] == expected
+        assert [p.body for p in asyncio.run(state.next_pending(hook, 1000))] == expected
 
 
 def test_a_catch_up_gives_memory_back_once_workers_are_woken(

@@ -73,7 +73,7 @@ def test_sinks_take_what_the_protocol_declares(sink: type) -> None:
     """Metrics and NullMetrics have every MetricsSink method, with its exact signature
     (names, annotations, defaults), so they cannot drift apart again."""
     methods = [name for name in vars(MetricsSink) if name.startswith("on_")]
-    assert len(methods) == 5
+    assert len(methods) == 6
     for name in methods:
         expected = inspect.signature(getattr(MetricsSink, name))
         assert inspect.signature(getattr(sink, name)) == expected, name
@@ -172,7 +172,7 @@ def test_pending_source_is_read_at_each_scrape() -> None:
     outbox = {"ops": 3}
     calls = []
 
-    def pending() -> dict[str, int]:
+    async def pending() -> dict[str, int]:
         calls.append(1)
         return dict(outbox)
 
@@ -182,6 +182,18 @@ def test_pending_source_is_read_at_each_scrape() -> None:
     outbox["ops"] = 0
     assert samples(metrics)[key("unleash_poller_outbox_pending", webhook="ops")] == 0
     assert len(calls) == 2
+
+
+def test_leader_and_lease_epoch_follow_on_role() -> None:
+    """unleash_poller_leader is 1 while leading and 0 while standing by; the epoch gauge
+    shows the lease epoch last held or seen."""
+    metrics = Metrics(["ops"])
+    metrics.on_role(True, 3)
+    got = samples(metrics)
+    assert (got[key("unleash_poller_leader")], got[key("unleash_poller_lease_epoch")]) == (1, 3)
+    metrics.on_role(False, 4)
+    got = samples(metrics)
+    assert (got[key("unleash_poller_leader")], got[key("unleash_poller_lease_epoch")]) == (0, 4)
 
 
 def test_each_metrics_object_has_its_own_registry() -> None:
@@ -368,7 +380,11 @@ def test_poll_health_state_not_writable(tmp_path: Path) -> None:
 def test_paused_gauge_follows_the_state_store_at_each_scrape() -> None:
     """unleash_poller_webhook_paused is 1 for the webhooks paused at scrape time, 0 else."""
     paused: set[str] = set()
-    metrics = Metrics(["a", "b"], paused=lambda: set(paused))
+
+    async def now_paused() -> set[str]:
+        return set(paused)
+
+    metrics = Metrics(["a", "b"], paused=now_paused)
     assert samples(metrics)[key("unleash_poller_webhook_paused", webhook="a")] == 0
     paused.add("a")
     got = samples(metrics)

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import math
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -381,6 +382,90 @@ def test_staging_is_discarded_when_the_daemon_opens_the_store(
         await store.stage([(1, "{}"), (2, "{}")])
         reopened = await backend.reopen(store)
         assert [rows async for rows in reopened.staged()] == []
+
+    run(check())
+
+
+def test_a_long_catch_up_is_taken_in_from_staging(store: StateStore, run: Run[None]) -> None:
+    """The daemon's long catch-up: staged pages are read back inside the ingest transaction
+    and taken in batch by batch; the cursor moves once, and then staging is cleared."""
+
+    async def check() -> None:
+        ids = range(1, 2501)
+        for start in range(1, 2501, 500):
+            await store.stage([(i, f'{{"id":{i}}}') for i in range(start, start + 500)])
+        async with store.ingesting(now=7.0) as batch:
+            async for rows in store.staged(batch=400):
+                await batch.add(rows, [("a", i) for i, _ in rows if i % 2] + [("b", rows[0][0])])
+            await batch.finish(2500)
+        await store.clear_staging()
+        assert await store.high_water() == 2500
+        assert await store.pending_counts() == {"a": 1250, "b": 7}
+        odd = [p.event_id for p in await store.next_pending("a", 2000)]
+        assert odd == [i for i in ids if i % 2][:2000]
+        assert [p.event_id for p in await store.next_pending("b", 9)] == list(range(1, 2501, 400))
+        assert [rows async for rows in store.staged()] == []
+
+    run(check())
+
+
+def test_tasks_writing_while_a_catch_up_is_taken_in_all_land(
+    store: StateStore, run: Run[None]
+) -> None:
+    """Workers marking deliveries, retries and dead letters from their own tasks while the
+    ingest task holds its transaction open (across awaits) lose none of those writes."""
+
+    async def catch_up() -> None:
+        async with store.ingesting(now=2.0) as batch:
+            for start in range(100, 200, 10):
+                await batch.add(
+                    [(i, "{}") for i in range(start, start + 10)],
+                    [("b", i) for i in range(start, start + 10)],
+                )
+            await batch.finish(199)
+
+    async def work(event_ids: range) -> None:
+        for i in event_ids:
+            await store.next_pending("a", 5, after=i - 1)
+            if i % 3 == 0:
+                await store.retry_later("a", i, 1, 50.0, "HTTP 503")
+            elif i % 3 == 1:
+                await store.delivered("a", i)
+            else:
+                await store.dead_letter("a", i, 4, "HTTP 400")
+
+    async def check() -> None:
+        await store.ingest([(i, "{}") for i in range(1, 61)], [("a", i) for i in range(1, 61)], 60)
+        await asyncio.gather(catch_up(), work(range(1, 31)), work(range(31, 61)))
+        assert await store.high_water() == 199
+        assert await store.pending_counts() == {"a": 20, "b": 100}
+        retried = await store.next_pending("a", 99)
+        assert [(p.event_id, p.attempts) for p in retried] == [(i, 1) for i in range(3, 61, 3)]
+        assert await store.dead_letter_counts() == {"a": 20}
+
+    run(check())
+
+
+def test_times_default_to_the_clock(store: StateStore, run: Run[None]) -> None:
+    """Without `now`, what is taken in, queued, requeued or dead-lettered carries the
+    time of the call (seconds since the epoch, as time.time() gives)."""
+
+    async def check() -> None:
+        before = time.time()
+        await store.ingest([(1, "{}"), (2, "{}")], [("a", 1), ("a", 2)], 2, [0])
+        await store.queue("b", [(3, "{}")])
+        await store.dead_letter("a", 2, 1, "HTTP 400")
+        await store.queue("c", [(4, "{}")])
+        await store.dead_letter("c", 4, 1, "HTTP 400")
+        await store.requeue_dead_letters("c")
+        after = time.time()
+        times = [
+            *(await store.oldest_pending()).values(),
+            (await store.dead_letters("a"))[0].failed_at,
+            (await store.gaps())[0].missing_since,
+        ]
+        assert len(times) == 5
+        assert all(before - 1 <= t <= after + 1 for t in times), (before, times, after)
 
     run(check())
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from poller.config import Secret, StateConfig
-from poller.state import FencedError, StateError, StateUnavailableError
+from poller.state import AttemptRecord, FencedError, StateError, StateUnavailableError
 from tests.support.unleash import (
     HarnessError,
     PostgresDatabase,
@@ -615,6 +615,55 @@ def test_bodies_with_lone_surrogates_or_nul_keep_their_json_value(place: StateCo
             assert json.loads(letter.body) == json.loads(raw)
             with pytest.raises(ValueError, match="note 'profile'"):
                 await store.save_text("profile", "\ud800")
+        finally:
+            await store.close()
+
+    _run(check())
+
+
+def test_one_attempt_log_call_for_two_webhooks_trims_each(place: StateConfig) -> None:
+    """The attempt log's one statement per webhook numbers and trims each webhook's part on
+    its own, keeping `keep` of the new records when they are more, and none with 0."""
+
+    def records(webhook: str, ids: range) -> list[AttemptRecord]:
+        return [AttemptRecord(webhook, i, float(i), 1, 200, None, 1.0, "delivered") for i in ids]
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            assert (await store.try_lead("a", 30))[0]
+            await store.record_attempts(records("a", range(1, 4)) + records("b", range(1, 3)), {})
+            await store.record_attempts(
+                records("a", range(4, 9)) + records("b", range(3, 5)), {"a": 3, "b": 0}
+            )
+            assert [r.event_id for r in await store.attempt_log("a")] == [6, 7, 8]
+            assert await store.attempt_log("b") == []
+            await store.record_attempts(records("a", range(9, 10)), {"a": 3})
+            assert [r.event_id for r in await store.attempt_log("a")] == [7, 8, 9]
+        finally:
+            await store.close()
+
+    _run(check())
+
+
+def test_a_schema_dropped_or_made_again_under_the_daemon_stops_it(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """The PostgreSQL side of check_in_place: a state schema made again while the daemon
+    ran is another state, and a dropped one is gone; both are a permanent StateError."""
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            await store.check_in_place()
+            await _admin(database, f"DROP SCHEMA {place.schema} CASCADE")
+            with pytest.raises(StateError, match="tables are gone") as info:
+                await store.check_in_place()
+            assert not isinstance(info.value, StateUnavailableError)
+            await (await PostgresState.open(place)).close()
+            with pytest.raises(StateError, match="replaced by another") as info:
+                await store.check_in_place()
+            assert not isinstance(info.value, StateUnavailableError)
         finally:
             await store.close()
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from poller import worker as worker_module
 from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
+from poller.deliver import Outcome
 from poller.render import MUSTACHE_TIME_BUDGET_S, Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
-from poller.state import Pending, State
+from poller.state import FencedError, Pending, SqliteState
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
 from tests.support.receiver import Receiver, RecordedRequest
 
@@ -66,11 +68,13 @@ def _event(i: int) -> str:
     )
 
 
-def _fill(state: State, hooks: list[str], ids: range) -> None:
-    state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
+def _fill(state: SqliteState, hooks: list[str], ids: range) -> None:
+    asyncio.run(
+        state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
+    )
 
 
-async def _drain(config: Config, state: State, timeout_s: float = 20) -> dict[str, float]:
+async def _drain(config: Config, state: SqliteState, timeout_s: float = 20) -> dict[str, float]:
     """Run every worker in --once mode; return when each finished (seconds from start)."""
     stop = asyncio.Event()
     finished: dict[str, float] = {}
@@ -91,7 +95,7 @@ def test_ordered_delivery_with_default_body_and_stable_id(
 ) -> None:
     """Events arrive in id order, as Unleash's default JSON body, with a webhook-id header."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 31))
     asyncio.run(_drain(config, state))
     got = receiver.requests("/a")
@@ -110,21 +114,21 @@ def test_ordered_delivery_with_default_body_and_stable_id(
     ]
     assert got[0].header("webhook-id") == delivery_id(1)
     assert got[0].header("Content-Type") == "application/json"
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.pending_counts()) == {}
 
 
 def test_one_retry_then_success(tmp_path: Path, receiver: Receiver) -> None:
     """A 500 is retried once (by default) and the retry's success counts; same webhook-id."""
     receiver.respond("/a", statuses=[500], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
     asyncio.run(_drain(config, state))
     got = receiver.requests("/a")
     assert len(got) == 2
     assert got[0].header("webhook-id") == got[1].header("webhook-id")
-    assert state.pending_counts() == {}
-    assert state.dead_letters() == []
+    assert asyncio.run(state.pending_counts()) == {}
+    assert asyncio.run(state.dead_letters()) == []
 
 
 def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path, receiver: Receiver) -> None:
@@ -132,12 +136,12 @@ def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path, receiver
     still go out, in order; replay redelivers and removes what succeeded."""
     receiver.respond("/a", statuses=[500, 500, 404], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 5))
     asyncio.run(_drain(config, state))
     bodies = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert bodies == [1, 1, 2, 3, 4]
-    letters = state.dead_letters("a")
+    letters = asyncio.run(state.dead_letters("a"))
     assert [(d.event_id, d.reason) for d in letters] == [
         (1, "HTTP 500 after 2 attempts"),
         (2, "HTTP 404 (not retried) after 1 attempt"),
@@ -145,14 +149,14 @@ def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path, receiver
     ok, failed = asyncio.run(replay_dead_letters(config, state, "a"))
     assert (ok, failed) == (2, 0)
     assert [json.loads(r.body)["id"] for r in receiver.requests("/a")][-2:] == [1, 2]
-    assert state.dead_letters() == []
+    assert asyncio.run(state.dead_letters()) == []
 
 
 def test_retry_after_is_honoured(tmp_path: Path, receiver: Receiver) -> None:
     """A 429 with Retry-After: 1 delays the retry by at least a second."""
     receiver.respond("/a", statuses=[429], retry_after=1, status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
     asyncio.run(_drain(config, state))
     first, second = receiver.requests("/a")
@@ -163,11 +167,13 @@ def test_redirect_is_not_followed(tmp_path: Path, receiver: Receiver) -> None:
     """A 3xx is a failed delivery, not followed anywhere."""
     receiver.respond("/a", status=302)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
     asyncio.run(_drain(config, state))
     assert len(receiver.requests()) == 1
-    assert state.dead_letters("a")[0].reason.startswith("HTTP 302 (redirects are not followed)")
+    assert asyncio.run(state.dead_letters("a"))[0].reason.startswith(
+        "HTTP 302 (redirects are not followed)"
+    )
 
 
 def test_template_failure_dead_letters_for_that_webhook_only(
@@ -178,13 +184,13 @@ def test_template_failure_dead_letters_for_that_webhook_only(
     config = _config(
         tmp_path, _hook("bad", receiver.url("/bad"), bad) + _hook("good", receiver.url("/good"))
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["bad", "good"], range(1, 3))
     asyncio.run(_drain(config, state))
     assert len(receiver.requests("/good")) == 2
     assert receiver.requests("/bad") == []
-    assert [d.event_id for d in state.dead_letters("bad")] == [1, 2]
-    assert state.dead_letters("bad")[0].reason.startswith("template failed:")
+    assert [d.event_id for d in asyncio.run(state.dead_letters("bad"))] == [1, 2]
+    assert asyncio.run(state.dead_letters("bad"))[0].reason.startswith("template failed:")
 
 
 def _stopped_first(hook: WebhookConfig, times: int) -> list[int]:
@@ -215,12 +221,12 @@ def test_a_render_stopped_for_memory_or_time_is_retried_before_a_dead_letter(
     jinja = "template_engine = \"jinja2\"\nbody_template = '{{ event.id }}'\nretries = 1"
     config = _config(tmp_path, _hook("a", receiver.url("/a"), jinja))
     calls = _stopped_first(config.webhooks[0], stops)
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 2))
     asyncio.run(_drain(config, state))
     assert len(calls) == 2
     assert [r.body for r in receiver.requests("/a")] == ([b"1"] if delivered else [])
-    letters = [(d.event_id, d.reason) for d in state.dead_letters("a")]
+    letters = [(d.event_id, d.reason) for d in asyncio.run(state.dead_letters("a"))]
     assert letters == (
         [] if delivered else [(1, "template used over 80 MiB of memory; stopped after 2 attempts")]
     )
@@ -234,14 +240,18 @@ def test_hung_webhook_does_not_delay_others(tmp_path: Path, receiver: Receiver) 
         _hook("hang", receiver.url("/hang"), "timeout_s = 2\nretries = 0")
         + _hook("ok", receiver.url("/ok")),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["ok"], range(1, 51))
-    state.ingest([(i, _event(i)) for i in (51, 52)], [("hang", 51), ("hang", 52), ("ok", 51)], 52)
+    asyncio.run(
+        state.ingest(
+            [(i, _event(i)) for i in (51, 52)], [("hang", 51), ("hang", 52), ("ok", 51)], 52
+        )
+    )
     finished = asyncio.run(_drain(config, state))
     assert len(receiver.requests("/ok")) == 51
     assert finished["ok"] < 1.5, finished
     assert finished["hang"] >= 4.0, finished
-    reasons = [d.reason for d in state.dead_letters("hang")]
+    reasons = [d.reason for d in asyncio.run(state.dead_letters("hang"))]
     assert reasons == ["timed out after 2s after 1 attempt"] * 2
 
 
@@ -249,7 +259,7 @@ def test_unordered_webhook_delivers_concurrently(tmp_path: Path, receiver: Recei
     """max_in_flight = 4 runs deliveries side by side; all arrive once."""
     receiver.respond("/slow", delay_s=0.3)
     config = _config(tmp_path, _hook("slow", receiver.url("/slow"), "max_in_flight = 4"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["slow"], range(1, 9))
     finished = asyncio.run(_drain(config, state))
     ids = sorted(json.loads(r.body)["id"] for r in receiver.requests("/slow"))
@@ -264,7 +274,7 @@ def test_signed_delivery_verifies_with_standard_webhooks(
     library verifies, with the same webhook-id as an unsigned delivery would have."""
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 - a test key
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f'signing_secret = "{secret}"'))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 3))
     asyncio.run(_drain(config, state))
     verifier = Webhook(secret)
@@ -272,7 +282,7 @@ def test_signed_delivery_verifies_with_standard_webhooks(
         headers = {name.lower(): value for name, value in request.headers}
         payload = verifier.verify(request.body, headers)
         assert payload["id"] == int(headers["webhook-id"].rsplit("-", 1)[1])
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.pending_counts()) == {}
 
 
 def _held_back(state_path: Path, hook: str, owed: int, received: int) -> int:
@@ -299,7 +309,7 @@ def test_delivery_marks_are_group_committed_and_bounded(tmp_path: Path, in_fligh
 
     with Receiver(on_request=look) as receiver:
         config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
-        state = State.open(config.state.path)
+        state = SqliteState.open(config.state.path)
         _fill(state, ["a"], range(1, owed + 1))
         asyncio.run(_drain(config, state))
         assert len(receiver.requests("/a")) == owed
@@ -307,7 +317,7 @@ def test_delivery_marks_are_group_committed_and_bounded(tmp_path: Path, in_fligh
     # (unordered) the other requests in flight, which the receiver has but not answered.
     assert max(held) <= MARKS_PER_COMMIT + in_flight - 1, held
     assert max(held) >= MARKS_PER_COMMIT - 1, held  # grouped, not one commit per event
-    assert state.pending_counts() == {}
+    assert asyncio.run(state.pending_counts()) == {}
 
 
 def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
@@ -321,7 +331,7 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
 
     with Receiver(on_request=count) as receiver:
         config = _config(tmp_path, _hook("a", receiver.url("/a")))
-        state = State.open(config.state.path)
+        state = SqliteState.open(config.state.path)
         _fill(state, ["a"], range(1, 501))
 
         async def run_until_stopped() -> None:
@@ -336,7 +346,7 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
         asyncio.run(run_until_stopped())
         got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert 100 <= len(got) < 500
-    left = [p.event_id for p in state.next_pending("a", 1000)]
+    left = [p.event_id for p in asyncio.run(state.next_pending("a", 1000))]
     assert got + left == list(range(1, 501))
 
 
@@ -361,7 +371,7 @@ def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
         new_hooks.extend(
             _config(tmp_path, _hook("a", receiver.url("/a"), template("new"))).webhooks
         )
-        state = State.open(config.state.path)
+        state = SqliteState.open(config.state.path)
         _fill(state, ["a"], range(1, 11))
 
         async def run() -> None:
@@ -381,15 +391,15 @@ def test_unordered_worker_reads_the_outbox_once_per_batch(
 ) -> None:
     """Unordered, the outbox is read per batch of rows, not once per delivery."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "max_in_flight = 8"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 641))
     reads = 0
     read = state.next_pending
 
-    def counting(webhook: str, limit: int, after: int = -1) -> list[Pending]:
+    async def counting(webhook: str, limit: int, after: int = -1) -> list[Pending]:
         nonlocal reads
         reads += 1
-        return read(webhook, limit, after)
+        return await read(webhook, limit, after)
 
     state.next_pending = counting  # type: ignore[method-assign]
     asyncio.run(_drain(config, state))
@@ -404,17 +414,170 @@ def test_a_state_write_failure_stops_the_worker_with_that_error(
     """A failing state write (a full disk) ends the worker with the database error itself,
     which the daemon turns into its exit 74 message, not a wrapped group of errors."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["a"], range(1, 41))
 
-    def disk_full(webhook: str, *event_ids: int) -> None:
+    async def disk_full(webhook: str, *event_ids: int) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(state, "delivered", disk_full)
     with pytest.raises(sqlite3.OperationalError, match="disk is full"):
         asyncio.run(_drain(config, state))
     monkeypatch.undo()
-    assert state.pending_counts() == {"a": 40}  # nothing marked: re-sent, never lost
+    assert asyncio.run(state.pending_counts()) == {"a": 40}  # nothing marked: re-sent, never lost
+
+
+async def _run_one(
+    config: Config, state: SqliteState, may_send: Callable[[], bool] | None = None
+) -> None:
+    """Run the first webhook's worker in --once mode."""
+    async with make_session(config) as session:
+        worker = Worker(
+            config.webhooks[0], state, session, asyncio.Event(), once=True, may_send=may_send
+        )
+        await asyncio.wait_for(worker.run(), 20)
+
+
+@pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
+def test_a_worker_whose_lease_may_have_run_out_sends_nothing(
+    tmp_path: Path, receiver: Receiver, in_flight: int
+) -> None:
+    """With may_send saying False (the lease may have run out), the worker stops with
+    FencedError before any request reaches the receiver, and nothing is marked delivered,
+    retried or dead-lettered: a new leader finds the outbox as it was."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 11))
+    asked: list[bool] = []
+
+    def may_send() -> bool:
+        asked.append(False)
+        return False
+
+    with pytest.raises(FencedError, match="lease"):
+        asyncio.run(_run_one(config, state, may_send))
+    assert asked
+    assert receiver.requests() == []
+    pending = asyncio.run(state.next_pending("a", 100))
+    assert [(p.event_id, p.attempts) for p in pending] == [(i, 0) for i in range(1, 11)]
+    assert asyncio.run(state.dead_letters()) == []
+
+
+def test_may_send_is_asked_before_every_delivery(tmp_path: Path, receiver: Receiver) -> None:
+    """may_send gates each attempt, not just the first: once it turns False after three
+    deliveries, no fourth request goes out; the three delivered are marked (the stop
+    commits them), the rest are still owed."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 11))
+    answers = iter([True, True, True])
+
+    def may_send() -> bool:
+        return next(answers, False)
+
+    with pytest.raises(FencedError):
+        asyncio.run(_run_one(config, state, may_send))
+    assert [json.loads(r.body)["id"] for r in receiver.requests("/a")] == [1, 2, 3]
+    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    assert left == list(range(4, 11))
+
+
+def test_marks_committed_while_sending_are_in_before_the_outbox_is_read_again(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In order, the group commit of marks runs while the next request is out. A store
+    whose first commit takes as long as the rest of the outbox batch (as a database over
+    the network may): the batch's requests go out meanwhile, but the outbox is not read
+    again until that commit is in, so no event of 100 (four batches) is sent twice."""
+    batch = 3 * MARKS_PER_COMMIT
+    monkeypatch.setattr(worker_module, "_BATCH", batch)  # the outbox is read every 24 rows
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 101))
+    batch_delivered = asyncio.Event()
+    outcomes = 0
+    committing = 0
+    sent_during_first_commit: list[int] = []  # deliveries made while it was held
+    reads_during_a_commit: list[int] = []
+    reads = 0
+    real_delivered, real_next_pending = state.delivered, state.next_pending
+
+    def on_outcome(name: str, outcome: Outcome, age_s: float, took_s: float | None) -> None:
+        nonlocal outcomes
+        outcomes += 1
+        if outcomes == batch:
+            batch_delivered.set()
+
+    async def slow_first_commit(webhook: str, *event_ids: int) -> None:
+        nonlocal committing
+        committing += 1
+        try:
+            if not sent_during_first_commit:
+                before = outcomes
+                await batch_delivered.wait()  # held until the first batch is all delivered
+                sent_during_first_commit.append(outcomes - before)
+            await real_delivered(webhook, *event_ids)
+        finally:
+            committing -= 1
+
+    async def watched_next_pending(webhook: str, limit: int, after: int = -1) -> list[Pending]:
+        nonlocal reads
+        reads += 1
+        if committing:
+            reads_during_a_commit.append(reads)
+        return await real_next_pending(webhook, limit, after)
+
+    state.delivered = slow_first_commit  # type: ignore[method-assign]
+    state.next_pending = watched_next_pending  # type: ignore[method-assign]
+
+    async def run() -> None:
+        async with make_session(config) as session:
+            worker = Worker(
+                config.webhooks[0], state, session, asyncio.Event(), once=True,
+                on_outcome=on_outcome,
+            )  # fmt: skip
+            await asyncio.wait_for(worker.run(), 20)
+
+    asyncio.run(run())
+    got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
+    assert got == list(range(1, 101))  # each once, in order
+    # The first commit (of events 1-8) started while event 9 was out and was held while
+    # the rest of the batch, 9-24, went out.
+    assert sent_during_first_commit == [batch - MARKS_PER_COMMIT]
+    assert reads >= 100 // batch
+    assert reads_during_a_commit == []
+    assert asyncio.run(real_next_pending("a", 1000)) == []
+
+
+def test_a_failed_commit_while_sending_stops_the_worker_with_its_error(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The group commit that runs while a request is out fails (the disk filled up after
+    the first commit): the worker stops with that error before another request goes out,
+    and every event whose mark was not committed is still owed (sent again, never lost)."""
+    config = _config(tmp_path, _hook("a", receiver.url("/a")))
+    state = SqliteState.open(config.state.path)
+    _fill(state, ["a"], range(1, 41))
+    calls: list[tuple[int, ...]] = []
+    real_delivered = state.delivered
+
+    async def full_after_one(webhook: str, *event_ids: int) -> None:
+        calls.append(event_ids)
+        if len(calls) >= 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        await real_delivered(webhook, *event_ids)
+
+    state.delivered = full_after_one  # type: ignore[method-assign]
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+        asyncio.run(_run_one(config, state))
+    got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
+    first = tuple(range(1, MARKS_PER_COMMIT + 1))
+    second = tuple(range(MARKS_PER_COMMIT + 1, 2 * MARKS_PER_COMMIT + 1))
+    assert calls[:2] == [first, second]  # both commits ran while a request was out
+    # The second commit ran while event 2 * MARKS_PER_COMMIT + 1 was out; none after it.
+    assert got == list(range(1, 2 * MARKS_PER_COMMIT + 2))
+    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    assert left == list(range(MARKS_PER_COMMIT + 1, 41))
 
 
 def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> None:
@@ -433,12 +596,12 @@ def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> No
         )
         hook = dataclasses.replace(config.webhooks[0], renderer=Renderer("slow", slow))
         config = dataclasses.replace(config, webhooks=(hook,))
-        state = State.open(config.state.path)
+        state = SqliteState.open(config.state.path)
         _fill(state, ["a"], range(1, 5))
         asyncio.run(_drain(config, state))
         got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert got == [1, 2, 3, 4]
-    assert state.dead_letters() == []
+    assert asyncio.run(state.dead_letters()) == []
 
 
 def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
@@ -454,15 +617,17 @@ def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
         tmp_path,
         _hook("runaway", receiver.url("/runaway"), runaway) + _hook("ok", receiver.url("/ok")),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     _fill(state, ["ok"], range(1, 31))
-    state.ingest([(i, _event(i)) for i in (31, 32)], [("runaway", 31), ("runaway", 32)], 32)
+    asyncio.run(
+        state.ingest([(i, _event(i)) for i in (31, 32)], [("runaway", 31), ("runaway", 32)], 32)
+    )
     finished = asyncio.run(_drain(config, state))
     assert len(receiver.requests("/ok")) == 30
     assert receiver.requests("/runaway") == []
     assert finished["ok"] < 1.5, finished  # not held up by the 2 s renders
     assert finished["runaway"] >= 4.0, finished
-    reasons = [d.reason for d in state.dead_letters("runaway")]
+    reasons = [d.reason for d in asyncio.run(state.dead_letters("runaway"))]
     assert reasons == ["template ran longer than 2s; stopped after 1 attempt"] * 2
 
 
@@ -481,7 +646,7 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
         _hook("runaway", receiver.url("/runaway"), f'{provider}\nbody_template = "{nest}"')
         + _hook("ok", receiver.url("/ok")),
     )
-    state = State.open(config.state.path)
+    state = SqliteState.open(config.state.path)
     tagged = [
         (
             i,
@@ -494,7 +659,7 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
         )
         for i in range(1, 13)
     ]
-    state.ingest(tagged, [("runaway", i) for i in range(1, 13)], 12)
+    asyncio.run(state.ingest(tagged, [("runaway", i) for i in range(1, 13)], 12))
     _fill(state, ["ok"], range(13, 33))
     gaps: list[float] = []
 
@@ -519,10 +684,10 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
     asyncio.run(main())
     assert len(receiver.requests("/ok")) == 20
     assert receiver.requests("/runaway") == []
-    reasons = {d.reason for d in state.dead_letters("runaway")}
+    reasons = {d.reason for d in asyncio.run(state.dead_letters("runaway"))}
     stopped = f"template ran longer than {MUSTACHE_TIME_BUDGET_S:g}s; stopped"
     assert reasons == {f"body_template failed: {stopped}" if provider else stopped}
-    assert len(state.dead_letters("runaway")) == 12
+    assert len(asyncio.run(state.dead_letters("runaway"))) == 12
     # A tick waits for at most the render under way and the next one (timer wake-ups take
     # two loop passes), plus scheduling slack. Before: 2 s per event, back to back (24 s
     # here); with the small budget but no yield, all 12 renders in a row (3 s).
