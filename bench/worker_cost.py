@@ -140,8 +140,9 @@ def main() -> None:
 
 
 def _print_state_calls(stats: pstats.Stats, events: int) -> None:
-    """The store's methods the worker called: calls and wall time per event."""
-    print("state calls per event (calls, wall us per event):")
+    """The store's methods the worker called, per event. cProfile counts every resumption
+    of a coroutine as a call and its time only while it runs (waits excluded)."""
+    print("state methods per event (cProfile calls = resumptions; us inside, waits excluded):")
     rows = stats.stats  # type: ignore[attr-defined]
     for (file, _, func), row in sorted(rows.items(), key=lambda kv: -kv[1][3]):
         if "/poller/state/" in file and func[0] != "<":
