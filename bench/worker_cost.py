@@ -34,7 +34,7 @@ from poller.app import make_session
 from poller.config import Config, WebhookConfig, parse_config
 from poller.deliver import Attempt
 from poller.state import StateStore, open_state
-from poller.worker import Worker
+from poller.worker import make_worker
 
 from bench.lib import postgres_states
 
@@ -78,7 +78,7 @@ async def _answer_at_once(
 
 async def _drain(config: Config, state: StateStore) -> float:
     async with make_session(config) as session:
-        worker = Worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
+        worker = make_worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
         started = time.perf_counter()
         await worker.run()
         return time.perf_counter() - started

@@ -36,7 +36,7 @@ from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.sink import NullMetrics
 from poller.source import UnleashError, UnleashErrorKind, UnleashSource, read_server_profile
 from poller.state import FencedError, StateError, StateStore, StateUnavailableError
-from poller.worker import Worker, drain
+from poller.worker import Worker, drain, make_worker
 
 if TYPE_CHECKING:
     from poller.metrics import Metrics
@@ -246,7 +246,7 @@ class App:
     # -- workers -----------------------------------------------------------------------
 
     def _start_worker(self, hook: WebhookConfig, session: aiohttp.ClientSession) -> None:
-        worker = Worker(
+        worker = make_worker(
             hook,
             self.state,
             session,

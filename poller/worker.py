@@ -3,6 +3,10 @@
 Workers share nothing but the state file and the HTTP session, so a slow or dead webhook
 holds up only its own queue. In order mode the head of the queue blocks the rest while it
 is retried (that is what "in order" means); `max_in_flight > 1` opts out.
+
+This module holds one attempt at one event (`attempt_once`, also used by replay) and what
+both kinds of worker share (`Worker`); `make_worker` picks the kind, which lives in
+worker_ordered.py or worker_unordered.py.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import json
 import math
 import random
 import time
-from collections import deque
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
+from typing import ClassVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -39,10 +44,6 @@ MARKS_PER_COMMIT = 8
 # wait and stop): a transaction of its own with each commit of marks made half again as
 # many SQLite statements per delivery. A kill -9 loses at most this many lines of it.
 _ATTEMPTS_PER_COMMIT = 64
-# The next body is rendered while a request is out only while renders of this webhook take
-# less than this. The work may run before a request on a new connection has been written,
-# inside that request's timeout, so it must stay small against any timeout.
-_AHEAD_MAX_S = 0.002
 # A worker stopped by an error or a cancel commits its held marks within this, or leaves
 # them (a duplicate each, never a loss).
 _LAST_COMMIT_S = 2.0
@@ -223,16 +224,17 @@ def attempt_record(
     )
 
 
-class Worker:
-    """Drains one webhook's outbox.
+class Worker(ABC):
+    """Drains one webhook's outbox: what in order (`OrderedWorker`) and unordered
+    (`UnorderedWorker`) delivery share. `make_worker` picks one by `max_in_flight`; a
+    running worker takes new settings (`reconfigure`) but not a change of that, which needs
+    a new worker (see reload.plan_reload).
 
     Delivery marks are group-committed: up to MARKS_PER_COMMIT delivered events are marked
-    in one transaction, which costs little more than marking one. In order, that commit
-    (and the rendering of the next body) runs while the next event is on the wire, so
-    neither costs time between two deliveries. The marks held back are committed before
-    the outbox is read again, before the worker waits, and on every stop but kill -9, so
-    a kill -9 re-sends at most MARKS_PER_COMMIT delivered events per webhook plus those in
-    flight (one in order).
+    in one transaction, which costs little more than marking one. The marks held back are
+    committed before the outbox is read again, before the worker waits, and on every stop
+    but kill -9, so a kill -9 re-sends at most MARKS_PER_COMMIT delivered events per
+    webhook plus those in flight.
     """
 
     def __init__(
@@ -256,28 +258,23 @@ class Worker:
         # Under a lease: False once this daemon's lease may have run out (by its own
         # monotonic clock), so no delivery starts that a new leader may also make.
         self._may_send = may_send
-        self._committing: asyncio.Task[None] | None = None  # marks committed while sending
         self._headers = request_headers(hook)
         self._unmarked: list[int] = []  # delivered, marks not yet committed
-        self._ahead: tuple[int, bytes | Outcome] | None = None  # the next body, rendered
-        self._render_s = math.inf  # how long this webhook's last render took
-        self._side_error: Exception | None = None  # raised by the work done while sending
-        # Unordered: rows read from the outbox, due, not taken by a lane yet; the ids the
-        # lanes are delivering; when the first row read but not yet due falls due.
-        self._queue: deque[Pending] = deque()
-        self._taken: set[int] = set()
-        self._later_at = math.inf
         # Delivery controls: when this webhook may send next (rate limit, 429 holds,
-        # pause and probes) is decided by the schedule alone; the loops below ask it.
+        # pause and probes) is decided by the schedule alone; the loops ask it.
         self.schedule = Schedule(
             hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
         )
         self._attempts: list[AttemptRecord] = []  # logged with the next commit of marks
 
+    # A delivery commits the held marks itself once this many are held (inf: it leaves them
+    # to another commit).
+    _commit_at: ClassVar[float]
+
     def reconfigure(self, hook: WebhookConfig) -> None:
+        """Take new settings of the same webhook, `max_in_flight` aside."""
         self.hook = hook
         self._headers = request_headers(hook)
-        self._ahead = None
         self.schedule.configure(
             hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
         )
@@ -285,11 +282,7 @@ class Worker:
 
     async def commit_marks(self, *, attempts: bool = True) -> None:
         """Commit the delivery marks held back, if any, and (unless `attempts` is False) the
-        attempts not logged yet. Waits for a commit started while sending, and raises
-        what it raised."""
-        task, self._committing = self._committing, None
-        if task is not None:
-            await task
+        attempts not logged yet."""
         await self._commit(attempts=attempts)
 
     async def _commit(self, *, attempts: bool) -> None:
@@ -358,32 +351,12 @@ class Worker:
                 pending=pending,
             )
 
-    async def _commit_marks_if_full(self) -> None:
-        if len(self._unmarked) >= MARKS_PER_COMMIT:
-            await self.commit_marks(attempts=False)
-
-    def _commit_while_sending(self) -> None:
-        """Start committing the held marks if enough are held; the request out now
-        covers the commit's time. `commit_marks` waits for it and raises its error."""
-        if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
-            self._committing = asyncio.get_running_loop().create_task(self._commit(attempts=False))
-
-    def _reap_commit(self) -> None:
-        """Before the next request: once the commit started while the last one was out is
-        done, let the next start, and raise what it raised (no request goes out after a
-        failed commit)."""
-        task = self._committing
-        if task is not None and task.done():
-            self._committing = None
-            task.result()
+    # -- running
 
     async def run(self) -> None:
         try:
             await self._sync_pause()
-            if self.hook.ordered:
-                await self._run_ordered()
-            else:
-                await self._run_unordered()
+            await self._run()
         except BaseException:
             # Cancelled (a forced stop) or failed: the delivered event need not go out
             # again, but a second failure of the state file must not hide the first.
@@ -392,6 +365,10 @@ class Worker:
                 await asyncio.wait_for(self.commit_marks(), _LAST_COMMIT_S)
             raise
         await self.commit_marks()
+
+    @abstractmethod
+    async def _run(self) -> None:
+        """Deliver until stopped (or, `once`, until nothing is due)."""
 
     async def _wait(self, timeout_s: float | None) -> None:
         """Until woken (new work), stopped, or the timeout passes."""
@@ -402,122 +379,18 @@ class Worker:
             for waiter in waiters:
                 waiter.cancel()
 
-    async def _run_ordered(self) -> None:
-        while not self.stop.is_set():
-            self.wake.clear()
-            await self.commit_marks()  # before reading the outbox: it must not offer them again
-            await self._sync_pause()
-            rows = await self.state.next_pending(self.hook.name, _BATCH)
-            if not rows:
-                if self.once:
-                    return
-                await self._wait(None)
-                continue
-            for index, row in enumerate(rows):
-                now = time.time()
-                # In order, every row sent is the head of the queue.
-                wait_s = max(row.next_attempt_at, self.schedule.gate(now)) - now
-                if wait_s > 0:
-                    if self.once and math.isinf(wait_s):
-                        return  # paused: nothing is due until a resume
-                    await self.commit_marks()
-                    await self._wait(None if math.isinf(wait_s) else wait_s)
-                    break
-                following = rows[index + 1] if index + 1 < len(rows) else None
-                outcome = await self._deliver(row, following)
-                # A retry blocks the queue behind it (that is what in order means). New rows
-                # may hold a lower id (an event that committed late): re-read.
-                if outcome.kind == "retry" or self.stop.is_set() or self.wake.is_set():
-                    break
-
-    async def _run_unordered(self) -> None:
-        """`max_in_flight` lanes take rows from one queue, each delivering one at a time,
-        the way a client with N connections would: no task per delivery."""
-        self._queue.clear()
-        self._later_at = math.inf
-        try:
-            async with asyncio.TaskGroup() as lanes:
-                for _ in range(self.hook.max_in_flight):
-                    lanes.create_task(self._lane())
-        except BaseExceptionGroup as failed:
-            # One lane failed (the state file, say) and the others were stopped: raise what
-            # it raised, so the daemon reports it as it would from an ordered worker.
-            raise failed.exceptions[0] from None
-
-    async def _lane(self) -> None:
-        while not self.stop.is_set():
-            if self.schedule.paused is not None:
-                if not await self._probe_lane():
-                    return
-                continue
-            row = await self._next_row()
-            if row is not None:
-                now = time.time()
-                wait_s = self.schedule.gate(now, head=False) - now
-                if wait_s > 0:  # the rate limit, a 429 hold or a pause: the row goes back
-                    self._queue.appendleft(row)
-                    await self.commit_marks()
-                    if math.isinf(wait_s):
-                        continue  # paused: the probe lane takes over
-                    await self._wait(wait_s)
-                    continue
-            if row is None:
-                if self.once and self._later_at == math.inf:
-                    return  # nothing left but what other lanes are delivering
-                await self.commit_marks()  # nothing more is coming soon
-                timeout = self._later_at - time.time() if self._later_at < math.inf else None
-                await self._wait(timeout if timeout is None else max(0.0, timeout))
-                continue
-            self._taken.add(row.event_id)
-            try:
-                await self._deliver(row)
-            finally:
-                self._taken.discard(row.event_id)
-
-    async def _probe_lane(self) -> bool:
-        """Paused, unordered: one lane probes the head event, the others wait for the
-        outcome. False when a --once run has nothing left it may do."""
+    async def _refresh(self) -> None:
+        """Before the outbox is read: take the wake-up, commit the marks held (the outbox
+        must not offer a delivered event again) and take the stored pause."""
         self.wake.clear()
         await self.commit_marks()
         await self._sync_pause()
-        if self.schedule.paused is None:
-            self._queue.clear()
-            return True
-        if self._taken:  # another lane is out with the probe (or was before the pause)
-            await self._wait(None)
-            return True
-        head = await self.state.next_pending(self.hook.name, 1)
-        now = time.time()
-        at = max(head[0].next_attempt_at, self.schedule.gate(now)) if head else math.inf
-        if at > now:
-            if self.once:
-                return False
-            await self._wait(None if math.isinf(at) else at - now)
-            return True
-        self._taken.add(head[0].event_id)
-        try:
-            await self._deliver(head[0])
-        finally:
-            self._taken.discard(head[0].event_id)
-            self._queue.clear()
-            self.wake.set()  # the other lanes look again: resumed, or still paused
-        return True
 
-    async def _next_row(self) -> Pending | None:
-        """The next due row for an unordered lane. The outbox is read once per batch, not
-        once per delivery: again when the batch is used up or when woken (new rows)."""
-        if self.wake.is_set() or not self._queue:
-            self.wake.clear()
-            await self.commit_marks()  # the outbox must not offer a delivered event again
-            await self._sync_pause()
-            now = time.time()
-            read = await self.state.next_pending(self.hook.name, _BATCH + len(self._taken))
-            rows = [r for r in read if r.event_id not in self._taken]
-            self._queue = deque(r for r in rows if r.next_attempt_at <= now)
-            self._later_at = min(
-                (r.next_attempt_at for r in rows if r.next_attempt_at > now), default=math.inf
-            )
-        return self._queue.popleft() if self._queue else None
+    async def _read_outbox(self, taken: Collection[int] = ()) -> list[Pending]:
+        """The next batch of this webhook's outbox, less the rows being delivered."""
+        await self._refresh()
+        rows = await self.state.next_pending(self.hook.name, _BATCH + len(taken))
+        return [r for r in rows if r.event_id not in taken] if taken else rows
 
     def _log_attempt(self, row: Pending, attempt: Attempt, action: Action, now: float) -> None:
         """Keep one record of the attempt for the attempt log (committed with the marks)."""
@@ -528,28 +401,23 @@ class Worker:
             attempt_record(self.hook.name, row.event_id, number, attempt, action.kind, now)
         )
 
-    def _render(self, row: Pending) -> bytes | Outcome:
-        started = time.perf_counter()
-        body = render_body(self.hook, row.body)
-        self._render_s = time.perf_counter() - started
-        return body
+    # Hooks for the work in order delivery does while a request is out (none here).
+    def _before_request(self) -> None:  # noqa: B027 - a hook, see above
+        """Before a request goes out: raise what the work done during the last one raised."""
 
-    def _render_ahead(self, row: Pending | None) -> None:
-        """While a request is out: commit the marks if enough are held, and render the
-        next body if renders are quick."""
-        try:
-            self._commit_while_sending()
-            quick = self._render_s < _AHEAD_MAX_S and not self.hook.renderer.off_loop
-            if row is not None and quick:
-                self._ahead = (row.event_id, self._render(row))
-        except Exception as exc:  # noqa: BLE001 - raised in _deliver once the outcome is kept
-            self._side_error = exc
+    def _after_outcome(self) -> None:  # noqa: B027 - a hook, see above
+        """Once an outcome is recorded: raise what the work done while sending raised."""
+
+    @abstractmethod
+    def _post(self, row: Pending, following: Pending | None) -> Awaitable[AttemptResult]:
+        """Render and POST `row` once (`following`: the row after it, in order). Not a
+        coroutine of its own but attempt_once's: one frame less on the hot path."""
 
     async def _attempt(self, row: Pending, following: Pending | None) -> AttemptResult:
         if self._may_send is not None and not self._may_send():
             # The lease may be gone by now: a new leader may send this event too.
             raise FencedError("the lease was not renewed in time; no new delivery starts")
-        self._reap_commit()
+        self._before_request()
         self.schedule.took(time.time())  # the rate limit counts from here
         if self.hook.provider is not None:
             # A provider builds its own requests (maybe several); the rest is shared.
@@ -564,29 +432,13 @@ class Worker:
                     rate_limited_before=self.schedule.rate_limited,
                 )
             )
-        ahead, self._ahead = self._ahead, None
-        ordered = self.hook.ordered
-        body: bytes | Outcome | None = None
-        if ahead is not None and ahead[0] == row.event_id:
-            body = ahead[1]
-        elif ordered and not self.hook.renderer.off_loop:
-            body = self._render(row)  # timed: it decides whether to render ahead
-        return await attempt_once(
-            self.session,
-            self.hook,
-            self._headers,
-            row.event_id,
-            row.body,
-            row.attempts,
-            body=body,
-            while_sending=(lambda: self._render_ahead(following)) if ordered else None,
-            rate_limited_before=self.schedule.rate_limited,
-        )
+        return await self._post(row, following)
 
     async def _deliver(self, row: Pending, following: Pending | None = None) -> Outcome:
+        """Attempt `row` once and record what that means: marked delivered, dead-lettered,
+        or kept pending (a retry, or held by a pause)."""
         result = await self._attempt(row, following)
         outcome, attempts, duration_s = result.outcome, result.attempts, result.duration_s
-        ordered = self.hook.ordered
         name = self.hook.name
         now = time.time()
         paused_before = self.schedule.paused
@@ -610,8 +462,8 @@ class Worker:
         self._log_attempt(row, attempt, action, now)
         if action.kind == "delivered":
             self._unmarked.append(row.event_id)
-            if not ordered:
-                await self._commit_marks_if_full()
+            if len(self._unmarked) >= self._commit_at:
+                await self.commit_marks(attempts=False)
         elif action.kind == "dead_letter":
             await self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
             log.error(
@@ -631,12 +483,27 @@ class Worker:
         await self._save_pause(paused_before)
         if self._on_outcome is not None:
             self._on_outcome(name, outcome, now - row.enqueued_at, duration_s)
-        if self._side_error is not None:
-            # The state file failed while this request was out: its outcome is recorded
-            # (a delivered event is held for marking), now stop as any state failure does.
-            error, self._side_error = self._side_error, None
-            raise error
+        self._after_outcome()
         return outcome
+
+
+def make_worker(
+    hook: WebhookConfig,
+    state: StateStore,
+    session: aiohttp.ClientSession,
+    stop: asyncio.Event,
+    *,
+    once: bool = False,
+    on_outcome: Callable[[str, Outcome, float, float | None], None] | None = None,
+    may_send: Callable[[], bool] | None = None,
+) -> Worker:
+    """The worker for `hook`: in order when `max_in_flight` is 1, else unordered."""
+    # Imported here: the strategies subclass Worker, so they import this module.
+    from poller.worker_ordered import OrderedWorker  # noqa: PLC0415
+    from poller.worker_unordered import UnorderedWorker  # noqa: PLC0415
+
+    kind: type[Worker] = OrderedWorker if hook.ordered else UnorderedWorker
+    return kind(hook, state, session, stop, once=once, on_outcome=on_outcome, may_send=may_send)
 
 
 async def drain(workers: list[Worker], tasks: list[asyncio.Task[None]], timeout_s: float) -> int:

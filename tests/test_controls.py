@@ -20,7 +20,7 @@ from poller.app import make_session
 from poller.config import Config, parse_config
 from poller.replay import replay_dead_letters
 from poller.state import SqliteState
-from poller.worker import Worker
+from poller.worker import Worker, make_worker
 from tests.support.receiver import Receiver, RecordedRequest
 
 
@@ -98,7 +98,7 @@ async def _run(
     `meanwhile(workers)` runs at each check (to add events while they run)."""
     stop = asyncio.Event()
     async with make_session(config) as session:
-        workers = [Worker(h, state, session, stop) for h in config.webhooks]
+        workers = [make_worker(h, state, session, stop) for h in config.webhooks]
         tasks = [asyncio.create_task(w.run()) for w in workers]
         deadline = time.monotonic() + timeout_s
         try:

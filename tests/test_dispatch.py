@@ -21,7 +21,7 @@ from poller.providers import slack_app
 from poller.providers.base import Answer, Failure
 from poller.replay import replay_dead_letters
 from poller.state import SqliteState
-from poller.worker import Worker
+from poller.worker import make_worker
 from tests.support.receiver import Receiver
 
 
@@ -107,7 +107,9 @@ def _event(i: int) -> str:
 
 async def _drain(config: Config, state: SqliteState) -> None:
     async with make_session(config) as session:
-        workers = [Worker(h, state, session, asyncio.Event(), once=True) for h in config.webhooks]
+        workers = [
+            make_worker(h, state, session, asyncio.Event(), once=True) for h in config.webhooks
+        ]
         await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), 20)
 
 

@@ -20,7 +20,7 @@ from poller.config import Config, parse_config
 from poller.ingest import Ingest
 from poller.source import UnleashSource
 from poller.state import SqliteState
-from poller.worker import Worker
+from poller.worker import make_worker
 from tests.support.receiver import Receiver
 
 SEARCH = "http://unleash.test/api/admin/search/events"
@@ -70,7 +70,7 @@ async def _poll_then_deliver(config: Config, page: str) -> tuple[Ingest, SqliteS
             mocked.get(f"{SEARCH}?limit=50&offset=0", body=page)
             await ingest.poll()
         stop = asyncio.Event()
-        workers = [Worker(h, state, session, stop, once=True) for h in config.webhooks]
+        workers = [make_worker(h, state, session, stop, once=True) for h in config.webhooks]
         await asyncio.wait_for(asyncio.gather(*(w.run() for w in workers)), 20)
     return ingest, state
 

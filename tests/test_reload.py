@@ -71,6 +71,14 @@ CASES: list[
         set(),
         [Retire("a", A_LANES)],
     ),
+    (
+        "max_in_flight back to 1: the unordered worker is replaced by an ordered one",
+        [A_LANES],
+        [A],
+        [A_LANES],
+        set(),
+        [Retire("a", A)],
+    ),
     # The race of 5a697c7: a second reload while the worker is being replaced.
     (
         "reload while retiring: the newest settings start once it is done",
@@ -148,3 +156,14 @@ def test_a_webhook_never_gets_a_second_worker() -> None:
                 plan = plan_reload({"a": old}, {"a": new}, {h.name: h for h in running}, retiring)
                 starts = [a for a in plan if isinstance(a, Start)]
                 assert not starts or (not running and not retiring), (old, new, plan)
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, 2), (1, 8), (2, 1), (8, 1)])
+def test_switching_between_ordered_and_unordered_always_replaces_the_worker(
+    before: int, after: int
+) -> None:
+    """In order and unordered delivery are different workers (make_worker picks one by
+    max_in_flight), so a running worker is never reconfigured across that line."""
+    old, new = hook("a", max_in_flight=before), hook("a", max_in_flight=after)
+    assert old.ordered != new.ordered
+    assert plan_reload({"a": old}, {"a": new}, {"a": old}, set()) == [Retire("a", new)]

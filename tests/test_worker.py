@@ -23,7 +23,7 @@ from poller.deliver import Outcome
 from poller.render import MUSTACHE_TIME_BUDGET_S, Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
 from poller.state import FencedError, Pending, SqliteState
-from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id
+from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id, make_worker
 from tests.support.receiver import Receiver, RecordedRequest
 
 
@@ -85,7 +85,7 @@ async def _drain(config: Config, state: SqliteState, timeout_s: float = 20) -> d
             await worker.run()
             finished[worker.hook.name] = time.monotonic() - started
 
-        workers = [Worker(h, state, session, stop, once=True) for h in config.webhooks]
+        workers = [make_worker(h, state, session, stop, once=True) for h in config.webhooks]
         await asyncio.wait_for(asyncio.gather(*(one(w) for w in workers)), timeout_s)
     return finished
 
@@ -337,7 +337,7 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
         async def run_until_stopped() -> None:
             stop = asyncio.Event()
             async with make_session(config) as session:
-                worker = Worker(config.webhooks[0], state, session, stop)
+                worker = make_worker(config.webhooks[0], state, session, stop)
                 task = asyncio.create_task(worker.run())
                 assert await asyncio.to_thread(hundred.wait, 10)
                 stop.set()
@@ -376,7 +376,7 @@ def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
 
         async def run() -> None:
             async with make_session(config) as session:
-                worker = Worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
+                worker = make_worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
                 running.append((asyncio.get_running_loop(), worker))
                 await asyncio.wait_for(worker.run(), 20)
 
@@ -432,7 +432,7 @@ async def _run_one(
 ) -> None:
     """Run the first webhook's worker in --once mode."""
     async with make_session(config) as session:
-        worker = Worker(
+        worker = make_worker(
             config.webhooks[0], state, session, asyncio.Event(), once=True, may_send=may_send
         )
         await asyncio.wait_for(worker.run(), 20)
@@ -532,7 +532,7 @@ def test_marks_committed_while_sending_are_in_before_the_outbox_is_read_again(
 
     async def run() -> None:
         async with make_session(config) as session:
-            worker = Worker(
+            worker = make_worker(
                 config.webhooks[0], state, session, asyncio.Event(), once=True,
                 on_outcome=on_outcome,
             )  # fmt: skip

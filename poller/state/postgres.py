@@ -21,15 +21,22 @@ synchronous=NORMAL allows too, and it spares a WAL flush on every delivery.
 Connections: three, each behind an asyncio.Lock so that concurrent callers never put
 statements into one another's transaction: the lease's (a renewal never queues behind
 anything), the ingest's (held for a whole catch-up transaction), and one for everything
-else (the workers). Each write is one round trip: its statements go as one pipeline, which
-PostgreSQL runs as one implicit transaction, committed at the pipeline's sync. A lost
-connection raises StateUnavailableError and is dropped; the next call connects again.
+else (the workers). Each write is one round trip: the hot ones (delivery and retry marks,
+the attempt log) are one statement that carries its fence, the others one pipeline, which
+PostgreSQL runs as one implicit transaction committed at its sync; only a catch-up
+(`ingesting`) is an explicit transaction across awaits. A lost connection raises
+StateUnavailableError and is dropped; the next call connects again.
+
+The lease's holder is the daemon's `node:pid`: a store that asks under the holder already
+in the row but does not know its epoch (the same daemon, reopened) takes it over at once
+with the epoch raised, which fences whatever that earlier store might still write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import zlib
@@ -77,6 +84,10 @@ _PERMANENT_CONNECT = (
     "invalid",
     "certificate",
 )
+# psycopg warns through the standard logging module (which the daemon does not set up, so
+# it would print a bare line to stderr) when ending a pipeline on a connection that just
+# died; the same failure is raised as StateUnavailableError, logged by the daemon.
+logging.getLogger("psycopg").setLevel(logging.ERROR)
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _BODY_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
