@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -28,6 +29,8 @@ sys.path.insert(0, str(REPO_ROOT))
 from tests.support.unleash import (  # noqa: E402
     PostgresDatabase,
     UnleashServer,
+    drop_database,
+    ensure_postgres,
     missing_tools,
 )
 
@@ -215,6 +218,108 @@ class Inserter:
         self._process.wait(timeout=10)
 
 
+# --------------------------------------------------------------------------- PG state
+
+
+@dataclass
+class PostgresStates:
+    """A database of its own on the local cluster for the daemon's PostgreSQL state (not
+    Unleash's); every run gets a fresh schema in it, as every SQLite run gets a new file."""
+
+    db: PostgresDatabase
+
+    def url(self) -> str:
+        db = self.db
+        password = urllib.parse.quote(db.password, safe="")
+        return f"postgresql://{db.user}:{password}@{db.host}:{db.port}/{db.name}"
+
+    def state(self, schema: str) -> dict[str, object]:
+        """The [state] table of a config on the fresh schema `schema`."""
+        self.db.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE;")
+        return {"url": self.url(), "schema": schema}
+
+    def transactions(self, observer: PostgresDatabase) -> int:
+        """Transactions committed or rolled back in the state database so far, read from
+        another database (`observer`) so the reading adds none. A backend reports its
+        counts at the latest when it ends: this waits until the daemon's have ended."""
+        deadline = time.monotonic() + 10
+        while True:
+            busy, count = observer.psql(
+                "SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = :'db'), "
+                "(SELECT xact_commit + xact_rollback FROM pg_stat_database "
+                "WHERE datname = :'db');",
+                db=self.db.name,
+            )[0].split("|")
+            if int(busy) == 0 or time.monotonic() > deadline:
+                return int(count)
+            time.sleep(0.05)
+
+
+class BackendCpu:
+    """The CPU time of the PostgreSQL server processes serving one database (the daemon's
+    state connections), sampled from /proc every 20 ms while a run lasts: a backend's
+    last reading before it exits is kept, so at most its final 20 ms are missed. Only the
+    postmaster's children are looked at, so the sampling itself costs little."""
+
+    def __init__(self, db: PostgresDatabase) -> None:
+        self._marker = f" {db.name} ".encode()
+        self._postmaster = _postmaster_pid(db.port)
+        self._seen: dict[int, int] = {}  # pid -> CPU ticks at its last reading
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._seen.values()) / CLK_TCK
+
+    def _sample(self) -> None:
+        children = f"/proc/{self._postmaster}/task/{self._postmaster}/children"
+        while not self._stop.wait(0.02):
+            with open(children) as listed:
+                pids = [int(p) for p in listed.read().split()]
+            for pid in pids:
+                try:
+                    if pid not in self._seen:
+                        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                            if self._marker not in cmdline.read():
+                                continue
+                    with open(f"/proc/{pid}/stat") as stat:
+                        fields = stat.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # exited meanwhile
+                self._seen[pid] = int(fields[11]) + int(fields[12])
+
+
+def _postmaster_pid(port: int) -> int:
+    """The postmaster of the local cluster on `port` (Debian's pg_lsclusters layout)."""
+    listed = subprocess.run(
+        ["pg_lsclusters", "--no-header"], capture_output=True, text=True, check=True
+    ).stdout
+    for line in listed.splitlines():
+        version, name, cluster_port, *_ = line.split()
+        if int(cluster_port) == port:
+            pid_file = Path(f"/var/run/postgresql/{version}-{name}.pid")
+            return int(pid_file.read_text().split()[0])
+    raise RuntimeError(f"no local PostgreSQL cluster on port {port}")
+
+
+@contextlib.contextmanager
+def postgres_states(name: str) -> Iterator[PostgresStates]:
+    db = ensure_postgres(name)
+    try:
+        yield PostgresStates(db)
+    finally:
+        drop_database(db)
+
+
 # --------------------------------------------------------------------------- receiver
 
 
@@ -303,8 +408,10 @@ def write_config(
     unleash_url: str | None = None,
     top: Mapping[str, object] | None = None,
     unleash_extra: Mapping[str, object] | None = None,
+    state: Mapping[str, object] | None = None,
 ) -> Path:
-    """A poller config that sets only what it is given: everything else stays default."""
+    """A poller config that sets only what it is given: everything else stays default.
+    `state` replaces the [state] table (default: a SQLite file beside the config)."""
     lines = [f"{k} = {_toml(v)}" for k, v in (top or {}).items()]
     lines += [
         "[unleash]",
@@ -313,7 +420,8 @@ def write_config(
         f"start_from = {_toml(start_from)}",
     ]
     lines += [f"{k} = {_toml(v)}" for k, v in (unleash_extra or {}).items()]
-    lines += ["", "[state]", f"path = {_toml(str(path.with_suffix('.sqlite3')))}"]
+    state = state or {"path": str(path.with_suffix(".sqlite3"))}
+    lines += ["", "[state]", *(f"{k} = {_toml(v)}" for k, v in state.items())]
     for hook in webhooks:
         lines += ["", "[[webhooks]]", *(f"{k} = {_toml(v)}" for k, v in hook.items())]
     path.touch(mode=0o600)

@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.profile unordered [--events 20000] [--out DIR]
     .venv/bin/python -m bench.profile burst   [--events 5000]  [--out DIR]
     .venv/bin/python -m bench.profile idle    [--out DIR]     # polls every 10 ms, 20 s
+    .venv/bin/python -m bench.profile ordered --cprofile sqlite|postgresql [--events N]
 
 `ordered` / `unordered` (max_in_flight = 8): `run --once` over a backlog, started under
 `py-spy record`. `burst`: the
@@ -17,6 +18,8 @@ functions by own time and by inclusive time (share of the samples on CPU).
 from __future__ import annotations
 
 import collections
+import contextlib
+import pstats
 import re
 import shutil
 import signal
@@ -26,10 +29,13 @@ import time
 from pathlib import Path
 
 from bench.lib import (
+    POLLER_DIR,
+    PYTHON,
     Daemon,
     LeanReceiver,
     arguments,
     last_event_id,
+    postgres_states,
     say,
     unleash,
     workdir,
@@ -108,6 +114,76 @@ def profile_backlog(out: Path, events: int, hook: dict[str, object]) -> None:
                 f"{fmt}: exit {done.code} in {done.wall_s:.1f} s; "
                 f"receiver has {receiver.count('/backlog')}"
             )
+
+
+def cprofile_backlog(out: Path, events: int, backend: str) -> None:
+    """`run --once` over a backlog under cProfile (no py-spy needed), on a SQLite or a
+    PostgreSQL state; prints the top functions and the state's calls per delivery."""
+    with contextlib.ExitStack() as stack:
+        work = stack.enter_context(workdir("cprofile-ordered", False))
+        server = stack.enter_context(unleash(work))
+        receiver = stack.enter_context(LeanReceiver())
+        backlog = make_backlog(server, events)
+        state = None
+        if backend == "postgresql":
+            states = stack.enter_context(postgres_states("bench_profile_state"))
+            state = states.state("profiled")
+        config = write_config(
+            work / "ordered.toml",
+            server,
+            [{"name": "ordered", "url": receiver.url("/backlog")}],
+            start_from=backlog.before,
+            state=state,
+        )
+        stats_path = out / f"ordered-{backend}.prof"
+        started = time.monotonic()
+        argv = [PYTHON, "-m", "cProfile", "-o", str(stats_path), "-m", "poller"]
+        subprocess.run(
+            [*argv, "run", "-c", str(config), "--once"],
+            cwd=POLLER_DIR,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        delivered = receiver.count("/backlog")
+        say(f"{backend}: {delivered} delivered in {time.monotonic() - started:.1f} s")
+    print(cprofile_summary(stats_path, delivered))
+
+
+def cprofile_summary(path: Path, delivered: int, top: int = 30) -> str:
+    """Top functions by own and by inclusive time, and the calls per delivered event of
+    the state's methods and of the database driver (each driver call is a round trip)."""
+    stats = pstats.Stats(str(path))
+    rows = stats.stats  # type: ignore[attr-defined]
+    total = sum(row[2] for row in rows.values())
+
+    def name(key: tuple[str, int, str]) -> str:
+        file, line, func = key
+        for marker in ("site-packages/", "/lib/python3.11/", str(POLLER_DIR) + "/"):
+            if marker in file:
+                file = file.split(marker, 1)[1]
+        return f"{func} ({file}:{line})"
+
+    lines = [f"{total:.2f} s of own time in all; {delivered} events delivered", "", "own time:"]
+    by_own = sorted(rows.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    lines += [
+        f"  {row[2] / total:6.1%}  {row[2] * 1e6 / delivered:8.1f} us/event  {name(k)}"
+        for k, row in by_own
+    ]
+    lines += ["", "inclusive time:"]
+    by_cum = sorted(rows.items(), key=lambda kv: kv[1][3], reverse=True)[: top + 15]
+    lines += [
+        f"  {row[3] / total:6.1%}  {row[3] * 1e6 / delivered:8.1f} us/event  {name(k)}"
+        for k, row in by_cum
+    ]
+    lines += ["", "calls per delivered event (state and driver):"]
+    for key, row in sorted(rows.items(), key=lambda kv: kv[1][1], reverse=True):
+        file = key[0]
+        if "/poller/state/" in file or "/psycopg/" in file or "sqlite3" in key[2]:
+            per = row[1] / delivered
+            if per >= 0.05:
+                lines.append(f"  {per:7.2f}  {row[3] * 1e6 / delivered:8.1f} us/event  {name(key)}")
+    return "\n".join(lines)
 
 
 def profile_burst(out: Path, events: int) -> None:
@@ -211,8 +287,16 @@ def main() -> None:
     parser.add_argument("which", choices=("ordered", "unordered", "burst", "idle"))
     parser.add_argument("--events", type=int)
     parser.add_argument("--out", type=Path, default=Path("bench-profile"))
+    parser.add_argument(
+        "--cprofile",
+        choices=("sqlite", "postgresql"),
+        help="ordered only: profile with cProfile (no py-spy) on this state backend",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.which == "ordered" and args.cprofile:
+        cprofile_backlog(args.out, args.events or 20_000, args.cprofile)
+        return
     if args.which == "ordered":
         profile_backlog(args.out, args.events or 20_000, {})
     elif args.which == "unordered":

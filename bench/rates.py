@@ -4,6 +4,7 @@ backlog, one lean receiver, and a sequence of senders measured against the same 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import resource
@@ -47,6 +48,9 @@ class RateRun:
     out_of_order: int
     duplicates: int
     receiver_cpu_s: float = 0.0  # the lean receiver's CPU time during this run
+    transactions: int | None = None  # PostgreSQL state: transactions in its database
+    state_server_cpu_s: float | None = None  # PostgreSQL state: its server processes' CPU
+    warnings: dict[str, int] | None = None  # the daemon's warning/error log events, counted
 
 
 @dataclass
@@ -130,8 +134,10 @@ def run_poller(
     name: str,
     hook: dict[str, object],
     prefix: tuple[str, ...] = (),
+    state: dict[str, object] | None = None,
 ) -> RateRun:
-    """`run --once` from the id before the backlog: fetch, take in, deliver, exit."""
+    """`run --once` from the id before the backlog: fetch, take in, deliver, exit.
+    `state` is the config's [state] table (default: a fresh SQLite file)."""
     path = f"/{name}"
     config_path = work / f"{name}.toml"
     write_config(
@@ -139,6 +145,7 @@ def run_poller(
         server,
         [{"name": name, "url": receiver.url(path), **hook}],
         start_from=backlog.before,
+        state=state,
     )
     receiver_cpu = proc_stat(receiver.pid).cpu_ns
     daemon = Daemon(config_path, once=True, prefix=prefix)
@@ -150,7 +157,16 @@ def run_poller(
         receiver, path, f"poller {name}", backlog, done.wall_s, done.cpu_s, done.max_rss_kb
     )
     run.receiver_cpu_s = receiver_cpu_s
-    say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s")
+    run.warnings = dict(
+        collections.Counter(
+            str(entry.get("event"))
+            for entry in daemon.log_events()
+            if entry.get("level") in ("warning", "error", "critical")
+        )
+    )
+    noted = f", log: {run.warnings}" if run.warnings else ""
+    order = f", lost/out of order/dup {run.lost}/{run.out_of_order}/{run.duplicates}"
+    say(f"{name}: {run.rate:,.0f}/s, wall {done.wall_s:.1f} s{order}{noted}")
     return run
 
 
@@ -169,6 +185,14 @@ def report_run(report: Report, run: RateRun, count: int) -> None:
         f"{run.name}: lost / out of order / dup",
         f"{run.lost} / {run.out_of_order} / {run.duplicates}",
     )
+    if run.transactions is not None:
+        report.add(f"{run.name}: state transactions / event", run.transactions / count)
+    if run.state_server_cpu_s is not None:
+        report.add(
+            f"{run.name}: PostgreSQL server CPU time / event",
+            run.state_server_cpu_s / count * 1e6,
+            "us",
+        )
 
 
 def rate_arguments(description: str) -> argparse.ArgumentParser:
@@ -191,8 +215,12 @@ class RateBench:
     def baseline(self, concurrency: int = 1, tag: str = "") -> RateRun:
         return run_baseline(self.receiver, self.bodies, self.backlog, concurrency, tag)
 
-    def poller(self, name: str, hook: dict[str, object]) -> RateRun:
-        return run_poller(self.server, self.receiver, self.work, self.backlog, name, hook)
+    def poller(
+        self, name: str, hook: dict[str, object], state: dict[str, object] | None = None
+    ) -> RateRun:
+        return run_poller(
+            self.server, self.receiver, self.work, self.backlog, name, hook, state=state
+        )
 
 
 @contextlib.contextmanager
@@ -209,3 +237,11 @@ def median_rate(runs: list[RateRun]) -> float:
 
 def add_rounds(report: Report, label: str, runs: list[RateRun]) -> None:
     report.add(f"{label} rates, each round", " ".join(f"{r.rate:.0f}" for r in runs), "ev/s")
+    if any(r.lost or r.out_of_order or r.duplicates for r in runs):
+        report.add(
+            f"{label} lost/out of order/dup, each round",
+            " ".join(f"{r.lost}/{r.out_of_order}/{r.duplicates}" for r in runs),
+        )
+    for r in runs:
+        if r.warnings:
+            report.note(f"{r.name} logged {r.warnings}")

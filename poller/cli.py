@@ -10,11 +10,13 @@ import json
 import math
 import os
 import random
+import re
 import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from poller import __version__, log
 from poller.app import EX_IOERR, EX_UNAVAILABLE, App, ask_server_profile
@@ -25,6 +27,7 @@ from poller.config import (
     Config,
     ConfigError,
     Secret,
+    StateConfig,
     apply_server_profile,
     check_private,
     load_config,
@@ -45,8 +48,11 @@ from poller.state import (
     StateUnavailableError,
     open_state,
 )
+from poller.state.copy import TargetNotEmptyError, copy_state
+from poller.urls import redact_database_url
 
 EX_USAGE = 64
+EX_REFUSED = 2  # as argparse's usage errors: the command was not run, nothing changed
 EX_DATAERR = 65
 DEFAULT_CONFIG = Path("/etc/unleash-poller/config.toml")
 
@@ -153,7 +159,57 @@ def _parser() -> argparse.ArgumentParser:
     again.add_argument("--to-id", type=int, help="last event id (inclusive; default newest)")
     again.add_argument("--since", help="ISO 8601 time (inclusive; UTC without a zone)")
     again.add_argument("--until", help="ISO 8601 time (inclusive; default now)")
+    _add_state_command(commands)
     return parser
+
+
+def _add_state_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    state = commands.add_parser(
+        "state", help="move the state to another store", description="Move the state."
+    )
+    state_actions = state.add_subparsers(dest="action", required=True, metavar="ACTION")
+    copy = state_actions.add_parser(
+        "copy",
+        help="copy the configured state into an empty store (the daemon must be stopped)",
+        description="Copy the configured state (cursor, gaps, outbox, dead letters, pauses, "
+        "notes, sent parts, attempt log) into an empty PostgreSQL state or SQLite file, in "
+        "one transaction, and check the copy. Every daemon on the state must be stopped.",
+    )
+    copy.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"TOML config file (default {DEFAULT_CONFIG}); its [state] is the source",
+    )
+    target = copy.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--to",
+        type=_database_url,
+        metavar="postgresql://...",
+        help="the PostgreSQL database to copy into (a password is better kept in "
+        "PGPASSWORD or ~/.pgpass than on the command line)",
+    )
+    target.add_argument("--to-file", type=Path, metavar="PATH", help="a SQLite file to copy into")
+    copy.add_argument(
+        "--schema",
+        type=_schema_name,
+        help="schema in the target database (default: the config's state.schema)",
+    )
+
+
+def _database_url(text: str) -> Secret:
+    if urlsplit(text).scheme not in ("postgresql", "postgres"):
+        raise argparse.ArgumentTypeError(f"{redact_database_url(text)} is not a postgresql:// URL")
+    return Secret(text)
+
+
+def _schema_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a lower-case SQL identifier (letters, digits, _; at most 63)"
+        )
+    return text
 
 
 def _version_argument(text: str) -> str:
@@ -597,6 +653,65 @@ async def _cmd_cursor(config: Config, event_id: int) -> int:
     return 0
 
 
+def _where(state: StateConfig) -> str:
+    """A state as messages name it before it is open (never with a password)."""
+    if state.url is None:
+        return str(state.path)
+    return f"{redact_database_url(state.url.reveal())} (schema {state.schema})"
+
+
+async def _cmd_state_copy(config: Config, args: argparse.Namespace) -> int:
+    """Copy the configured state into an empty one; both are held exclusively meanwhile
+    (SQLite's lock, PostgreSQL's lease), so no daemon changes either while it runs."""
+    if args.to is not None:
+        to_state = dataclasses.replace(
+            config.state, url=args.to, schema=args.schema or config.state.schema
+        )
+    else:
+        to_state = dataclasses.replace(config.state, path=args.to_file.absolute(), url=None)
+        if config.state.url is None and to_state.path.resolve() == config.state.path.resolve():
+            print(f"unleash-poller: state copy: {to_state.path} is the source", file=sys.stderr)
+            return EX_REFUSED
+    try:
+        source = await _open_exclusive(config, create=False)
+    except StateLockedError:
+        print(
+            f"unleash-poller: state copy: {_where(config.state)}: a daemon is running on "
+            "this state; stop it first (systemctl stop unleash-poller)",
+            file=sys.stderr,
+        )
+        return EX_REFUSED
+    try:
+        target_config = dataclasses.replace(config, state=to_state)
+        try:
+            target = await _open_exclusive(target_config)
+        except StateLockedError:
+            print(
+                f"unleash-poller: state copy: {_where(to_state)}: a daemon is running on the "
+                "target; stop it, it must not start there before the copy is done",
+                file=sys.stderr,
+            )
+            return EX_REFUSED
+        try:
+            summary = await copy_state(source, target)
+        except TargetNotEmptyError as exc:
+            print(f"unleash-poller: state copy: {exc}", file=sys.stderr)
+            return EX_REFUSED
+        except sqlite3.DatabaseError as exc:
+            print(
+                f"unleash-poller: state copy: {target.where}: writing failed ({exc}); "
+                "nothing was copied",
+                file=sys.stderr,
+            )
+            return EX_IOERR
+        finally:
+            await _close(target, target_config)
+    finally:
+        await _close(source, config)
+    print(summary.line(source.where, target.where))
+    return 0
+
+
 def _cmd_import(args: argparse.Namespace) -> int:
     token = None
     if args.token_file is not None:
@@ -655,6 +770,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _cmd_attempts(config, args.webhook, args.event, args.last, args.json)
         ),
         "redeliver": lambda: asyncio.run(_cmd_redeliver(config, args)),
+        "state": lambda: asyncio.run(_cmd_state_copy(config, args)),
     }
     try:
         return commands[args.command]()

@@ -33,6 +33,29 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
+def redact_database_url(url: str) -> str:
+    """A database URL as messages may show it: ``postgresql://user:***@host:port/db``.
+    The password is masked and the query dropped (it may hold ``password=`` too)."""
+    try:
+        parts = urlsplit(url)  # a stray '[' or ']' in the password is an "invalid IPv6 URL"
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        return MALFORMED
+    # An '@' after the host means a password with an unescaped '/', '?' or '#': the
+    # "path" would be the rest of that password.
+    if not parts.scheme or "@" in parts.path + parts.query + parts.fragment:
+        return MALFORMED
+    if host and ":" in host:
+        host = f"[{host}]"
+    user = ""
+    if parts.username is not None:
+        user = parts.username + (":***" if parts.password is not None else "") + "@"
+    elif parts.password is not None:
+        user = ":***@"
+    where = (host or "") + (f":{port}" if port is not None else "")
+    return f"{parts.scheme}://{user}{where}{parts.path}"
+
+
 def scrub_urls(text: str, *known: str | None) -> str:
     """`text` (an error message, say) with every URL in it cut down to what redact_url
     keeps, and the path and query of each `known` URL removed wherever they appear on

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import ssl
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from yarl import URL
 
 from poller.tls import client_ssl_context
-from poller.urls import MALFORMED, proxy_for, redact_url, scrub_urls
+from poller.urls import MALFORMED, proxy_for, redact_database_url, redact_url, scrub_urls
 
 REDACT = [
     ("https://hooks.slack.com/services/T000/B000/XXXXXXXX", "https://hooks.slack.com"),
@@ -440,3 +441,41 @@ def test_scrub_urls_never_leaves_the_path_or_query(
     scrubbed = scrub_urls(f"{before}{shown}{after}", url)
     assert f"/{path}?{query}" not in scrubbed
     assert shown not in scrubbed
+
+
+REDACT_DATABASE = [
+    (
+        "postgresql://poller:s3cret@db.example:5433/state?sslmode=require&password=s3cret",
+        "postgresql://poller:***@db.example:5433/state",
+    ),
+    ("postgres://poller@db.example/state", "postgres://poller@db.example/state"),
+    ("postgresql://:s3cret@db.example/state", "postgresql://:***@db.example/state"),
+    ("postgresql://poller:s3cret@[::1]/state", "postgresql://poller:***@[::1]/state"),
+    ("postgresql:///state?host=/run/postgresql", "postgresql:///state"),
+    # A password with an unescaped '/' or '@': the rest would show as host and path.
+    ("postgresql://poller:se/cret@db.example/state", MALFORMED),
+    ("postgresql://poller:se@c/ret@db.example/state", MALFORMED),
+    ("db.example/state", MALFORMED),
+]
+
+
+@pytest.mark.parametrize(("url", "expected"), REDACT_DATABASE)
+def test_redact_database_url(url: str, expected: str) -> None:
+    """A database URL keeps user, host, port and database name; the password is masked,
+    the query dropped, and a URL that cannot be split safely shows nothing."""
+    assert redact_database_url(url) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    password=st.text(
+        alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=4, max_size=30
+    ),
+    quoted=st.booleans(),
+)
+def test_redact_database_url_never_shows_the_password(password: str, quoted: bool) -> None:
+    """Whatever the password holds, escaped or not, it is not in the redacted URL."""
+    written = urllib.parse.quote(password, safe="") if quoted else password
+    shown = redact_database_url(f"postgresql://poller:{written}@db.example:5432/state")
+    assert password not in shown
+    assert written not in shown

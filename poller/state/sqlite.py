@@ -25,6 +25,7 @@ from poller.state.base import (
     Gap,
     Leadership,
     Pending,
+    StateDump,
     StateError,
     StateLockedError,
     storable,
@@ -126,6 +127,17 @@ CREATE TRIGGER IF NOT EXISTS parts_done_dead_letter AFTER DELETE ON dead_letters
                         WHERE webhook = OLD.webhook AND event_id = OLD.event_id);
 END;
 """
+# What `state copy` moves (staging never: it is discarded at every open).
+_COPIED_TABLES = (
+    "meta",
+    "events",
+    "outbox",
+    "gaps",
+    "dead_letters",
+    "parts_sent",
+    "pauses",
+    "attempt_log",
+)
 _DERIVED_NAMES = frozenset(
     {
         "outbox_event",
@@ -656,6 +668,132 @@ class SqliteState:
                 "DELETE FROM dead_letters WHERE ?1 IS NULL OR webhook = ?1", (webhook,)
             )
             return cursor.rowcount
+
+    # -- moving a state (`state copy`) -------------------------------------------------
+
+    async def is_empty(self) -> bool:
+        """No cursor, note, event, outbox row, dead letter, gap, pause, sent part or logged
+        attempt: a store nothing can be lost from by copying into it. Staging does not
+        count (it is discarded whenever the daemon opens the file)."""
+        return not any(
+            self._conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+            for table in _COPIED_TABLES
+        )
+
+    async def export_rows(self) -> StateDump:
+        """The whole state, read in one transaction (one consistent snapshot)."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            dump = StateDump(
+                high_water=None if meta.get("high_water") is None else int(meta["high_water"]),
+                notes={
+                    key.removeprefix("note:"): str(value)
+                    for key, value in sorted(meta.items())
+                    if key.startswith("note:")
+                },
+                events=conn.execute("SELECT id, body FROM events ORDER BY id").fetchall(),
+                outbox=conn.execute(
+                    "SELECT webhook, event_id, attempts, next_attempt_at, last_error, "
+                    "enqueued_at, rate_limited FROM outbox ORDER BY webhook, event_id"
+                ).fetchall(),
+                gaps=[
+                    Gap(*row)
+                    for row in conn.execute(
+                        "SELECT id, missing_since, next_check_at, checks FROM gaps ORDER BY id"
+                    )
+                ],
+                dead_letters=conn.execute(
+                    "SELECT webhook, event_id, attempts, reason, failed_at FROM dead_letters "
+                    "ORDER BY webhook, event_id"
+                ).fetchall(),
+                parts_sent=conn.execute(
+                    "SELECT webhook, event_id, part FROM parts_sent "
+                    "ORDER BY webhook, event_id, part"
+                ).fetchall(),
+                pauses={
+                    row[0]: _pause(row[1:])
+                    for row in conn.execute(
+                        "SELECT webhook, reason, since, awaits_resume, probe_at, probes "
+                        "FROM pauses ORDER BY webhook"
+                    )
+                },
+                attempt_log=[
+                    AttemptRecord(*row)
+                    for row in conn.execute(
+                        "SELECT webhook, event_id, at, attempt, status, error, latency_ms, "
+                        "outcome FROM attempt_log ORDER BY webhook, seq"
+                    )
+                ],
+            )
+        finally:
+            conn.execute("COMMIT")
+        return dump
+
+    async def import_rows(self, dump: StateDump) -> None:
+        """Write a whole state into this empty store, in one transaction: a failure
+        leaves it empty. The attempt log is numbered afresh, in the order it comes."""
+        with self._transaction() as conn:
+            if dump.high_water is not None:
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('high_water', ?)", (dump.high_water,)
+                )
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                ((f"note:{key}", value) for key, value in dump.notes.items()),
+            )
+            # Events first: the outbox and the dead letters reference them.
+            conn.executemany("INSERT INTO events (id, body) VALUES (?, ?)", dump.events)
+            conn.executemany(
+                "INSERT INTO outbox (webhook, event_id, attempts, next_attempt_at, last_error, "
+                "enqueued_at, rate_limited) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                dump.outbox,
+            )
+            conn.executemany(
+                "INSERT INTO gaps (id, missing_since, next_check_at, checks) VALUES (?, ?, ?, ?)",
+                ((g.id, g.missing_since, g.next_check_at, g.checks) for g in dump.gaps),
+            )
+            conn.executemany(
+                "INSERT INTO dead_letters (webhook, event_id, attempts, reason, failed_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                dump.dead_letters,
+            )
+            conn.executemany(
+                "INSERT INTO parts_sent (webhook, event_id, part) VALUES (?, ?, ?)",
+                dump.parts_sent,
+            )
+            conn.executemany(
+                "INSERT INTO pauses (webhook, reason, since, awaits_resume, probe_at, probes) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    (hook, p.reason, p.since, int(p.awaits_resume), p.probe_at, p.probes)
+                    for hook, p in dump.pauses.items()
+                ),
+            )
+            seq: dict[str, int] = {}
+            rows = []
+            for r in dump.attempt_log:
+                seq[r.webhook] = seq.get(r.webhook, 0) + 1
+                rows.append(
+                    (
+                        r.webhook,
+                        seq[r.webhook],
+                        r.event_id,
+                        r.at,
+                        r.attempt,
+                        r.status,
+                        r.error,
+                        r.latency_ms,
+                        r.outcome,
+                    )
+                )
+            conn.executemany(
+                "INSERT INTO attempt_log (webhook, seq, event_id, at, attempt, status, "
+                "error, latency_ms, outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        self._attempt_seq.clear()
 
 
 class IngestBatch:
