@@ -40,6 +40,7 @@ if importlib.util.find_spec("psycopg") is None:
 
 import psycopg  # noqa: E402
 
+import poller.state.postgres as postgres_module  # noqa: E402
 from poller.state.postgres import SCHEMA_VERSION, PostgresState  # noqa: E402
 
 _schemas = itertools.count(1)
@@ -561,6 +562,38 @@ def test_terminated_connections_are_transient_and_the_next_call_reconnects(
             assert await store.high_water() == 2
             led, lease = await store.try_lead("a", 30)
             assert (led, lease.epoch) == (True, 1)
+        finally:
+            await store.close()
+
+    _run(check())
+
+
+def test_a_statement_stuck_behind_a_lock_gives_up_as_transient(
+    database: PostgresDatabase, place: StateConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call that waits on a lock held behind the daemon's back (an operator's open
+    transaction, a server too slow to answer) ends in StateUnavailableError after the
+    statement timeout, on the lease's connection too, instead of hanging the daemon; once
+    the lock is gone the same store works again."""
+    monkeypatch.setattr(postgres_module, "_STATEMENT_TIMEOUT_S", 0.2)
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            assert (await store.try_lead("a", 30))[0]
+            async with await psycopg.AsyncConnection.connect(_url(database)) as blocker:
+                await blocker.execute(
+                    f"LOCK TABLE {place.schema}.lease, {place.schema}.meta IN ACCESS EXCLUSIVE MODE"
+                )
+                for call in (store.high_water, lambda: store.try_lead("a", 30)):
+                    with pytest.raises(StateUnavailableError) as info:
+                        # The guard only turns a hang into a failure; the timeout is 0.2 s.
+                        await asyncio.wait_for(call(), 20)
+                    assert "statement timeout" in str(info.value)
+                    assert database.password not in str(info.value)
+                await blocker.rollback()
+            assert await store.high_water() is None
+            assert (await store.try_lead("a", 30))[0]
         finally:
             await store.close()
 

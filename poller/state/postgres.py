@@ -70,6 +70,11 @@ SCHEMA_VERSION = 1
 _FENCED = "UP001"  # the SQLSTATE fence() raises
 _LOCK_CLASS = 0x554E4C50  # "UNLP": advisory-lock class of the schema creation
 _CONNECT_TIMEOUT_S = 10
+# No statement waits longer (a lock held behind the daemon's back, a server too slow to
+# answer): it fails as transient and the daemon retries, rather than hanging a worker or
+# the lease keeper. A dead peer is noticed sooner by the keepalives and tcp_user_timeout.
+# `state copy` lifts it for its own long statements.
+_STATEMENT_TIMEOUT_S = 30.0
 # SQLSTATEs that mean "try again later", beyond the connection errors (class 08, 57P0x,
 # which psycopg raises as OperationalError): a deadlock or serialization failure, a lock
 # wait that timed out, a server that became a read-only standby (failover).
@@ -448,8 +453,9 @@ class PostgresState:
             row = await (
                 await conn.execute(
                     "SELECT set_config('search_path', %s, false), "
-                    "current_setting('synchronous_commit')",
-                    (self._schema,),
+                    "current_setting('synchronous_commit'), "
+                    "set_config('statement_timeout', %s, false)",
+                    (self._schema, str(int(_STATEMENT_TIMEOUT_S * 1000))),
                 )
             ).fetchone()
             if row is not None and row[1] == "off":
@@ -1038,6 +1044,7 @@ class PostgresState:
         """The whole state as one snapshot saw it."""
         async with self._using(self._main) as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            await conn.execute("SET LOCAL statement_timeout = 0")  # a whole state, read once
 
             async def rows(query: LiteralString) -> list[tuple[Any, ...]]:
                 return await (await conn.execute(query)).fetchall()
@@ -1098,6 +1105,7 @@ class PostgresState:
         epoch = self._held_epoch()
         async with self._using(self._main) as conn, conn.transaction():
             await conn.execute("SELECT fence(%s, true)", (epoch,))
+            await conn.execute("SET LOCAL statement_timeout = 0")  # COPY of a whole state
             if not await _is_empty(conn):
                 raise StateError(
                     f"{self._where}: not empty; a state is copied only into an empty one"
