@@ -508,6 +508,27 @@ def test_a_wrong_password_is_permanent_and_never_shown(
     _run(check())
 
 
+def test_a_client_key_password_in_the_url_is_masked_too(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """`sslpassword` (the client key's passphrase) is a password like `password`: every
+    message names the store with it masked, from the start and when connecting fails."""
+    passphrase = "Key-Passphrase-77"  # noqa: S105 (a test value)
+    url = f"{_url(database)}?sslmode=disable&sslpassword={passphrase}&password={passphrase}x"
+    config = StateConfig(place.path, url=Secret(url.replace(":5432/", ":1/")), schema=place.schema)
+    assert postgres_module.where_of(config) == (
+        f"postgresql://{database.user}:***@{database.host}:1/{database.name}"
+        f"?sslmode=disable&sslpassword=***&password=*** (schema {place.schema})"
+    )
+
+    async def check() -> None:
+        with pytest.raises(StateUnavailableError) as info:
+            await PostgresState.open(config)
+        assert passphrase not in str(info.value)
+
+    _run(check())
+
+
 def test_a_server_that_refuses_connections_is_transient(place: StateConfig) -> None:
     """Nothing listening (PostgreSQL down or restarting) is StateUnavailableError, which the
     daemon backs off and retries on, not a reason to exit."""

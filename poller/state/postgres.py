@@ -93,6 +93,9 @@ _PERMANENT_CONNECT = (
 # it would print a bare line to stderr) when ending a pipeline on a connection that just
 # died; the same failure is raised as StateUnavailableError, logged by the daemon.
 logging.getLogger("psycopg").setLevel(logging.ERROR)
+# Query parameters of the URL that hold a secret: the server password, and the passphrase
+# of the client's TLS key.
+_PASSWORD_KEYS = frozenset({"password", "sslpassword"})
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _BODY_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -279,7 +282,7 @@ def _redacted(url: str) -> str:
     query = parts.query
     if query:
         pairs = [
-            (key, "***" if key == "password" else value)
+            (key, "***" if key in _PASSWORD_KEYS else value)
             for key, value in parse_qsl(query, keep_blank_values=True)
         ]
         query = urlencode(pairs, safe="*")
@@ -290,7 +293,7 @@ def _secrets_of(url: str) -> list[str]:
     """The password as it may appear in a driver's message: raw, encoded or decoded."""
     parts = urlsplit(url)
     found = [parts.password or ""]
-    found += [value for key, value in parse_qsl(parts.query) if key == "password"]
+    found += [value for key, value in parse_qsl(parts.query) if key in _PASSWORD_KEYS]
     spelled = {v for s in found if s for v in (s, unquote(s), quote(s, safe=""))}
     return sorted(spelled, key=len, reverse=True)
 
