@@ -488,6 +488,37 @@ def test_a_schema_made_for_the_role_is_enough_without_create_on_the_database(
     _run(check())
 
 
+def test_a_database_not_in_utf8_is_refused_at_open(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """Event bodies are any Unicode, which a LATIN1 (or SQL_ASCII) database cannot hold:
+    opening the state there is one clear StateError, not a driver error on the first
+    event with a character outside it."""
+    latin1 = f"{database.name}_latin1"
+    psql = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-p", str(database.port)]
+    _as_postgres([*psql, "-d", "postgres", "-c", f"DROP DATABASE IF EXISTS {latin1} WITH (FORCE)"])
+    _as_postgres(
+        [*psql, "-d", "postgres", "-c", f"CREATE DATABASE {latin1} OWNER {database.user} "
+         "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"]
+    )  # fmt: skip
+    assert place.url is not None
+    url = place.url.reveal().replace(f"/{database.name}", f"/{latin1}")
+    config = StateConfig(place.path, url=Secret(url), schema=place.schema)
+
+    async def check() -> None:
+        with pytest.raises(StateError) as info:
+            await PostgresState.open(config)
+        assert not isinstance(info.value, StateUnavailableError)
+        assert "encoding LATIN1" in str(info.value)
+        assert "UTF8" in str(info.value)
+        assert database.password not in str(info.value)
+
+    try:
+        _run(check())
+    finally:
+        _as_postgres([*psql, "-d", "postgres", "-c", f"DROP DATABASE {latin1} WITH (FORCE)"])
+
+
 def test_a_wrong_password_is_permanent_and_never_shown(
     database: PostgresDatabase, place: StateConfig
 ) -> None:

@@ -361,6 +361,15 @@ class PostgresState:
 
     async def _prepare(self, create: bool) -> None:
         async with self._using(self._main) as conn:
+            # Bodies are any Unicode; another encoding fails on the first character outside
+            # it, as a driver error in the middle of an ingest.
+            encoding = await (await conn.execute("SHOW server_encoding")).fetchone()
+            if encoding is None or encoding[0] != "UTF8":
+                name = "unknown" if encoding is None else encoding[0]
+                raise StateError(
+                    f"{self._where}: the database has encoding {name}; the state needs a "
+                    "UTF8 database (CREATE DATABASE ... ENCODING 'UTF8')"
+                )
             if not await self._has_tables(conn):
                 if not create:
                     raise StateError(
@@ -443,6 +452,8 @@ class PostgresState:
                 autocommit=True,
                 connect_timeout=_CONNECT_TIMEOUT_S,
                 application_name=f"unleash-poller ({link.name})",
+                # Not PGCLIENTENCODING's or the URL's: text goes over the wire as UTF-8.
+                client_encoding="UTF8",
                 # A dead peer is noticed in seconds, not after the kernel's two hours.
                 keepalives=1,
                 keepalives_idle=5,
