@@ -40,8 +40,7 @@ if importlib.util.find_spec("psycopg") is None:
 
 import psycopg  # noqa: E402
 
-import poller.state.postgres as postgres_module  # noqa: E402
-from poller.state.postgres import SCHEMA_VERSION, PostgresState  # noqa: E402
+from poller.state.postgres import SCHEMA_VERSION, PostgresState, link, where_of  # noqa: E402
 
 _schemas = itertools.count(1)
 
@@ -547,7 +546,7 @@ def test_a_client_key_password_in_the_url_is_masked_too(
     passphrase = "Key-Passphrase-77"  # noqa: S105 (a test value)
     url = f"{_url(database)}?sslmode=disable&sslpassword={passphrase}&password={passphrase}x"
     config = StateConfig(place.path, url=Secret(url.replace(":5432/", ":1/")), schema=place.schema)
-    assert postgres_module.where_of(config) == (
+    assert where_of(config) == (
         f"postgresql://{database.user}:***@{database.host}:1/{database.name}"
         f"?sslmode=disable&sslpassword=***&password=*** (schema {place.schema})"
     )
@@ -627,7 +626,7 @@ def test_a_statement_stuck_behind_a_lock_gives_up_as_transient(
     transaction, a server too slow to answer) ends in StateUnavailableError after the
     statement timeout, on the lease's connection too, instead of hanging the daemon; once
     the lock is gone the same store works again."""
-    monkeypatch.setattr(postgres_module, "_STATEMENT_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(link, "_STATEMENT_TIMEOUT_S", 0.2)
 
     async def check() -> None:
         store = await PostgresState.open(place)
