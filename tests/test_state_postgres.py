@@ -337,6 +337,48 @@ def test_the_leader_renews_while_its_own_catch_up_is_open(
     _run(check())
 
 
+def test_a_leader_gone_silent_in_its_catch_up_does_not_block_the_takeover(
+    database: PostgresDatabase, place: StateConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that stops answering inside a catch-up (its host gone, frozen, cut off)
+    leaves a transaction holding the lease row; the server ends it after the idle limit,
+    rather than when its own keepalives notice (hours), so a standby takes the expired
+    lease over, and nothing of that catch-up is committed."""
+    monkeypatch.setattr(link, "_IDLE_IN_TRANSACTION_S", 0.5)
+
+    async def check() -> None:
+        leader = await PostgresState.open(place)
+        standby = await PostgresState.open(place)
+        added = asyncio.Event()
+
+        async def silent_catch_up() -> None:
+            async with leader.ingesting() as batch:
+                await batch.add([(1, "{}")], [("a", 1)])
+                added.set()
+                await asyncio.Event().wait()  # never comes back to the server
+
+        try:
+            assert (await leader.try_lead("a", 30))[0]
+            task = asyncio.create_task(silent_catch_up())
+            await added.wait()
+            await _expire(database, place)
+
+            async def took_over() -> bool:
+                return (await standby.try_lead("b", 1))[0]
+
+            await _until(took_over, timeout_s=20)
+            assert (await standby.lease()).epoch == 2
+            assert await standby.pending_counts() == {}
+            task.cancel()
+            with pytest.raises((asyncio.CancelledError, StateUnavailableError)):
+                await task
+        finally:
+            await leader.close()
+            await standby.close()
+
+    _run(check())
+
+
 def test_a_takeover_discards_the_old_leaders_staged_pages(
     database: PostgresDatabase, place: StateConfig
 ) -> None:

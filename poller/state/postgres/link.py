@@ -27,6 +27,11 @@ _CONNECT_TIMEOUT_S = 10
 # the lease keeper. A dead peer is noticed sooner by the keepalives and tcp_user_timeout.
 # `state copy` lifts it for its own long statements.
 _STATEMENT_TIMEOUT_S = 30.0
+# A transaction left open by a client that stopped answering (its host gone, frozen, cut
+# off) holds the lease row FOR KEY SHARE, so no standby can take over; the server ends it
+# after this long instead of when its own keepalives notice (two hours by default). A
+# catch-up is idle only between its batches, each read and written in well under this.
+_IDLE_IN_TRANSACTION_S = 60.0
 # psycopg warns through the standard logging module (which the daemon does not set up, so
 # it would print a bare line to stderr) when ending a pipeline on a connection that just
 # died; the same failure is raised as StateUnavailableError, logged by the daemon.
@@ -79,8 +84,13 @@ class Link:
                 await conn.execute(
                     "SELECT set_config('search_path', %s, false), "
                     "current_setting('synchronous_commit'), "
-                    "set_config('statement_timeout', %s, false)",
-                    (self._schema, str(int(_STATEMENT_TIMEOUT_S * 1000))),
+                    "set_config('statement_timeout', %s, false), "
+                    "set_config('idle_in_transaction_session_timeout', %s, false)",
+                    (
+                        self._schema,
+                        str(int(_STATEMENT_TIMEOUT_S * 1000)),
+                        str(int(_IDLE_IN_TRANSACTION_S * 1000)),
+                    ),
                 )
             ).fetchone()
             if row is not None and row[1] == "off":

@@ -518,9 +518,13 @@ class PostgresIngestBatch:
         self.finished = False
 
     async def _run(self, steps: Iterable[Step]) -> None:
-        async with self._conn.pipeline():
-            for query, params in steps:
-                await self._conn.execute(query, params)
+        # One statement at a time, not a pipeline: after a psycopg pipeline PostgreSQL 15
+        # does not arm idle_in_transaction_session_timeout (seen: the session outlives
+        # it; after a plain statement it is ended), so a leader gone silent mid-catch-up
+        # would hold the lease row until the server's keepalives noticed. A round trip
+        # or two per batch of events costs nothing that matters.
+        for query, params in steps:
+            await self._conn.execute(query, params)
 
     async def add(self, events: Sequence[EventRow], owed: Iterable[tuple[str, int]]) -> None:
         await self._run(add_steps(events, owed, self._now))
