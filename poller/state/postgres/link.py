@@ -19,6 +19,7 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from poller.faults import crash_point
+from poller.state.base import StateUnavailableError
 from poller.state.postgres.messages import Diagnosis
 
 _CONNECT_TIMEOUT_S = 10
@@ -41,16 +42,35 @@ Params = Sequence[Any] | Mapping[str, Any]
 Step = tuple[LiteralString, Params]
 
 
+class Outages:
+    """Shared by a store's connections: how many times one of them found the server gone.
+    When one does (a restart, a failover), the others are presumed gone too and connect
+    afresh at their next use, rather than each failing once more in turn (which would
+    end the leader's next term as well)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 class Link:
     """One named connection of a store, for one caller at a time."""
 
-    def __init__(self, name: str, url: str, schema: str, diagnosis: Diagnosis) -> None:
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        schema: str,
+        diagnosis: Diagnosis,
+        outages: Outages | None = None,
+    ) -> None:
         self.name = name
         self.lock = asyncio.Lock()
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self._url = url
         self._schema = schema
         self._diagnosis = diagnosis
+        self._outages = outages or Outages()
+        self._made_at = 0  # the outage count when the connection was made
 
     async def drop(self) -> None:
         conn, self.conn = self.conn, None
@@ -59,9 +79,11 @@ class Link:
                 await conn.close()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        if self.conn is not None and not self.conn.closed and not self.conn.broken:
-            return self.conn
+        sound = self.conn is not None and not self.conn.closed and not self.conn.broken
+        if sound and self._made_at == self._outages.count:
+            return self.conn  # type: ignore[return-value]
         await self.drop()
+        made_at = self._outages.count
         try:
             conn = await psycopg.AsyncConnection.connect(
                 self._url,
@@ -100,6 +122,7 @@ class Link:
                 await conn.close()
             raise self._diagnosis.translate(exc) from None
         self.conn = conn
+        self._made_at = made_at
         return conn
 
     @contextlib.asynccontextmanager
@@ -114,7 +137,10 @@ class Link:
             except psycopg.Error as exc:
                 if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
                     await self.drop()
-                raise self._diagnosis.translate(exc) from None
+                error = self._diagnosis.translate(exc)
+                if conn.broken and isinstance(error, StateUnavailableError):
+                    self._outages.count += 1  # the server went away: for every connection
+                raise error from None
             except BaseException:
                 if conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
                     await self.drop()

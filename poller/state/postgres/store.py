@@ -32,7 +32,7 @@ from poller.state.base import (
     storable,
 )
 from poller.state.postgres.lease import PostgresLease
-from poller.state.postgres.link import Link, Params, Step
+from poller.state.postgres.link import Link, Outages, Params, Step
 from poller.state.postgres.messages import Diagnosis, where_of
 from poller.state.postgres.schema import IDENTIFIER, prepare
 from poller.state.postgres.state_copy import export_rows, import_rows, is_empty
@@ -60,11 +60,12 @@ class PostgresState:
         self._schema = config.schema
         self._diagnosis = Diagnosis(config)
         self._where = self._diagnosis.where
+        outages = Outages()  # one connection finding the server gone resets them all
         self._lease = PostgresLease(
-            Link("lease", url, config.schema, self._diagnosis), self._where, fenced=lock
+            Link("lease", url, config.schema, self._diagnosis, outages), self._where, fenced=lock
         )
-        self._ingest = Link("ingest", url, config.schema, self._diagnosis)
-        self._main = Link("main", url, config.schema, self._diagnosis)
+        self._ingest = Link("ingest", url, config.schema, self._diagnosis, outages)
+        self._main = Link("main", url, config.schema, self._diagnosis, outages)
         self._tool_writes: int | None = None
         self._state_id: str | None = None
 
