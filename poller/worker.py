@@ -517,7 +517,7 @@ async def drain(workers: list[Worker], tasks: list[asyncio.Task[None]], timeout_
     _, pending = await asyncio.wait(tasks, timeout=timeout_s)
     for task in pending:
         task.cancel()
-    for task in pending:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    # What a cancelled worker raised instead (a fenced write on its way out, say) is not
+    # raised here: the task's done callback (App._worker_done) has seen it already.
+    await asyncio.gather(*pending, return_exceptions=True)
     return len(pending)

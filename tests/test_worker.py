@@ -696,3 +696,34 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
     # two loop passes), plus scheduling slack. Before: 2 s per event, back to back (24 s
     # here); with the small budget but no yield, all 12 renders in a row (3 s).
     assert max(gaps) < 2 * MUSTACHE_TIME_BUDGET_S + 0.5, max(gaps)
+
+
+def test_drain_cancels_what_is_left_and_never_raises_what_a_cancelled_worker_raised() -> None:
+    """At the end of a leader's term the drain time is 0: every worker is cancelled. One
+    whose way out raises instead (a fenced commit of its marks) must not make the drain
+    raise: its error was seen by its done callback, and raising here would end the daemon
+    (exit 74) where the term should merely end."""
+    seen: list[BaseException | None] = []
+
+    async def worker_fenced_on_the_way_out() -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            await asyncio.sleep(0)
+            raise FencedError("another daemon leads") from None
+
+    async def quiet_worker() -> None:
+        await asyncio.Event().wait()
+
+    async def run() -> int:
+        tasks = [
+            asyncio.create_task(worker_fenced_on_the_way_out()),
+            asyncio.create_task(quiet_worker()),
+        ]
+        for task in tasks:
+            task.add_done_callback(lambda t: seen.append(None if t.cancelled() else t.exception()))
+        await asyncio.sleep(0)
+        return await worker_module.drain([], tasks, 0.0)
+
+    assert asyncio.run(run()) == 2
+    assert any(isinstance(error, FencedError) for error in seen)
