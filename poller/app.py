@@ -100,6 +100,8 @@ class App:
         self.tasks: dict[str, asyncio.Task[None]] = {}
         # Workers being stopped by a reload, and the webhooks to start once they are done.
         self.retiring: dict[str, Worker] = {}
+        self._retiring_tasks: dict[str, asyncio.Task[None]] = {}  # their run() tasks
+        self._finishing: set[asyncio.Task[None]] = set()  # _finish_retiring, until done
         self._start_after_retire: dict[str, WebhookConfig] = {}
         self.delivered = 0
         self.dead_lettered = 0
@@ -281,16 +283,23 @@ class App:
         retiring at once, so a reload right after this one plans with it."""
         worker, task = self.workers.pop(name), self.tasks.pop(name)
         self.retiring[name] = worker
+        self._retiring_tasks[name] = task
         worker.stop.set()
-        asyncio.get_running_loop().create_task(self._finish_retiring(name, worker, task))
+        finishing = asyncio.get_running_loop().create_task(
+            self._finish_retiring(name, worker, task)
+        )
+        self._finishing.add(finishing)
+        finishing.add_done_callback(self._finishing.discard)
 
     async def _finish_retiring(self, name: str, worker: Worker, task: asyncio.Task[None]) -> None:
         try:
             await drain([worker], [task], self.config.drain_timeout_s)
         finally:
             del self.retiring[name]
+            del self._retiring_tasks[name]
         hook = self._start_after_retire.pop(name, None)
-        if hook is not None and not self.stop.is_set():
+        # Not once the term is over: the next one starts every webhook's worker itself.
+        if hook is not None and self.leading and not self.stop.is_set():
             self._start_worker(hook, self.session)
 
     # -- reload ------------------------------------------------------------------------
@@ -742,7 +751,12 @@ class App:
         timeout = self.config.drain_timeout_s
         if self.lease is not None and not self.stop.is_set():
             timeout = max(0.0, min(timeout, self.lease.valid_until - time.monotonic()))
-        cancelled = await drain(list(self.workers.values()), list(self.tasks.values()), timeout)
+        # Workers a reload is replacing end with the term too: none of them may go on
+        # sending beside the next term's, nor start its replacement in standby.
+        workers = [*self.workers.values(), *self.retiring.values()]
+        tasks = [*self.tasks.values(), *self._retiring_tasks.values()]
+        cancelled = await drain(workers, tasks, timeout)
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         self.workers.clear()
         self.tasks.clear()
         if cancelled and self.stop.is_set():

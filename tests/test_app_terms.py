@@ -1,0 +1,170 @@
+"""Terms of a leader under a lease, in-process, with a fake lease over a SQLite state: what
+a term leaves behind when it ends, and what a standby starts (nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from poller.app import App
+from poller.config import Config, WebhookConfig, load_config
+from poller.lease import LeaseLostError
+from poller.state import LeaseView, SqliteState
+
+
+def _toml(max_in_flight: int = 1) -> str:
+    # Nothing listens on port 1: Unleash and the receiver are never reached.
+    return f"""
+[unleash]
+url = "http://127.0.0.1:1"
+token = "t"
+[state]
+path = "s.sqlite3"
+[[webhooks]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+max_in_flight = {max_in_flight}
+"""
+
+
+class _FakeLeadership:
+    """A lease one holder has at a time; `other` set: another daemon holds it."""
+
+    def __init__(self) -> None:
+        self.holder: str | None = None
+        self.other: str | None = None
+        self.epoch = 0
+        self.refused = asyncio.Event()  # told a daemon that another leads
+
+    async def try_lead(self, holder: str, ttl_s: float) -> tuple[bool, LeaseView]:
+        if self.other is not None:
+            self.refused.set()
+            return False, LeaseView(self.other, self.epoch, 100.0)
+        if self.holder != holder:
+            self.holder, self.epoch = holder, self.epoch + 1
+        return True, LeaseView(holder, self.epoch, ttl_s)
+
+    async def resign(self, holder: str) -> None:
+        if self.holder == holder:
+            self.holder = None
+
+    async def lease(self) -> LeaseView:
+        return LeaseView(self.other or self.holder, self.epoch, 100.0)
+
+
+class _Shared:
+    """A SQLite state that says it is shared: it has a lease."""
+
+    def __init__(self, inner: SqliteState, leadership: _FakeLeadership) -> None:
+        self._inner = inner
+        self.leadership = leadership
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _HangingWorker:
+    """Stands for a worker whose request in flight never ends (until `release`)."""
+
+    def __init__(self, hook: WebhookConfig) -> None:
+        self.hook = hook
+        self.stop = asyncio.Event()
+        self.wake = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def reconfigure(self, hook: WebhookConfig) -> None:
+        self.hook = hook
+
+    async def commit_marks(self, *, attempts: bool = True) -> None:
+        return None
+
+    async def run(self) -> None:
+        await self.release.wait()
+
+
+class _App(App):
+    def __init__(self, config: Config, state: Any) -> None:
+        super().__init__(config, state)
+        self.starts: list[tuple[str, bool]] = []  # (webhook, leading) at each worker start
+        self.worker_started = asyncio.Event()
+        self.made: list[_HangingWorker] = []
+        self.term_stopped = asyncio.Event()  # a term's workers are stopped
+
+    async def _stop_workers(self) -> None:
+        await super()._stop_workers()
+        self.term_stopped.set()
+
+    def _start_worker(self, hook: WebhookConfig, session: aiohttp.ClientSession) -> None:
+        worker = _HangingWorker(hook)
+        self.made.append(worker)
+        self.starts.append((hook.name, self.leading))
+        task = asyncio.create_task(worker.run(), name=f"worker:{hook.name}")
+        task.add_done_callback(self._worker_done)
+        self.workers[hook.name] = worker  # type: ignore[assignment]
+        self.tasks[hook.name] = task
+        self.worker_started.set()
+
+
+def _write(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+def _run(tmp_path: Path, body: Callable[[_App, Path, _FakeLeadership], Awaitable[None]]) -> None:
+    path = tmp_path / "poller.toml"
+    path.touch(mode=0o600)
+    path.write_text(_toml(1))
+    config = load_config(path)
+    inner = SqliteState.open(config.state.path)
+    leadership = _FakeLeadership()
+
+    async def main() -> int:
+        app = _App(config, _Shared(inner, leadership))
+        running = asyncio.create_task(app.run())
+        try:
+            await asyncio.wait_for(body(app, path, leadership), 10)
+        finally:
+            for worker in app.made:
+                worker.release.set()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return await asyncio.wait_for(running, 10)
+
+    try:
+        assert asyncio.run(main()) == 0
+    finally:
+        asyncio.run(inner.close())
+
+
+def test_a_worker_retiring_when_the_term_ends_ends_with_the_term(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload replaces a worker whose request hangs; the lease is lost meanwhile. The
+    retiring worker is stopped with the term, and its replacement is not started in
+    standby (nor beside the next term's worker)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+
+    async def body(app: _App, path: Path, leadership: _FakeLeadership) -> None:
+        await asyncio.wait_for(app.worker_started.wait(), 10)
+        first = app.made[0]
+        _write(path, _toml(2))  # a new max_in_flight: the worker is replaced
+        app.reload()
+        assert "a" in app.retiring
+        leadership.other = "b:1"  # taken over
+        assert app.lease is not None
+        app.lease.stand_down()
+        app._end_term(LeaseLostError("taken over by b:1"))
+        await app.term_stopped.wait()
+        assert not app.leading
+        assert app.retiring == {}  # stopped with the term
+        first.release.set()
+        await asyncio.sleep(0)
+        assert [s for s in app.starts if not s[1]] == []  # nothing started in standby
+        assert app.workers == {}
+
+    _run(tmp_path, body)
