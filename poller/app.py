@@ -364,7 +364,8 @@ class App:
             added=sorted(new_hooks.keys() - old_hooks.keys()),
             removed=sorted(old_hooks.keys() - new_hooks.keys()),
         )
-        self._start_profile_reads()  # ui-config again, in the background
+        if self.lease is None or self.leading:  # a standby asks nothing: its next term will
+            self._start_profile_reads()  # ui-config again, in the background
 
     def _apply(self, action: Action) -> None:
         match action:

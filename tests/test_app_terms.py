@@ -116,13 +116,20 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)
 
 
-def _run(tmp_path: Path, body: Callable[[_App, Path, _FakeLeadership], Awaitable[None]]) -> None:
+def _run(
+    tmp_path: Path,
+    body: Callable[[_App, Path, _FakeLeadership], Awaitable[None]],
+    *,
+    other: str | None = None,
+) -> None:
+    """Run the App while `body` runs (`other`: another daemon leads from the start)."""
     path = tmp_path / "poller.toml"
     path.touch(mode=0o600)
     path.write_text(_toml(1))
     config = load_config(path)
     inner = SqliteState.open(config.state.path)
     leadership = _FakeLeadership()
+    leadership.other = other
 
     async def main() -> int:
         app = _App(config, _Shared(inner, leadership))
@@ -168,3 +175,21 @@ def test_a_worker_retiring_when_the_term_ends_ends_with_the_term(
         assert app.workers == {}
 
     _run(tmp_path, body)
+
+
+def test_a_reload_in_standby_asks_nothing_of_unleash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby touches nothing: a reload does not start reading ui-config (a request to
+    Unleash, then a write of its answer to the state)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+
+    async def body(app: _App, path: Path, leadership: _FakeLeadership) -> None:
+        await leadership.refused.wait()
+        assert not app.leading
+        _write(path, _toml(1).replace('token = "t"', 'token = "t2"'))
+        app.reload()
+        assert app._profile_task is None
+        assert app.starts == []
+
+    _run(tmp_path, body, other="b:1")
