@@ -137,8 +137,13 @@ class LeaseKeeper:
         while True:
             await asyncio.sleep(every)
             try:
+                epoch = self.epoch
                 if not await self._try():
                     self._lost(f"taken over by {self.seen.holder if self.seen else '?'}")
+                if self.epoch != epoch:
+                    # Taken and freed meanwhile (this daemon was paused past a takeover),
+                    # then taken again: what it holds in memory predates that other term.
+                    self._lost(f"led by another daemon meanwhile (epoch {epoch} → {self.epoch})")
             except StateUnavailableError as exc:
                 if self.clock() >= self.valid_until:
                     self._lost(f"not renewed in time: {exc}", unreachable=True)
