@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from poller import __version__, log
-from poller.app import EX_IOERR, EX_UNAVAILABLE, App, ask_server_profile
+from poller.app import EX_IOERR, EX_TEMPFAIL, EX_UNAVAILABLE, App, ask_server_profile
 from poller.backoff import backoff_s
 from poller.config import (
     EX_CONFIG,
@@ -286,7 +286,11 @@ async def _open_for_daemon(config: Config, once: bool) -> StateStore:
 
 
 async def _run(config: Config, once: bool) -> int:
-    state = await _open_for_daemon(config, once)
+    try:
+        state = await _open_for_daemon(config, once)
+    except StateUnavailableError as exc:  # only --once gives up: a daemon waits it out
+        print(f"unleash-poller: {exc}; nothing was done, try again later", file=sys.stderr)
+        return EX_TEMPFAIL
     try:
         return await App(config, state).run(once=once)
     except sqlite3.DatabaseError as exc:

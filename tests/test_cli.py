@@ -387,3 +387,33 @@ def test_attempts_lists_the_log_as_text_and_json(config: Path, tmp_path: Path) -
     ]
     bad = _cli("attempts", "-c", config, "--last", "0")
     assert (bad.returncode, bad.stderr.strip()) == (64, "unleash-poller: --last must be at least 1")
+
+
+def test_run_once_with_postgresql_down_is_a_temporary_failure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL not reachable at a --once run is not a state unusable for good (74): it
+    exits 75 (try again later) with one line that names the state, password masked."""
+    config = tmp_path / "c.toml"
+    config.write_text("""
+[unleash]
+url = "http://127.0.0.1:1"
+token = "t"
+[state]
+url = "postgresql://u:secret@127.0.0.1:1/db"
+[[webhooks]]
+name = "a"
+url = "http://127.0.0.1:1/a"
+""")
+    config.chmod(0o600)
+    logging = structlog.get_config()
+    try:
+        code = main(["run", "-c", str(config), "--once"])
+    finally:
+        structlog.configure(**logging)
+    err = capsys.readouterr().err
+    assert code == 75
+    assert "secret" not in err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("unleash-poller: postgresql://u:***@127.0.0.1:1/db")
