@@ -572,8 +572,15 @@ class App:
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         reporter.cancel()
         if keeper is not None:
+            assert self.lease is not None
             keeper.cancel()
-            await self.lease.resign()  # type: ignore[union-attr]
+            with contextlib.suppress(asyncio.CancelledError, LeaseLostError):
+                await keeper  # a lease lost after the last write: the work is done
+            if self._term_reason is not None:  # fenced or cut off: the work is not done
+                self._log_term_end()
+                self.lease.stand_down()
+                return EX_TEMPFAIL
+            await self.lease.resign()
         return code
 
     async def _lead_once(self) -> bool:

@@ -12,11 +12,13 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aioresponses import aioresponses
 
-from poller.app import App
+from poller.app import EX_TEMPFAIL, App
 from poller.config import Config, WebhookConfig, load_config
 from poller.lease import LeaseLostError
-from poller.state import LeaseView, SqliteState
+from poller.state import LeaseView, SqliteState, StateUnavailableError
+from tests.test_app import _fake_config, _FakeUnleash
 
 
 def _toml(max_in_flight: int = 1) -> str:
@@ -193,3 +195,32 @@ def test_a_reload_in_standby_asks_nothing_of_unleash(
         assert app.starts == []
 
     _run(tmp_path, body, other="b:1")
+
+
+class _MarksFail(_Shared):
+    """PostgreSQL goes away when the first delivery marks are committed."""
+
+    async def delivered(self, hook: str, *event_ids: int) -> None:
+        raise StateUnavailableError("postgresql://u:***@db/x: server closed the connection")
+
+
+def test_once_whose_state_goes_away_midway_does_not_exit_0(tmp_path: Path) -> None:
+    """A --once run on a shared state that loses it while delivering (marks not
+    committed) did not do its work: it exits 75 (try again), not 0."""
+    fake = _FakeUnleash()
+    for i in (1, 2, 3):
+        fake.add(i)
+    config = load_config(_fake_config(tmp_path))
+    inner = SqliteState.open(config.state.path)
+
+    async def main() -> int:
+        with aioresponses() as mocked:
+            fake.mock(mocked)
+            app = App(config, _MarksFail(inner, _FakeLeadership()))  # type: ignore[arg-type]
+            return await asyncio.wait_for(app.run(once=True), 10)
+
+    try:
+        assert asyncio.run(main()) == EX_TEMPFAIL
+    finally:
+        asyncio.run(inner.close())
+    assert fake.bodies  # it did deliver: the marks are what failed
