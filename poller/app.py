@@ -119,6 +119,7 @@ class App:
         self._defaults_logged = False
         self._detected = False  # which events API the server has (asked again after a reload)
         self.started_at = time.time()
+        self._term_started_at = self.started_at  # health: the poll age counts from here
         self.metrics: Metrics | NullMetrics = NullMetrics()
         if config.metrics.listen:
             # Imported only when asked for: prometheus_client and aiohttp's server cost
@@ -178,7 +179,7 @@ class App:
             return True, self.role()  # a standby is healthy: it waits to take over
         ok, details = poll_health(
             self.ingest.last_poll_ok_at,
-            self.started_at,
+            self._term_started_at,
             self.config.unleash.poll_interval_s,
             self.config.state.path if self.lease is None else None,
         )
@@ -663,6 +664,7 @@ class App:
         self._term_reason = None
         self._term_unreachable = False
         self.leading = True
+        self._term_started_at = time.time()  # a new leader has not polled yet
         self._counts_at = -math.inf
         self.metrics.on_role(True, self.lease.epoch if self.lease is not None else 0)
         keeper = asyncio.create_task(self.lease.keep()) if self.lease is not None else None

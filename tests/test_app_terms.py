@@ -224,3 +224,27 @@ def test_once_whose_state_goes_away_midway_does_not_exit_0(tmp_path: Path) -> No
     finally:
         asyncio.run(inner.close())
     assert fake.bodies  # it did deliver: the marks are what failed
+
+
+def test_a_new_leader_is_healthy_while_its_first_poll_is_due(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that stood by for an hour, then took over, has not polled yet: its health
+    counts the poll age from the start of its term, not of the process (a liveness probe
+    would kill the new leader right after every takeover)."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+
+    async def body(app: _App, path: Path, leadership: _FakeLeadership) -> None:
+        await app.worker_started.wait()
+        ok, details = app.health()
+        assert ok, details
+        assert details["role"] == "leader"
+
+    real_init = _App.__init__
+
+    def init(self: _App, config: Config, state: Any) -> None:
+        real_init(self, config, state)
+        self.started_at -= 3600  # stood by for an hour before this term
+
+    monkeypatch.setattr(_App, "__init__", init)
+    _run(tmp_path, body)
