@@ -676,7 +676,7 @@ class App:
                 if self.lease is None:
                     raise
                 self._end_term(exc)
-            if not self._term_over.is_set():
+            if not self._term_over.is_set() and not self.stop.is_set():
                 for hook in self.config.webhooks:
                     self._start_worker(hook, self.session)
                 poller = asyncio.create_task(self._poll_loop(), name="poller")

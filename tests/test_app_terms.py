@@ -4,6 +4,7 @@ a term leaves behind when it ends, and what a standby starts (nothing)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from collections.abc import Awaitable, Callable
@@ -248,3 +249,31 @@ def test_a_new_leader_is_healthy_while_its_first_poll_is_due(
 
     monkeypatch.setattr(_App, "__init__", init)
     _run(tmp_path, body)
+
+
+def test_a_stop_while_a_term_begins_starts_no_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the term is still reading the server (it waits up to a request for
+    ui-config): no worker starts after it, so no delivery begins after the stop."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    # A worker wrongly started hangs (see _HangingWorker): cut short, so the assert says so.
+    config = dataclasses.replace(load_config(_fake_config(tmp_path)), drain_timeout_s=0.2)
+    inner = SqliteState.open(config.state.path)
+
+    class _StoppedEarly(_App):
+        async def _begin_term(self) -> None:
+            await super()._begin_term()
+            self._request_stop()  # as the SIGTERM handler does
+
+    async def main() -> list[tuple[str, bool]]:
+        app = _StoppedEarly(config, _Shared(inner, _FakeLeadership()))
+        with aioresponses() as mocked:
+            _FakeUnleash().mock(mocked)
+            assert await asyncio.wait_for(app.run(), 10) == 0
+        return app.starts
+
+    try:
+        assert asyncio.run(main()) == []
+    finally:
+        asyncio.run(inner.close())
