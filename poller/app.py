@@ -555,21 +555,28 @@ class App:
         if self.lease is not None and not await self._lead_once():
             return EX_TEMPFAIL
         self.leading = True
-        await self._refresh_counts()
-        self._warn_orphans()
-        await self._use_saved_profile()
-        await self._read_profile(retry=False)  # one try: --once does not wait for it
-        try:
-            await self._detect()
-            await self.ingest.poll(force=True)
-            await self.ingest.recheck_gaps()
-        except UnleashError as exc:
-            log.error("unleash.unreachable", kind=exc.kind, error=str(exc))
-            code = EX_UNAVAILABLE
-        for hook in self.config.webhooks:
-            self._start_worker(hook, self.session)
-        reporter = asyncio.create_task(self._progress_loop())
+        # Renewed from the start: the poll below can outlast the lease (a backlog).
         keeper = asyncio.create_task(self.lease.keep()) if self.lease is not None else None
+        try:
+            await self._refresh_counts()
+            self._warn_orphans()
+            await self._use_saved_profile()
+            await self._read_profile(retry=False)  # one try: --once does not wait for it
+            try:
+                await self._detect()
+                await self.ingest.poll(force=True)
+                await self.ingest.recheck_gaps()
+            except UnleashError as exc:
+                log.error("unleash.unreachable", kind=exc.kind, error=str(exc))
+                code = EX_UNAVAILABLE
+        except _TERM_ENDERS as exc:
+            if self.lease is None:
+                raise
+            self._end_term(exc)  # nothing is delivered: exit 75 below
+        if not self._term_over.is_set():
+            for hook in self.config.webhooks:
+                self._start_worker(hook, self.session)
+        reporter = asyncio.create_task(self._progress_loop())
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         reporter.cancel()
         if keeper is not None:

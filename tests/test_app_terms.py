@@ -277,3 +277,50 @@ def test_a_stop_while_a_term_begins_starts_no_worker(
         assert asyncio.run(main()) == []
     finally:
         asyncio.run(inner.close())
+
+
+class _CountingLeadership(_FakeLeadership):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tries = 0
+        self.renewed = asyncio.Event()  # a try after the first: a renewal
+
+    async def try_lead(self, holder: str, ttl_s: float) -> tuple[bool, LeaseView]:
+        self.tries += 1
+        if self.tries > 1:
+            self.renewed.set()
+        return await super().try_lead(holder, ttl_s)
+
+
+def test_once_renews_the_lease_while_it_polls(tmp_path: Path) -> None:
+    """--once takes the lease, then asks the server and ingests (a long poll: a backlog, a
+    slow server) before its workers start. The lease is renewed meanwhile: otherwise it
+    runs out during the poll, and no delivery may start (or another daemon takes over)."""
+    config = load_config(_fake_config(tmp_path))
+    # A short lease (below what the config allows), so a renewal is due within the poll.
+    config = dataclasses.replace(config, state=dataclasses.replace(config.state, lease_ttl_s=0.3))
+    inner = SqliteState.open(config.state.path)
+    leadership = _CountingLeadership()
+    renewed_while_polling: list[bool] = []
+
+    class _SlowPoll(App):
+        async def _detect(self) -> None:
+            await super()._detect()
+            try:  # stands for a poll that outlasts the lease
+                await asyncio.wait_for(leadership.renewed.wait(), 5)
+            except TimeoutError:
+                renewed_while_polling.append(False)
+            else:
+                renewed_while_polling.append(True)
+
+    async def main() -> None:
+        app = _SlowPoll(config, _Shared(inner, leadership))  # type: ignore[arg-type]
+        with aioresponses() as mocked:
+            _FakeUnleash().mock(mocked)
+            await asyncio.wait_for(app.run(once=True), 20)
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(inner.close())
+    assert renewed_while_polling == [True]
