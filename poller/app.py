@@ -685,7 +685,8 @@ class App:
                 self._end_term(exc)
             if not self._term_over.is_set() and not self.stop.is_set():
                 for hook in self.config.webhooks:
-                    self._start_worker(hook, self.session)
+                    if hook.name not in self.workers:  # a reload meanwhile started it
+                        self._start_worker(hook, self.session)
                 poller = asyncio.create_task(self._poll_loop(), name="poller")
                 self._ready()
             await self._until_term_ends(poller, keeper)

@@ -124,6 +124,7 @@ def _run(
     body: Callable[[_App, Path, _FakeLeadership], Awaitable[None]],
     *,
     other: str | None = None,
+    app_class: type[_App] = _App,
 ) -> None:
     """Run the App while `body` runs (`other`: another daemon leads from the start)."""
     path = tmp_path / "poller.toml"
@@ -135,7 +136,7 @@ def _run(
     leadership.other = other
 
     async def main() -> int:
-        app = _App(config, _Shared(inner, leadership))
+        app = app_class(config, _Shared(inner, leadership))
         running = asyncio.create_task(app.run())
         try:
             await asyncio.wait_for(body(app, path, leadership), 10)
@@ -324,3 +325,24 @@ def test_once_renews_the_lease_while_it_polls(tmp_path: Path) -> None:
     finally:
         asyncio.run(inner.close())
     assert renewed_while_polling == [True]
+
+
+def test_a_reload_while_a_term_begins_starts_each_worker_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP while the term is still reading the server: the reload starts the workers
+    (this daemon leads), and the term must not start a second one beside each: the first
+    would be left running, never stopped, into the next term."""
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+
+    class _ReloadedEarly(_App):
+        async def _begin_term(self) -> None:
+            await super()._begin_term()
+            self.reload()  # as the SIGHUP handler does
+
+    async def body(app: _App, path: Path, leadership: _FakeLeadership) -> None:
+        await app.worker_started.wait()
+        await asyncio.sleep(0)  # the term goes on past starting its workers
+        assert app.starts == [("a", True)]
+
+    _run(tmp_path, body, app_class=_ReloadedEarly)
