@@ -594,7 +594,17 @@ class App:
     async def _lead_once(self) -> bool:
         """--once on a shared state: lead if the lease is free, else say who leads."""
         assert self.lease is not None
-        if await self.lease.try_once():
+        try:
+            leading = await self.lease.try_once()
+        except StateUnavailableError as exc:
+            log.error(
+                "state.unreachable",
+                state=self.state.where,
+                error=str(exc),
+                detail="--once did nothing; try again once the state answers",
+            )
+            return False
+        if leading:
             self.lease.leading = True
             return True
         seen = self.lease.seen

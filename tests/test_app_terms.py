@@ -346,3 +346,28 @@ def test_a_reload_while_a_term_begins_starts_each_worker_once(
         assert app.starts == [("a", True)]
 
     _run(tmp_path, body, app_class=_ReloadedEarly)
+
+
+def test_once_with_the_state_gone_when_it_asks_for_the_lease_exits_75(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL went away between the open and the look at the lease: --once did
+    nothing and says so in one line; exit 75 (try again), not a StateError's 74."""
+
+    class _Away(_FakeLeadership):
+        async def try_lead(self, holder: str, ttl_s: float) -> tuple[bool, LeaseView]:
+            raise StateUnavailableError("postgresql://u:***@db/x: connection refused")
+
+    config = load_config(_fake_config(tmp_path))
+    inner = SqliteState.open(config.state.path)
+
+    async def main() -> int:
+        app = App(config, _Shared(inner, _Away()))  # type: ignore[arg-type]
+        with aioresponses() as mocked:
+            _FakeUnleash().mock(mocked)
+            return await asyncio.wait_for(app.run(once=True), 10)
+
+    try:
+        assert asyncio.run(main()) == EX_TEMPFAIL
+    finally:
+        asyncio.run(inner.close())
