@@ -464,8 +464,12 @@ def _role(config: Config, lease: LeaseView | None) -> str:
     if lease is None:
         return "single"
     node = holder_name(config.state.node_name).rsplit(":", 1)[0]
-    held = lease.holder is not None and lease.expires_in_s > 0
-    return "leader" if held and lease.holder.rsplit(":", 1)[0] == node else "standby"  # type: ignore[union-attr]
+    if lease.holder is None or lease.expires_in_s <= 0:
+        return "standby"
+    # A daemon's holder is exactly "<node>:<pid>"; a command's ("<node>:<pid>/cli", while
+    # `cursor set` or `state copy` holds the lease) is not this node's daemon leading.
+    daemon = re.fullmatch(re.escape(node) + r":\d+", lease.holder) is not None
+    return "leader" if daemon else "standby"
 
 
 def _utc(timestamp: float) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -417,3 +418,39 @@ url = "http://127.0.0.1:1/a"
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("unleash-poller: postgresql://u:***@127.0.0.1:1/db")
+
+
+@pytest.mark.parametrize(
+    ("holder", "expires_in_s", "role"),
+    [
+        ("host-a:4242", 5.0, "leader"),  # this node's daemon
+        ("host-a:4242", -1.0, "standby"),  # its lease ran out: nobody leads right now
+        ("host-b:4242", 5.0, "standby"),  # another node's daemon
+        ("host-a:4242/cli", 5.0, "standby"),  # a command (cursor set, state copy) holds it
+        ("host-ab:4242", 5.0, "standby"),  # a node whose name merely starts the same
+        (None, 0.0, "standby"),  # free
+    ],
+)
+def test_status_role_is_leader_only_for_this_nodes_daemon(
+    holder: str | None, expires_in_s: float, role: str
+) -> None:
+    from poller.cli import _role
+    from poller.config import Secret, StateConfig
+    from poller.state import LeaseView
+
+    config = dataclasses.replace(
+        _config_for_role(),
+        state=StateConfig(Path("unused"), url=Secret("postgresql://u@h/d"), node_name="host-a"),
+    )
+    assert _role(config, LeaseView(holder, 3, expires_in_s)) == role
+    assert _role(config, None) == "single"
+
+
+def _config_for_role() -> Any:
+    from poller.config import parse_config
+
+    return parse_config(
+        {"unleash": {"url": "http://127.0.0.1:1", "token": "t"},
+         "webhooks": [{"name": "a", "url": "http://127.0.0.1:2/"}]},
+        Path("/tmp"),
+    )  # fmt: skip
