@@ -452,5 +452,5 @@ def _config_for_role() -> Any:
     return parse_config(
         {"unleash": {"url": "http://127.0.0.1:1", "token": "t"},
          "webhooks": [{"name": "a", "url": "http://127.0.0.1:2/"}]},
-        Path("/tmp"),
+        Path.cwd(),
     )  # fmt: skip
