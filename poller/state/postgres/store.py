@@ -270,7 +270,7 @@ class PostgresState:
     # -- outbox ------------------------------------------------------------------------
 
     async def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
-        rows = await self._rows(NEXT_PENDING, (webhook, after, limit))
+        rows = await self._rows(NEXT_PENDING, {"w": webhook, "after": after, "n": limit})
         return [Pending(*row) for row in rows]
 
     async def delivered(self, webhook: str, *event_ids: int) -> None:
