@@ -799,7 +799,7 @@ def test_the_attempt_log_numbers_on_after_a_tool_or_another_leader_wrote(
 ) -> None:
     """The store keeps the last number it wrote; when a tool or another leader logged to
     the webhook meanwhile, it numbers on after them (no number twice, none skipped) and
-    the trim still keeps exactly the last N."""
+    the trim still keeps exactly the last N. A store whose lease was taken writes nothing."""
 
     def records(ids: range) -> list[AttemptRecord]:
         return [AttemptRecord("a", i, float(i), 1, 200, None, 1.0, "delivered") for i in ids]
@@ -814,8 +814,10 @@ def test_the_attempt_log_numbers_on_after_a_tool_or_another_leader_wrote(
             await tool.record_attempts(records(range(4, 6)), {"a": 4})
             await a.record_attempts(records(range(6, 8)), {"a": 4})
             assert await _attempt_seqs(database, place, "a") == [(4, 4), (5, 5), (6, 6), (7, 7)]
-            await a.resign("a")
+            await _expire(database, place)
             assert (await b.try_lead("b", 30))[0]
+            with pytest.raises(FencedError):  # from the statement's own fence
+                await a.record_attempts(records(range(100, 102)), {"a": 4})
             await b.record_attempts(records(range(8, 9)), {"a": 4})
             await b.resign("b")
             assert (await a.try_lead("a", 30))[0]
