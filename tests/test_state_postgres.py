@@ -40,7 +40,13 @@ if importlib.util.find_spec("psycopg") is None:
 
 import psycopg  # noqa: E402
 
-from poller.state.postgres import SCHEMA_VERSION, PostgresState, link, where_of  # noqa: E402
+from poller.state.postgres import (  # noqa: E402
+    SCHEMA_VERSION,
+    PostgresState,
+    link,
+    statements,
+    where_of,
+)
 
 _schemas = itertools.count(1)
 
@@ -773,6 +779,136 @@ def test_one_attempt_log_call_for_two_webhooks_trims_each(place: StateConfig) ->
             assert await store.attempt_log("b") == []
             await store.record_attempts(records("a", range(9, 10)), {"a": 3})
             assert [r.event_id for r in await store.attempt_log("a")] == [7, 8, 9]
+        finally:
+            await store.close()
+
+    _run(check())
+
+
+async def _attempt_seqs(db: PostgresDatabase, place: StateConfig, webhook: str) -> list[Any]:
+    rows = await _admin(
+        db,
+        f"SELECT seq, event_id FROM {place.schema}.attempt_log WHERE webhook = %s ORDER BY seq",
+        (webhook,),
+    )
+    return [tuple(row) for row in rows]
+
+
+def test_the_attempt_log_numbers_on_after_a_tool_or_another_leader_wrote(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """The store keeps the last number it wrote; when a tool or another leader logged to
+    the webhook meanwhile, it numbers on after them (no number twice, none skipped) and
+    the trim still keeps exactly the last N. A store whose lease was taken writes nothing."""
+
+    def records(ids: range) -> list[AttemptRecord]:
+        return [AttemptRecord("a", i, float(i), 1, 200, None, 1.0, "delivered") for i in ids]
+
+    async def check() -> None:
+        a = await PostgresState.open(place)
+        b = await PostgresState.open(place)
+        tool = await PostgresState.open(place, lock=False)
+        try:
+            assert (await a.try_lead("a", 30))[0]
+            await a.record_attempts(records(range(1, 4)), {"a": 4})
+            await tool.record_attempts(records(range(4, 6)), {"a": 4})
+            await a.record_attempts(records(range(6, 8)), {"a": 4})
+            assert await _attempt_seqs(database, place, "a") == [(4, 4), (5, 5), (6, 6), (7, 7)]
+            await _expire(database, place)
+            assert (await b.try_lead("b", 30))[0]
+            with pytest.raises(FencedError):  # from the statement's own fence
+                await a.record_attempts(records(range(100, 102)), {"a": 4})
+            await b.record_attempts(records(range(8, 9)), {"a": 4})
+            await b.resign("b")
+            assert (await a.try_lead("a", 30))[0]
+            await a.record_attempts(records(range(9, 11)), {"a": 4})
+            assert await _attempt_seqs(database, place, "a") == [(7, 7), (8, 8), (9, 9), (10, 10)]
+            assert [r.event_id for r in await tool.attempt_log("a")] == [7, 8, 9, 10]
+        finally:
+            for store in (a, b, tool):
+                await store.close()
+
+    _run(check())
+
+
+def test_the_attempt_log_keeps_exactly_the_last_n_when_n_changes(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """Each call trims to exactly its own `keep`, whether it shrinks or grows between
+    calls (the store trims from where its last trim stopped)."""
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            assert (await store.try_lead("a", 30))[0]
+            logged = 0
+            for keep, calls in ((5, 6), (2, 3), (20, 4), (7, 1), (1, 2)):
+                for _ in range(calls):
+                    batch = [
+                        AttemptRecord("a", logged + i, 0.0, 1, 200, None, 1.0, "delivered")
+                        for i in range(1, 4)
+                    ]
+                    await store.record_attempts(batch, {"a": keep})
+                    logged += len(batch)
+                    kept = list(range(max(logged - keep, 0) + 1, logged + 1))
+                    seqs = await _attempt_seqs(database, place, "a")
+                    if keep >= 20:  # growing keeps what the smaller one left, and adds
+                        assert [seq for seq, _ in seqs] == [seq for seq, _ in seqs if seq in kept]
+                        assert seqs[-3:] == [(i, i) for i in kept[-3:]]
+                    else:
+                        assert seqs == [(i, i) for i in kept], (keep, logged)
+        finally:
+            await store.close()
+
+    _run(check())
+
+
+def test_next_pending_on_an_unanalysed_outbox_reads_only_its_batch(
+    database: PostgresDatabase, place: StateConfig
+) -> None:
+    """The plan of the outbox read holds without statistics: on an outbox just filled that
+    nothing has analysed, it reads no more outbox rows than its LIMIT (it used to fetch and
+    sort every pending row of the webhook). The rows of the next webhook it may pass are
+    not returned."""
+
+    async def check() -> None:
+        store = await PostgresState.open(place)
+        try:
+            schema = place.schema
+            await _admin(database, f"ALTER TABLE {schema}.outbox SET (autovacuum_enabled = off)")
+            await _admin(database, f"ALTER TABLE {schema}.events SET (autovacuum_enabled = off)")
+            assert (await store.try_lead("a", 30))[0]
+            events = [(i, "{}") for i in range(1, 5001)]
+            owed = [(hook, i) for hook in ("a", "b") for i, _ in events]
+            await store.ingest(events, owed, 5000)
+            unanalysed = await _admin(
+                database,
+                "SELECT count(*) FROM pg_stats WHERE schemaname = %s AND tablename = 'outbox'",
+                (schema,),
+            )
+            assert unanalysed == [(0,)]
+            async with await psycopg.AsyncConnection.connect(_url(database)) as conn:
+                await conn.execute(f"SET search_path = {schema}")
+                cursor = await conn.execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + statements.NEXT_PENDING,
+                    {"w": "a", "after": 100, "n": 64},
+                )
+                [[plan]] = await cursor.fetchall()
+
+            def scans(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+                if node.get("Relation Name") == "outbox":
+                    yield node
+                for child in node.get("Plans", []):
+                    yield from scans(child)
+
+            outbox_scans = list(scans(plan[0]["Plan"]))
+            assert outbox_scans, plan
+            assert all(n["Actual Rows"] <= 64 for n in outbox_scans), plan
+            pending = await store.next_pending("a", 64, 100)
+            assert [p.event_id for p in pending] == list(range(101, 165))
+            tail = await store.next_pending("a", 64, 4990)
+            assert [(p.webhook, p.event_id) for p in tail] == [("a", i) for i in range(4991, 5001)]
+            assert await store.next_pending("a", 64, 5000) == []
         finally:
             await store.close()
 

@@ -67,6 +67,9 @@ class PostgresState:
         self._ingest = Link("ingest", url, config.schema, self._diagnosis, outages)
         self._main = Link("main", url, config.schema, self._diagnosis, outages)
         self._tool_writes: int | None = None
+        # Per webhook: the last attempt-log number this store wrote, and the bound of its
+        # last trim (nothing at or below it is left).
+        self._attempt_seq: dict[str, tuple[int, int]] = {}
         self._state_id: str | None = None
 
     @classmethod
@@ -267,7 +270,7 @@ class PostgresState:
     # -- outbox ------------------------------------------------------------------------
 
     async def next_pending(self, webhook: str, limit: int, after: int = -1) -> list[Pending]:
-        rows = await self._rows(NEXT_PENDING, (webhook, after, limit))
+        rows = await self._rows(NEXT_PENDING, {"w": webhook, "after": after, "n": limit})
         return [Pending(*row) for row in rows]
 
     async def delivered(self, webhook: str, *event_ids: int) -> None:
@@ -420,23 +423,44 @@ class PostgresState:
         self, records: Sequence[AttemptRecord], keep: Mapping[str, int]
     ) -> None:
         """Append to the attempt log and trim each webhook's part to its last `keep[name]`
-        attempts, all in one transaction (one statement per webhook)."""
+        attempts, all in one transaction (one statement per webhook). The number each
+        webhook's log reached is kept from one call to the next, as the SQLite store does;
+        a webhook another writer logged to meanwhile is written again after reading it."""
         if not records:
             return
-        steps: list[tuple[LiteralString, dict[str, Any]]] = []
-        for webhook in dict.fromkeys(r.webhook for r in records):
-            mine = [r for r in records if r.webhook == webhook]
-            params: dict[str, Any] = {"w": webhook, "count": len(mine)}
-            params["keep"] = keep.get(webhook, 1000)
-            params["event_id"] = [r.event_id for r in mine]
-            params["at"] = [r.at for r in mine]
-            params["attempt"] = [r.attempt for r in mine]
-            params["status"] = [r.status for r in mine]
-            params["error"] = [None if r.error is None else storable(r.error) for r in mine]
-            params["latency_ms"] = [r.latency_ms for r in mine]
-            params["outcome"] = [r.outcome for r in mine]
-            steps.append((RECORD_ATTEMPTS, params))
-        await self._write_inline(self._main, steps, durable=False)
+        hooks = list(dict.fromkeys(r.webhook for r in records))
+        while hooks:
+            steps = [self._attempt_step(records, hook, keep) for hook in hooks]
+            cursors = await self._write_inline(self._main, steps, durable=False)
+            stale = []
+            for hook, (_, params), cursor in zip(hooks, steps, cursors, strict=True):
+                row = await cursor.fetchone()
+                assert row is not None
+                base, written = int(row[0]), bool(row[1])
+                if not written:
+                    stale.append(hook)
+                    self._attempt_seq.pop(hook, None)
+                    continue
+                top = base + params["count"]
+                self._attempt_seq[hook] = (top, max(top - params["keep"], 0))
+            hooks = stale
+
+    def _attempt_step(
+        self, records: Sequence[AttemptRecord], webhook: str, keep: Mapping[str, int]
+    ) -> tuple[LiteralString, dict[str, Any]]:
+        mine = [r for r in records if r.webhook == webhook]
+        known = self._attempt_seq.get(webhook)
+        params: dict[str, Any] = {"w": webhook, "count": len(mine)}
+        params["base"], params["floor"] = known if known is not None else (None, 0)
+        params["keep"] = keep.get(webhook, 1000)
+        params["event_id"] = [r.event_id for r in mine]
+        params["at"] = [r.at for r in mine]
+        params["attempt"] = [r.attempt for r in mine]
+        params["status"] = [r.status for r in mine]
+        params["error"] = [None if r.error is None else storable(r.error) for r in mine]
+        params["latency_ms"] = [r.latency_ms for r in mine]
+        params["outcome"] = [r.outcome for r in mine]
+        return RECORD_ATTEMPTS, params
 
     async def attempt_log(
         self, webhook: str | None = None, event_id: int | None = None, last: int | None = None
@@ -506,6 +530,7 @@ class PostgresState:
 
     async def import_rows(self, dump: StateDump) -> None:
         epoch = self._lease.held_epoch()
+        self._attempt_seq.clear()  # the log is the dump's now
         async with self._main.using() as conn:
             await import_rows(conn, dump, epoch, self._where)
 
