@@ -81,7 +81,11 @@ class OrderedWorker(Worker):
         on as a task, which `commit_marks` and `_before_request` wait for and raise from;
         one that does not (SQLite) is done, or has raised, on return."""
         if len(self._unmarked) >= MARKS_PER_COMMIT and self._committing is None:
-            self._committing = start_eagerly(self._commit(attempts=False))
+            commit = self._commit(attempts=False)
+            if self.state.answers_at_once:
+                self._committing = start_eagerly(commit)
+            else:  # it waits on the server: a task of its own from the start
+                self._committing = asyncio.get_running_loop().create_task(commit)
 
     async def _before_request(self) -> None:
         """The commit started while the last request was out must be done before the next

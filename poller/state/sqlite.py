@@ -299,6 +299,10 @@ class SqliteState:
         return str(self.path)
 
     @property
+    def answers_at_once(self) -> bool:
+        return True
+
+    @property
     def leadership(self) -> Leadership | None:
         return None  # one host: the file lock is the whole of it
 

@@ -137,6 +137,10 @@ class PostgresState:
         self._tool_writes = count
         return changed
 
+    @property
+    def answers_at_once(self) -> bool:
+        return False  # every call goes to the server
+
     def release_memory(self) -> None:
         """Nothing to drop: the page cache is the server's."""
 
