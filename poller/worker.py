@@ -266,6 +266,13 @@ class Worker(ABC):
             hook.max_per_second, hook.pause_after_failures, hook.probe_interval_s
         )
         self._attempts: list[AttemptRecord] = []  # logged with the next commit of marks
+        # Held by a read of the outbox and by every write that takes a row out of it or
+        # moves it (a commit of marks, a dead letter, a retry): while a read is out, each
+        # row this worker has delivered or is settling is in `_unmarked` or being
+        # delivered, so the read can leave it out. Without it, lanes of an unordered worker
+        # on a store whose writes yield (PostgreSQL) read a row whose mark was in flight and
+        # delivered it twice.
+        self._outbox = asyncio.Lock()
 
     # A delivery commits the held marks itself once this many are held (inf: it leaves them
     # to another commit).
@@ -289,15 +296,16 @@ class Worker(ABC):
         records: list[AttemptRecord] = []
         if attempts or len(self._attempts) >= _ATTEMPTS_PER_COMMIT:
             records, self._attempts = self._attempts, []
-        if self._unmarked:
-            # Taken out first: marks added meanwhile, or by another lane's commit while this
-            # one waits on the store, are not dropped with these.
-            marks, self._unmarked = self._unmarked, []
-            try:
-                await self.state.delivered(self.hook.name, *marks)
-            except BaseException:
-                self._unmarked[:0] = marks  # still held: tried again at the stop
-                raise
+        async with self._outbox:
+            if self._unmarked:
+                # Taken out first: marks added meanwhile, while this commit waits on the
+                # store, are not dropped with these.
+                marks, self._unmarked = self._unmarked, []
+                try:
+                    await self.state.delivered(self.hook.name, *marks)
+                except BaseException:
+                    self._unmarked[:0] = marks  # still held: tried again at the stop
+                    raise
         if records:  # none are kept when attempt_log_size is 0
             await self.state.record_attempts(records, {self.hook.name: self.hook.attempt_log_size})
 
@@ -389,8 +397,11 @@ class Worker(ABC):
     async def _read_outbox(self, taken: Collection[int] = ()) -> list[Pending]:
         """The next batch of this webhook's outbox, less the rows being delivered."""
         await self._refresh()
-        rows = await self.state.next_pending(self.hook.name, _BATCH + len(taken))
-        return [r for r in rows if r.event_id not in taken] if taken else rows
+        async with self._outbox:
+            rows = await self.state.next_pending(self.hook.name, _BATCH + len(taken))
+            # Delivered while reading (by another lane): owed until its mark is committed.
+            busy = {*taken, *self._unmarked}
+        return [r for r in rows if r.event_id not in busy] if busy else rows
 
     def _log_attempt(self, row: Pending, attempt: Attempt, action: Action, now: float) -> None:
         """Keep one record of the attempt for the attempt log (committed with the marks)."""
@@ -466,7 +477,8 @@ class Worker(ABC):
             if len(self._unmarked) >= self._commit_at:
                 await self.commit_marks(attempts=False)
         elif action.kind == "dead_letter":
-            await self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
+            async with self._outbox:
+                await self.state.dead_letter(name, row.event_id, attempts, outcome.reason)
             log.error(
                 "delivery.dead_lettered",
                 webhook=name,
@@ -476,9 +488,10 @@ class Worker(ABC):
             )
         else:  # retry, or kept pending while paused (until the next probe or a resume)
             at = now if math.isinf(action.at) else action.at  # inf: held by the pause itself
-            await self.state.retry_later(
-                name, row.event_id, attempts, at, outcome.reason, rate_limited
-            )
+            async with self._outbox:
+                await self.state.retry_later(
+                    name, row.event_id, attempts, at, outcome.reason, rate_limited
+                )
             if action.kind == "keep":
                 outcome = Outcome("retry", outcome.reason, max(0.0, action.at - now))
         await self._save_pause(paused_before)

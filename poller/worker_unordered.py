@@ -23,10 +23,12 @@ class UnorderedWorker(Worker):
     kill -9 re-sends at most that many delivered events plus those in flight."""
 
     # Set at each run: rows read from the outbox, due, not taken by a lane yet; the ids the
-    # lanes are delivering; when the first row read but not yet due falls due.
+    # lanes are delivering; when the first row read but not yet due falls due; held by
+    # the lane reading the outbox.
     _queue: deque[Pending]
     _taken: set[int]
     _later_at: float
+    _reading: asyncio.Lock
     # No request of this worker's own covers a commit's time: a delivery commits them.
     _commit_at = MARKS_PER_COMMIT
 
@@ -34,6 +36,7 @@ class UnorderedWorker(Worker):
         self._queue = deque()
         self._taken = set()
         self._later_at = math.inf
+        self._reading = asyncio.Lock()
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(self.hook.max_in_flight):
@@ -103,13 +106,17 @@ class UnorderedWorker(Worker):
     async def _next_row(self) -> Pending | None:
         """The next due row for a lane. The outbox is read once per batch, not once per
         delivery: again when the batch is used up or when woken (new rows)."""
-        if self.wake.is_set() or not self._queue:
-            rows = await self._read_outbox(self._taken)
-            now = time.time()
-            self._queue = deque(r for r in rows if r.next_attempt_at <= now)
-            self._later_at = min(
-                (r.next_attempt_at for r in rows if r.next_attempt_at > now), default=math.inf
-            )
+        # One lane reads at a time; the others wait for its rows rather than reading the
+        # same batch again (a read yields to them on a store whose reads yield: PostgreSQL).
+        async with self._reading:
+            if self.wake.is_set() or not self._queue:
+                rows = await self._read_outbox(self._taken)
+                now = time.time()
+                self._queue = deque(r for r in rows if r.next_attempt_at <= now)
+                self._later_at = min(
+                    (r.next_attempt_at for r in rows if r.next_attempt_at > now),
+                    default=math.inf,
+                )
         return self._queue.popleft() if self._queue else None
 
     def _post(self, row: Pending, following: Pending | None) -> Awaitable[AttemptResult]:
