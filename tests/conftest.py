@@ -28,8 +28,9 @@ from tests.support.unleash import (
     missing_tools,
 )
 
-# `pg_database` and `pg_state`: PostgreSQL for state tests (a schema per test).
-pytest_plugins = ("tests.support.pgstate",)
+# `pg_database` and `pg_state`: PostgreSQL for state tests (a schema per test); `state`,
+# `state_kind` and `run`: a store on either backend, on the test's event loop.
+pytest_plugins = ("tests.support.pgstate", "tests.support.stores")
 
 
 def _unleash_versions() -> list[str]:

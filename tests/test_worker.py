@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import sqlite3
@@ -12,19 +11,21 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from standardwebhooks.webhooks import Webhook
 
 from poller import worker as worker_module
 from poller.app import make_session
-from poller.config import Config, WebhookConfig, parse_config
+from poller.config import Config, StateConfig, WebhookConfig, parse_config
 from poller.deliver import Outcome
 from poller.render import MUSTACHE_TIME_BUDGET_S, Renderer, RenderStoppedError
 from poller.replay import replay_dead_letters
-from poller.state import FencedError, Pending, SqliteState
+from poller.state import FencedError, Pending, StateStore
 from poller.worker import MARKS_PER_COMMIT, Worker, delivery_id, make_worker
 from tests.support.receiver import Receiver, RecordedRequest
+from tests.support.stores import Run, outbox_rows, sqlite_only
 
 
 @pytest.fixture
@@ -68,13 +69,11 @@ def _event(i: int) -> str:
     )
 
 
-def _fill(state: SqliteState, hooks: list[str], ids: range) -> None:
-    asyncio.run(
-        state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
-    )
+def _fill(run: Run[Any], state: StateStore, hooks: list[str], ids: range) -> None:
+    run(state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1]))
 
 
-async def _drain(config: Config, state: SqliteState, timeout_s: float = 20) -> dict[str, float]:
+async def _drain(config: Config, state: StateStore, timeout_s: float = 20) -> dict[str, float]:
     """Run every worker in --once mode; return when each finished (seconds from start)."""
     stop = asyncio.Event()
     finished: dict[str, float] = {}
@@ -91,13 +90,12 @@ async def _drain(config: Config, state: SqliteState, timeout_s: float = 20) -> d
 
 
 def test_ordered_delivery_with_default_body_and_stable_id(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """Events arrive in id order, as Unleash's default JSON body, with a webhook-id header."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 31))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 31))
+    run(_drain(config, state))
     got = receiver.requests("/a")
     assert [json.loads(r.body)["id"] for r in got] == list(range(1, 31))
     first = json.loads(got[0].body)
@@ -114,83 +112,86 @@ def test_ordered_delivery_with_default_body_and_stable_id(
     ]
     assert got[0].header("webhook-id") == delivery_id(1)
     assert got[0].header("Content-Type") == "application/json"
-    assert asyncio.run(state.pending_counts()) == {}
+    assert run(state.pending_counts()) == {}
 
 
-def test_one_retry_then_success(tmp_path: Path, receiver: Receiver) -> None:
+def test_one_retry_then_success(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """A 500 is retried once (by default) and the retry's success counts; same webhook-id."""
     receiver.respond("/a", statuses=[500], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_drain(config, state))
     got = receiver.requests("/a")
     assert len(got) == 2
     assert got[0].header("webhook-id") == got[1].header("webhook-id")
-    assert asyncio.run(state.pending_counts()) == {}
-    assert asyncio.run(state.dead_letters()) == []
+    assert run(state.pending_counts()) == {}
+    assert run(state.dead_letters()) == []
 
 
-def test_failures_end_in_dead_letters_and_order_goes_on(tmp_path: Path, receiver: Receiver) -> None:
+def test_failures_end_in_dead_letters_and_order_goes_on(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """Two 500s dead-letter an event with its reason; a 404 is not retried; later events
     still go out, in order; replay redelivers and removes what succeeded."""
     receiver.respond("/a", statuses=[500, 500, 404], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 5))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 5))
+    run(_drain(config, state))
     bodies = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert bodies == [1, 1, 2, 3, 4]
-    letters = asyncio.run(state.dead_letters("a"))
+    letters = run(state.dead_letters("a"))
     assert [(d.event_id, d.reason) for d in letters] == [
         (1, "HTTP 500 after 2 attempts"),
         (2, "HTTP 404 (not retried) after 1 attempt"),
     ]
-    ok, failed = asyncio.run(replay_dead_letters(config, state, "a"))
+    ok, failed = run(replay_dead_letters(config, state, "a"))
     assert (ok, failed) == (2, 0)
     assert [json.loads(r.body)["id"] for r in receiver.requests("/a")][-2:] == [1, 2]
-    assert asyncio.run(state.dead_letters()) == []
+    assert run(state.dead_letters()) == []
 
 
-def test_retry_after_is_honoured(tmp_path: Path, receiver: Receiver) -> None:
+def test_retry_after_is_honoured(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """A 429 with Retry-After: 1 delays the retry by at least a second."""
     receiver.respond("/a", statuses=[429], retry_after=1, status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_drain(config, state))
     first, second = receiver.requests("/a")
     assert second.received_at - first.received_at >= 1.0
 
 
-def test_redirect_is_not_followed(tmp_path: Path, receiver: Receiver) -> None:
+def test_redirect_is_not_followed(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """A 3xx is a failed delivery, not followed anywhere."""
     receiver.respond("/a", status=302)
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_drain(config, state))
     assert len(receiver.requests()) == 1
-    assert asyncio.run(state.dead_letters("a"))[0].reason.startswith(
+    assert run(state.dead_letters("a"))[0].reason.startswith(
         "HTTP 302 (redirects are not followed)"
     )
 
 
 def test_template_failure_dead_letters_for_that_webhook_only(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A template that fails on an event dead-letters it for its webhook; others get it."""
     bad = "template_engine = \"jinja2\"\nbody_template = '{{ event.id / 0 }}'"
     config = _config(
         tmp_path, _hook("bad", receiver.url("/bad"), bad) + _hook("good", receiver.url("/good"))
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["bad", "good"], range(1, 3))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["bad", "good"], range(1, 3))
+    run(_drain(config, state))
     assert len(receiver.requests("/good")) == 2
     assert receiver.requests("/bad") == []
-    assert [d.event_id for d in asyncio.run(state.dead_letters("bad"))] == [1, 2]
-    assert asyncio.run(state.dead_letters("bad"))[0].reason.startswith("template failed:")
+    assert [d.event_id for d in run(state.dead_letters("bad"))] == [1, 2]
+    assert run(state.dead_letters("bad"))[0].reason.startswith("template failed:")
 
 
 def _stopped_first(hook: WebhookConfig, times: int) -> list[int]:
@@ -213,7 +214,12 @@ def _stopped_first(hook: WebhookConfig, times: int) -> list[int]:
 
 @pytest.mark.parametrize(("stops", "delivered"), [(1, True), (2, False)])
 def test_a_render_stopped_for_memory_or_time_is_retried_before_a_dead_letter(
-    tmp_path: Path, receiver: Receiver, stops: int, delivered: bool
+    state: StateStore,
+    run: Run[Any],
+    tmp_path: Path,
+    receiver: Receiver,
+    stops: int,
+    delivered: bool,
 ) -> None:
     """A render stopped at its (process-wide) memory or time budget is retried on the
     webhook's schedule: delivered if a retry renders, dead-lettered with the reason only
@@ -221,18 +227,19 @@ def test_a_render_stopped_for_memory_or_time_is_retried_before_a_dead_letter(
     jinja = "template_engine = \"jinja2\"\nbody_template = '{{ event.id }}'\nretries = 1"
     config = _config(tmp_path, _hook("a", receiver.url("/a"), jinja))
     calls = _stopped_first(config.webhooks[0], stops)
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_drain(config, state))
     assert len(calls) == 2
     assert [r.body for r in receiver.requests("/a")] == ([b"1"] if delivered else [])
-    letters = [(d.event_id, d.reason) for d in asyncio.run(state.dead_letters("a"))]
+    letters = [(d.event_id, d.reason) for d in run(state.dead_letters("a"))]
     assert letters == (
         [] if delivered else [(1, "template used over 80 MiB of memory; stopped after 2 attempts")]
     )
 
 
-def test_hung_webhook_does_not_delay_others(tmp_path: Path, receiver: Receiver) -> None:
+def test_hung_webhook_does_not_delay_others(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """While one receiver never answers, another webhook's 50 events go through at once."""
     receiver.respond("/hang", hang=True)
     config = _config(
@@ -240,87 +247,82 @@ def test_hung_webhook_does_not_delay_others(tmp_path: Path, receiver: Receiver) 
         _hook("hang", receiver.url("/hang"), "timeout_s = 2\nretries = 0")
         + _hook("ok", receiver.url("/ok")),
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["ok"], range(1, 51))
-    asyncio.run(
+    _fill(run, state, ["ok"], range(1, 51))
+    run(
         state.ingest(
             [(i, _event(i)) for i in (51, 52)], [("hang", 51), ("hang", 52), ("ok", 51)], 52
         )
     )
-    finished = asyncio.run(_drain(config, state))
+    finished = run(_drain(config, state))
     assert len(receiver.requests("/ok")) == 51
     assert finished["ok"] < 1.5, finished
     assert finished["hang"] >= 4.0, finished
-    reasons = [d.reason for d in asyncio.run(state.dead_letters("hang"))]
+    reasons = [d.reason for d in run(state.dead_letters("hang"))]
     assert reasons == ["timed out after 2s after 1 attempt"] * 2
 
 
-def test_unordered_webhook_delivers_concurrently(tmp_path: Path, receiver: Receiver) -> None:
+def test_unordered_webhook_delivers_concurrently(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """max_in_flight = 4 runs deliveries side by side; all arrive once."""
     receiver.respond("/slow", delay_s=0.3)
     config = _config(tmp_path, _hook("slow", receiver.url("/slow"), "max_in_flight = 4"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["slow"], range(1, 9))
-    finished = asyncio.run(_drain(config, state))
+    _fill(run, state, ["slow"], range(1, 9))
+    finished = run(_drain(config, state))
     ids = sorted(json.loads(r.body)["id"] for r in receiver.requests("/slow"))
     assert ids == list(range(1, 9))
     assert finished["slow"] < 1.8, finished  # one at a time would take 2.4 s
 
 
 def test_signed_delivery_verifies_with_standard_webhooks(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """With signing_secret, each delivery carries Standard Webhooks headers that the official
     library verifies, with the same webhook-id as an unsigned delivery would have."""
     secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # noqa: S105 - a test key
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f'signing_secret = "{secret}"'))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 3))
-    asyncio.run(_drain(config, state))
+    _fill(run, state, ["a"], range(1, 3))
+    run(_drain(config, state))
     verifier = Webhook(secret)
     for request in receiver.requests("/a"):
         headers = {name.lower(): value for name, value in request.headers}
         payload = verifier.verify(request.body, headers)
         assert payload["id"] == int(headers["webhook-id"].rsplit("-", 1)[1])
-    assert asyncio.run(state.pending_counts()) == {}
+    assert run(state.pending_counts()) == {}
 
 
-def _held_back(state_path: Path, hook: str, owed: int, received: int) -> int:
+def _held_back(state: StateStore, where: StateConfig, hook: str, owed: int, received: int) -> int:
     """Delivered events whose marks another process cannot see yet: what a kill -9 at
     this instant would send again (besides the request arriving now)."""
-    with contextlib.closing(sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)) as conn:
-        still_owed = conn.execute(
-            "SELECT count(*) FROM outbox WHERE webhook = ?", (hook,)
-        ).fetchone()[0]
-    return (received - 1) - (owed - still_owed)
+    return (received - 1) - (owed - outbox_rows(state, where, hook))
 
 
 @pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
-def test_delivery_marks_are_group_committed_and_bounded(tmp_path: Path, in_flight: int) -> None:
+def test_delivery_marks_are_group_committed_and_bounded(
+    state: StateStore, state_config: StateConfig, run: Run[Any], tmp_path: Path, in_flight: int
+) -> None:
     """Marks are committed in groups, never holding back more than MARKS_PER_COMMIT
     delivered events, so a kill -9 re-sends at most those and the requests in flight; a
     finished run leaves none behind."""
     owed = 200
     held: list[int] = []
-    state_path = tmp_path / "s.sqlite3"
 
     def look(request: RecordedRequest) -> None:
-        held.append(_held_back(state_path, "a", owed, len(held) + 1))
+        held.append(_held_back(state, state_config, "a", owed, len(held) + 1))
 
     with Receiver(on_request=look) as receiver:
         config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
-        state = SqliteState.open(config.state.path)
-        _fill(state, ["a"], range(1, owed + 1))
-        asyncio.run(_drain(config, state))
+        _fill(run, state, ["a"], range(1, owed + 1))
+        run(_drain(config, state))
         assert len(receiver.requests("/a")) == owed
     # What arrived before this request and the state still owes: held-back marks, and
     # (unordered) the other requests in flight, which the receiver has but not answered.
     assert max(held) <= MARKS_PER_COMMIT + in_flight - 1, held
     assert max(held) >= MARKS_PER_COMMIT - 1, held  # grouped, not one commit per event
-    assert asyncio.run(state.pending_counts()) == {}
+    assert run(state.pending_counts()) == {}
 
 
-def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
+def test_stop_commits_the_marks_held_back(state: StateStore, run: Run[Any], tmp_path: Path) -> None:
     """A clean stop in the middle of a backlog commits every mark: what the receiver got is
     exactly what the state no longer owes, so nothing is sent twice after a restart."""
     hundred = threading.Event()
@@ -331,8 +333,7 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
 
     with Receiver(on_request=count) as receiver:
         config = _config(tmp_path, _hook("a", receiver.url("/a")))
-        state = SqliteState.open(config.state.path)
-        _fill(state, ["a"], range(1, 501))
+        _fill(run, state, ["a"], range(1, 501))
 
         async def run_until_stopped() -> None:
             stop = asyncio.Event()
@@ -343,14 +344,16 @@ def test_stop_commits_the_marks_held_back(tmp_path: Path) -> None:
                 stop.set()
                 await asyncio.wait_for(task, 10)
 
-        asyncio.run(run_until_stopped())
+        run(run_until_stopped())
         got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert 100 <= len(got) < 500
-    left = [p.event_id for p in asyncio.run(state.next_pending("a", 1000))]
+    left = [p.event_id for p in run(state.next_pending("a", 1000))]
     assert got + left == list(range(1, 501))
 
 
-def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
+def test_reload_drops_the_body_rendered_ahead(
+    state: StateStore, run: Run[Any], tmp_path: Path
+) -> None:
     """In order, the next body is rendered while the current request is out; a reload
     during that request must not let the old template's body go out afterwards."""
 
@@ -371,28 +374,26 @@ def test_reload_drops_the_body_rendered_ahead(tmp_path: Path) -> None:
         new_hooks.extend(
             _config(tmp_path, _hook("a", receiver.url("/a"), template("new"))).webhooks
         )
-        state = SqliteState.open(config.state.path)
-        _fill(state, ["a"], range(1, 11))
+        _fill(run, state, ["a"], range(1, 11))
 
-        async def run() -> None:
+        async def deliver() -> None:
             async with make_session(config) as session:
                 worker = make_worker(config.webhooks[0], state, session, asyncio.Event(), once=True)
                 running.append((asyncio.get_running_loop(), worker))
                 await asyncio.wait_for(worker.run(), 20)
 
-        asyncio.run(run())
+        run(deliver())
         got = [json.loads(r.body) for r in receiver.requests("/a")]
     assert [g["id"] for g in got] == list(range(1, 11))
     assert [g["template"] for g in got] == ["old"] * 5 + ["new"] * 5
 
 
 def test_unordered_worker_reads_the_outbox_once_per_batch(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """Unordered, the outbox is read per batch of rows, not once per delivery."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "max_in_flight = 8"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 641))
+    _fill(run, state, ["a"], range(1, 641))
     reads = 0
     read = state.next_pending
 
@@ -402,33 +403,38 @@ def test_unordered_worker_reads_the_outbox_once_per_batch(
         return await read(webhook, limit, after)
 
     state.next_pending = counting  # type: ignore[method-assign]
-    asyncio.run(_drain(config, state))
+    run(_drain(config, state))
     assert len(receiver.requests("/a")) == 640
     assert reads <= 640 // 32, reads  # batches of 64; a few more at the tail
 
 
+@sqlite_only  # SQLite's own "disk is full" error (sqlite3.OperationalError)
 @pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
 def test_a_state_write_failure_stops_the_worker_with_that_error(
-    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch, in_flight: int
+    state: StateStore,
+    run: Run[Any],
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
+    in_flight: int,
 ) -> None:
     """A failing state write (a full disk) ends the worker with the database error itself,
     which the daemon turns into its exit 74 message, not a wrapped group of errors."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 41))
+    _fill(run, state, ["a"], range(1, 41))
 
     async def disk_full(webhook: str, *event_ids: int) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     monkeypatch.setattr(state, "delivered", disk_full)
     with pytest.raises(sqlite3.OperationalError, match="disk is full"):
-        asyncio.run(_drain(config, state))
+        run(_drain(config, state))
     monkeypatch.undo()
-    assert asyncio.run(state.pending_counts()) == {"a": 40}  # nothing marked: re-sent, never lost
+    assert run(state.pending_counts()) == {"a": 40}  # nothing marked: re-sent, never lost
 
 
 async def _run_one(
-    config: Config, state: SqliteState, may_send: Callable[[], bool] | None = None
+    config: Config, state: StateStore, may_send: Callable[[], bool] | None = None
 ) -> None:
     """Run the first webhook's worker in --once mode."""
     async with make_session(config) as session:
@@ -440,14 +446,13 @@ async def _run_one(
 
 @pytest.mark.parametrize("in_flight", [1, 4], ids=["ordered", "unordered"])
 def test_a_worker_whose_lease_may_have_run_out_sends_nothing(
-    tmp_path: Path, receiver: Receiver, in_flight: int
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver, in_flight: int
 ) -> None:
     """With may_send saying False (the lease may have run out), the worker stops with
     FencedError before any request reaches the receiver, and nothing is marked delivered,
     retried or dead-lettered: a new leader finds the outbox as it was."""
     config = _config(tmp_path, _hook("a", receiver.url("/a"), f"max_in_flight = {in_flight}"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 11))
+    _fill(run, state, ["a"], range(1, 11))
     asked: list[bool] = []
 
     def may_send() -> bool:
@@ -455,35 +460,40 @@ def test_a_worker_whose_lease_may_have_run_out_sends_nothing(
         return False
 
     with pytest.raises(FencedError, match="lease"):
-        asyncio.run(_run_one(config, state, may_send))
+        run(_run_one(config, state, may_send))
     assert asked
     assert receiver.requests() == []
-    pending = asyncio.run(state.next_pending("a", 100))
+    pending = run(state.next_pending("a", 100))
     assert [(p.event_id, p.attempts) for p in pending] == [(i, 0) for i in range(1, 11)]
-    assert asyncio.run(state.dead_letters()) == []
+    assert run(state.dead_letters()) == []
 
 
-def test_may_send_is_asked_before_every_delivery(tmp_path: Path, receiver: Receiver) -> None:
+def test_may_send_is_asked_before_every_delivery(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """may_send gates each attempt, not just the first: once it turns False after three
     deliveries, no fourth request goes out; the three delivered are marked (the stop
     commits them), the rest are still owed."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 11))
+    _fill(run, state, ["a"], range(1, 11))
     answers = iter([True, True, True])
 
     def may_send() -> bool:
         return next(answers, False)
 
     with pytest.raises(FencedError):
-        asyncio.run(_run_one(config, state, may_send))
+        run(_run_one(config, state, may_send))
     assert [json.loads(r.body)["id"] for r in receiver.requests("/a")] == [1, 2, 3]
-    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    left = [p.event_id for p in run(state.next_pending("a", 100))]
     assert left == list(range(4, 11))
 
 
 def test_marks_committed_while_sending_are_in_before_the_next_request_and_outbox_read(
-    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+    state: StateStore,
+    run: Run[Any],
+    tmp_path: Path,
+    receiver: Receiver,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In order, the group commit of marks runs while the next request is out. A store
     whose first commit is slow (as a database over the network may be): the request out
@@ -494,8 +504,7 @@ def test_marks_committed_while_sending_are_in_before_the_next_request_and_outbox
     batch = 3 * MARKS_PER_COMMIT
     monkeypatch.setattr(worker_module, "_BATCH", batch)  # the outbox is read every 24 rows
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 101))
+    _fill(run, state, ["a"], range(1, 101))
     outcomes = 0
     committing = 0
     sent_during_first_commit: list[int] = []  # deliveries made while it was held
@@ -533,7 +542,7 @@ def test_marks_committed_while_sending_are_in_before_the_next_request_and_outbox
     state.delivered = slow_first_commit  # type: ignore[method-assign]
     state.next_pending = watched_next_pending  # type: ignore[method-assign]
 
-    async def run() -> None:
+    async def deliver() -> None:
         async with make_session(config) as session:
             worker = make_worker(
                 config.webhooks[0], state, session, asyncio.Event(), once=True,
@@ -541,7 +550,7 @@ def test_marks_committed_while_sending_are_in_before_the_next_request_and_outbox
             )  # fmt: skip
             await asyncio.wait_for(worker.run(), 20)
 
-    asyncio.run(run())
+    run(deliver())
     got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert got == list(range(1, 101))  # each once, in order
     # The first commit (of events 1-8) started while event 9 was out; only event 9
@@ -550,18 +559,18 @@ def test_marks_committed_while_sending_are_in_before_the_next_request_and_outbox
     assert most_unmarked <= MARKS_PER_COMMIT + 1  # the marks held, plus the one on the wire
     assert reads >= 100 // batch
     assert reads_during_a_commit == []
-    assert asyncio.run(real_next_pending("a", 1000)) == []
+    assert run(real_next_pending("a", 1000)) == []
 
 
+@sqlite_only  # SQLite's own "disk is full" error (sqlite3.OperationalError)
 def test_a_failed_commit_while_sending_stops_the_worker_with_its_error(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """The group commit that runs while a request is out fails (the disk filled up after
     the first commit): the worker stops with that error before another request goes out,
     and every event whose mark was not committed is still owed (sent again, never lost)."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 41))
+    _fill(run, state, ["a"], range(1, 41))
     calls: list[tuple[int, ...]] = []
     real_delivered = state.delivered
 
@@ -573,18 +582,20 @@ def test_a_failed_commit_while_sending_stops_the_worker_with_its_error(
 
     state.delivered = full_after_one  # type: ignore[method-assign]
     with pytest.raises(sqlite3.OperationalError, match="disk is full"):
-        asyncio.run(_run_one(config, state))
+        run(_run_one(config, state))
     got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     first = tuple(range(1, MARKS_PER_COMMIT + 1))
     second = tuple(range(MARKS_PER_COMMIT + 1, 2 * MARKS_PER_COMMIT + 1))
     assert calls[:2] == [first, second]  # both commits ran while a request was out
     # The second commit ran while event 2 * MARKS_PER_COMMIT + 1 was out; none after it.
     assert got == list(range(1, 2 * MARKS_PER_COMMIT + 2))
-    left = [p.event_id for p in asyncio.run(state.next_pending("a", 100))]
+    left = [p.event_id for p in run(state.next_pending("a", 100))]
     assert left == list(range(MARKS_PER_COMMIT + 1, 41))
 
 
-def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> None:
+def test_a_slow_template_never_eats_into_a_request_timeout(
+    state: StateStore, run: Run[Any], tmp_path: Path
+) -> None:
     """Rendering the next body while a request is out must not count against that
     request's timeout when rendering is slow: a request on a new connection may not be on
     the wire yet. Renders of 0.3 s, answers after 0.15 s, timeout 0.4 s: each event goes
@@ -600,16 +611,15 @@ def test_a_slow_template_never_eats_into_a_request_timeout(tmp_path: Path) -> No
         )
         hook = dataclasses.replace(config.webhooks[0], renderer=Renderer("slow", slow))
         config = dataclasses.replace(config, webhooks=(hook,))
-        state = SqliteState.open(config.state.path)
-        _fill(state, ["a"], range(1, 5))
-        asyncio.run(_drain(config, state))
+        _fill(run, state, ["a"], range(1, 5))
+        run(_drain(config, state))
         got = [json.loads(r.body)["id"] for r in receiver.requests("/a")]
     assert got == [1, 2, 3, 4]
-    assert asyncio.run(state.dead_letters()) == []
+    assert run(state.dead_letters()) == []
 
 
 def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A Jinja2 template whose loops print nothing (issue 11, defect 4) renders off the
     event loop: the other webhook delivers its 30 events at once, and each runaway event is
@@ -621,23 +631,20 @@ def test_a_runaway_jinja_template_dead_letters_while_other_webhooks_deliver(
         tmp_path,
         _hook("runaway", receiver.url("/runaway"), runaway) + _hook("ok", receiver.url("/ok")),
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["ok"], range(1, 31))
-    asyncio.run(
-        state.ingest([(i, _event(i)) for i in (31, 32)], [("runaway", 31), ("runaway", 32)], 32)
-    )
-    finished = asyncio.run(_drain(config, state))
+    _fill(run, state, ["ok"], range(1, 31))
+    run(state.ingest([(i, _event(i)) for i in (31, 32)], [("runaway", 31), ("runaway", 32)], 32))
+    finished = run(_drain(config, state))
     assert len(receiver.requests("/ok")) == 30
     assert receiver.requests("/runaway") == []
     assert finished["ok"] < 1.5, finished  # not held up by the 2 s renders
     assert finished["runaway"] >= 4.0, finished
-    reasons = [d.reason for d in asyncio.run(state.dead_letters("runaway"))]
+    reasons = [d.reason for d in run(state.dead_letters("runaway"))]
     assert reasons == ["template ran longer than 2s; stopped after 1 attempt"] * 2
 
 
 @pytest.mark.parametrize("provider", ["", 'provider = "datadog"\napi_key = "k"'])
 def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
-    tmp_path: Path, receiver: Receiver, provider: str
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver, provider: str
 ) -> None:
     """Mustache renders on the event loop (a webhook's, and Datadog's body_template): a
     template that runs away on each of 12 pending events holds the loop for at most its
@@ -650,7 +657,6 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
         _hook("runaway", receiver.url("/runaway"), f'{provider}\nbody_template = "{nest}"')
         + _hook("ok", receiver.url("/ok")),
     )
-    state = SqliteState.open(config.state.path)
     tagged = [
         (
             i,
@@ -663,8 +669,8 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
         )
         for i in range(1, 13)
     ]
-    asyncio.run(state.ingest(tagged, [("runaway", i) for i in range(1, 13)], 12))
-    _fill(state, ["ok"], range(13, 33))
+    run(state.ingest(tagged, [("runaway", i) for i in range(1, 13)], 12))
+    _fill(run, state, ["ok"], range(13, 33))
     gaps: list[float] = []
 
     async def main() -> None:
@@ -685,13 +691,13 @@ def test_a_runaway_mustache_template_never_stalls_the_loop_for_long(
             done.set()
             await tick_task
 
-    asyncio.run(main())
+    run(main())
     assert len(receiver.requests("/ok")) == 20
     assert receiver.requests("/runaway") == []
-    reasons = {d.reason for d in asyncio.run(state.dead_letters("runaway"))}
+    reasons = {d.reason for d in run(state.dead_letters("runaway"))}
     stopped = f"template ran longer than {MUSTACHE_TIME_BUDGET_S:g}s; stopped"
     assert reasons == {f"body_template failed: {stopped}" if provider else stopped}
-    assert len(asyncio.run(state.dead_letters("runaway"))) == 12
+    assert len(run(state.dead_letters("runaway"))) == 12
     # A tick waits for at most the render under way and the next one (timer wake-ups take
     # two loop passes), plus scheduling slack. Before: 2 s per event, back to back (24 s
     # here); with the small budget but no yield, all 12 renders in a row (3 s).
