@@ -147,7 +147,8 @@ def poller_config(tmp_path: Path, unleash: UnleashServer) -> PollerConfigFactory
     """Write a poller config for the session's Unleash into tmp_path; returns its path.
 
     Call it with `webhooks=[{...}, ...]` and optionally `start_from`, `poll_interval_s`,
-    `token`, `name` (file name) and `extra_unleash`. The state file is tmp_path/state.sqlite3.
+    `token`, `name` (file name), `extra_unleash` and `state` (a [state] table, say on
+    PostgreSQL). Without `state` the state file is tmp_path/state.sqlite3.
     """
 
     def write(
@@ -158,6 +159,7 @@ def poller_config(tmp_path: Path, unleash: UnleashServer) -> PollerConfigFactory
         token: str | None = None,
         name: str = "poller.toml",
         extra_unleash: Mapping[str, object] | None = None,
+        state: Mapping[str, object] | None = None,
     ) -> Path:
         path = tmp_path / name
         # The file holds the token inline: the daemon refuses to run if others can read it.
@@ -171,6 +173,7 @@ def poller_config(tmp_path: Path, unleash: UnleashServer) -> PollerConfigFactory
                 start_from=start_from,
                 poll_interval_s=poll_interval_s,
                 extra_unleash=extra_unleash,
+                state=state,
             )
         )
         return path

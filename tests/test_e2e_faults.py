@@ -50,8 +50,9 @@ from tests.support.daemon import (
     wait_for_ids,
     wants,
 )
+from tests.support.pgstate import fresh_schema, state_url
 from tests.support.receiver import Receiver
-from tests.support.unleash import AdminClient, UnleashServer, free_port
+from tests.support.unleash import AdminClient, PostgresDatabase, UnleashServer, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -109,6 +110,21 @@ def initialise(poller_cli: PollerCli, config: Path) -> int:
     return cursor
 
 
+def run_once_when_no_daemon_leads(poller_cli: PollerCli, config: Path) -> None:
+    """`run --once`, which must exit 0. On PostgreSQL it exits 75 while the lease of a
+    daemon killed with -9 has not run out: tried again until it has (within a minute)."""
+    deadline = time.monotonic() + 60
+    while True:
+        result = poller_cli("run", "-c", config, "--once", expect_exit=None)
+        held = result.returncode == 75 and '"lease.held"' in result.stderr
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert result.returncode == 0, (
+        f"run --once exited {result.returncode}:\n{result.stderr[-4000:]}"
+    )
+
+
 Initialised = Callable[..., tuple[Path, int]]  # the `initialised` fixture
 
 
@@ -123,6 +139,40 @@ def initialised(poller_config: PollerConfigFactory, poller_cli: PollerCli) -> In
         return config, initialise(poller_cli, config)
 
     return make
+
+
+# --------------------------------------------------------------------------- state
+
+# The lease's shortest TTL: a daemon started after a kill -9 waits this long at most for
+# the dead one's lease to run out.
+PG_LEASE_TTL_S = 3
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon_state(request: pytest.FixtureRequest) -> Mapping[str, object] | None:
+    """The daemon's [state] for a test that runs on both backends: None (the SQLite file
+    tmp_path/state.sqlite3) or PostgreSQL, in a fresh schema of the session's database."""
+    if request.param == "sqlite":
+        return None
+    db: PostgresDatabase = request.getfixturevalue("pg_database")
+    return {"url": state_url(db), "schema": fresh_schema("faults"), "lease_ttl_s": PG_LEASE_TTL_S}
+
+
+def staged(state: Mapping[str, object] | None, state_path: Path) -> int:
+    """How many events the state holds staged (a catch-up not yet taken in)."""
+    if state is None:
+        with contextlib.closing(sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)) as conn:
+            count: int = conn.execute("SELECT count(*) FROM staging").fetchone()[0]
+        return count
+    import psycopg
+    from psycopg import sql
+
+    query = sql.SQL("SELECT count(*) FROM {}.staging").format(sql.Identifier(str(state["schema"])))
+    with psycopg.connect(str(state["url"])) as conn:
+        row = conn.execute(query).fetchone()
+    assert row is not None
+    pg_count: int = row[0]
+    return pg_count
 
 
 # --------------------------------------------------------------------------- Unleash
@@ -367,9 +417,11 @@ def test_kill_9_at_any_instant_loses_no_event(
     spawn: DaemonFactory,
     capsys: pytest.CaptureFixture[str],
     tmp_path: Path,
+    daemon_state: Mapping[str, object] | None,
 ) -> None:
     """kill -9 anywhere loses nothing: every owed event, in id order; after a kill at most
-    the uncommitted marks and the POST in flight are re-sent, in order."""
+    the uncommitted marks and the POST in flight are re-sent, in order. On SQLite and on
+    PostgreSQL (where each new daemon first waits for the dead one's lease to run out)."""
     rng = random.Random(SEED)
     started = time.monotonic()
     base = "/" + unique("crash")
@@ -380,6 +432,7 @@ def test_kill_9_at_any_instant_loses_no_event(
     config, start = initialised(
         webhooks=[{"name": n, "url": receiver.url(f"{base}/{n}"), **f} for n, f in hooks.items()],
         poll_interval_s=0.2,
+        state=daemon_state,
     )
     state_path = tmp_path / "state.sqlite3"
     db = unleash.db
@@ -415,8 +468,7 @@ def test_kill_9_at_any_instant_loses_no_event(
     assert daemon.wait(60) == -signal.SIGKILL, daemon.tail()
     kills += 1
     # Read before `status`, which discards leftovers: proof the kill came after staging.
-    with contextlib.closing(sqlite3.connect(f"file:{state_path}?mode=ro", uri=True)) as conn:
-        assert conn.execute("SELECT count(*) FROM staging").fetchone()[0] >= 5000
+    assert staged(daemon_state, state_path) >= 5000
     assert status(poller_cli, config)["cursor"] == cursor
 
     # Inside a state transaction before COMMIT (ingest or delivery mark), and before a POST.
@@ -445,7 +497,7 @@ def test_kill_9_at_any_instant_loses_no_event(
         kills += 1
         status(poller_cli, config)  # the state file always opens
 
-    poller_cli("run", "-c", config, "--once")
+    run_once_when_no_daemon_leads(poller_cli, config)
 
     events = admin.all_events(after_id=start)
     figures = []
@@ -468,7 +520,8 @@ def test_kill_9_at_any_instant_loses_no_event(
         )
     report(
         capsys,
-        f"crash test (seed {SEED}): {len(events)} events after the start, {kills} kills "
+        f"crash test ({'sqlite' if daemon_state is None else 'postgresql'}, seed {SEED}): "
+        f"{len(events)} events after the start, {kills} kills "
         f"({crash_point_kills} at crash points, {random_kills} random kill -9); "
         + "; ".join(figures)
         + f"; duplicate bound {kills * (MARKS_PER_COMMIT + 1)} per webhook "
@@ -1137,14 +1190,17 @@ def test_sigterm_drains_the_in_flight_delivery_and_the_rest_goes_out_after_resta
     receiver: Receiver,
     initialised: Initialised,
     spawn: DaemonFactory,
+    daemon_state: Mapping[str, object] | None,
 ) -> None:
-    """SIGTERM lets the slow in-flight delivery finish, exits 0; the rest goes out after restart."""
+    """SIGTERM lets the slow in-flight delivery finish, exits 0; the rest goes out after
+    restart. On SQLite and on PostgreSQL."""
     path = "/" + unique("drain")
     receiver.respond(path, delay_s=1.5)
     config, _ = initialised(
         webhooks=[{"name": "slow", "url": receiver.url(path)}],
         poll_interval_s=0.2,
         top={"drain_timeout_s": 5},
+        state=daemon_state,
     )
     daemon = spawn(config, ready=True)
     ids = unleash.db.insert_events(4)
