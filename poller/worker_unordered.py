@@ -24,11 +24,12 @@ class UnorderedWorker(Worker):
 
     # Set at each run: rows read from the outbox, due, not taken by a lane yet; the ids the
     # lanes are delivering; when the first row read but not yet due falls due; held by
-    # the lane reading the outbox.
+    # the lane reading the outbox; whether a lane, paused, is reading the head to probe.
     _queue: deque[Pending]
     _taken: set[int]
     _later_at: float
     _reading: asyncio.Lock
+    _probing: bool
     # No request of this worker's own covers a commit's time: a delivery commits them.
     _commit_at = MARKS_PER_COMMIT
 
@@ -37,6 +38,7 @@ class UnorderedWorker(Worker):
         self._taken = set()
         self._later_at = math.inf
         self._reading = asyncio.Lock()
+        self._probing = False
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(self.hook.max_in_flight):
@@ -83,23 +85,29 @@ class UnorderedWorker(Worker):
         if self.schedule.paused is None:
             self._queue.clear()
             return True
-        if self._taken:  # another lane is out with the probe (or was before the pause)
-            await self._wait(None)
+        if self._taken or self._probing:  # another lane is out with the probe (or was
+            await self._wait(None)  # before the pause), or finding out when the next is due
             return True
-        head = await self.state.next_pending(self.hook.name, 1)
-        now = time.time()
-        at = max(head[0].next_attempt_at, self.schedule.gate(now)) if head else math.inf
-        if at > now:
-            if self.once:
-                return False
-            await self._wait(None if math.isinf(at) else at - now)
-            return True
-        self._taken.add(head[0].event_id)
+        # Claimed before the read: on a store whose reads yield (PostgreSQL) the other
+        # lanes would otherwise each read the head meanwhile and probe it too.
+        self._probing = True
         try:
-            await self._deliver(head[0])
+            head = await self.state.next_pending(self.hook.name, 1)
+            now = time.time()
+            at = max(head[0].next_attempt_at, self.schedule.gate(now)) if head else math.inf
+            if at > now:
+                if self.once:
+                    return False
+                await self._wait(None if math.isinf(at) else at - now)
+                return True
+            self._taken.add(head[0].event_id)
+            try:
+                await self._deliver(head[0])
+            finally:
+                self._taken.discard(head[0].event_id)
+                self._queue.clear()
         finally:
-            self._taken.discard(head[0].event_id)
-            self._queue.clear()
+            self._probing = False
             self.wake.set()  # the other lanes look again: resumed, or still paused
         return True
 
