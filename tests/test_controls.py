@@ -13,15 +13,17 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from poller.app import make_session
-from poller.config import Config, parse_config
+from poller.config import Config, StateConfig, parse_config
 from poller.replay import replay_dead_letters
-from poller.state import SqliteState
+from poller.state import StateStore
 from poller.worker import Worker, make_worker
 from tests.support.receiver import Receiver, RecordedRequest
+from tests.support.stores import Run, stored_text
 
 
 @pytest.fixture
@@ -52,19 +54,19 @@ def _event(i: int) -> str:
     return json.dumps({"id": i, "type": "feature-created", "featureName": f"f{i}"})
 
 
-async def _take_in(state: SqliteState, hooks: list[str], ids: range) -> None:
+async def _take_in(state: StateStore, hooks: list[str], ids: range) -> None:
     await state.ingest([(i, _event(i)) for i in ids], [(h, i) for i in ids for h in hooks], ids[-1])
 
 
-def _fill(state: SqliteState, hooks: list[str], ids: range) -> None:
-    asyncio.run(_take_in(state, hooks, ids))
+def _fill(run: Run[Any], state: StateStore, hooks: list[str], ids: range) -> None:
+    run(_take_in(state, hooks, ids))
 
 
-async def _nothing_owed(state: SqliteState) -> bool:
+async def _nothing_owed(state: StateStore) -> bool:
     return await state.pending_counts() == {}
 
 
-async def _paused(state: SqliteState, hook: str) -> bool:
+async def _paused(state: StateStore, hook: str) -> bool:
     return await state.pause(hook) is not None
 
 
@@ -88,7 +90,7 @@ async def _holds(until: Callable[[], bool | Awaitable[bool]]) -> bool:
 
 async def _run(
     config: Config,
-    state: SqliteState,
+    state: StateStore,
     until: Callable[[], bool | Awaitable[bool]],
     *,
     timeout_s: float,
@@ -118,7 +120,12 @@ async def _run(
 
 @pytest.mark.parametrize(("max_in_flight", "count"), [(1, 60), (4, 30)])
 def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
-    tmp_path: Path, receiver: Receiver, max_in_flight: int, count: int
+    state: StateStore,
+    run: Run[Any],
+    tmp_path: Path,
+    receiver: Receiver,
+    max_in_flight: int,
+    count: int,
 ) -> None:
     """At max_per_second = 5, 60 events take 11-13 s (30 unordered: 5.5-6.5 s), never more
     than 6 in any 1 s window; an unlimited webhook beside it is done in under 3 s."""
@@ -127,9 +134,8 @@ def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
         _hook("slow", receiver.url("/slow"), f"max_per_second = 5\nmax_in_flight = {max_in_flight}")
         + _hook("fast", receiver.url("/fast")),
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["slow", "fast"], range(1, count + 1))
-    asyncio.run(
+    _fill(run, state, ["slow", "fast"], range(1, count + 1))
+    run(
         _run(
             config,
             state,
@@ -154,24 +160,23 @@ def test_rate_limit_spaces_deliveries_and_spares_other_webhooks(
     assert fast[-1] - fast[0] < 3.0
     if max_in_flight == 1:
         assert _ids(receiver.requests("/slow")) == list(range(1, count + 1))
-    assert asyncio.run(state.pending_counts()) == {}
+    assert run(state.pending_counts()) == {}
 
 
 def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A receiver answering 429 + Retry-After: 2 to one request in three gets every event,
     in order, none dead-lettered though retries = 0; nothing is sent during a hold."""
     receiver.respond("/a", statuses=[200, 200, 429] * 20, retry_after=2)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retries = 0"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 13))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
+    _fill(run, state, ["a"], range(1, 13))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     got = receiver.requests("/a")
     statuses = ([200, 200, 429] * 20)[: len(got)]
     delivered = [i for i, s in zip(_ids(got), statuses, strict=True) if s == 200]
     assert delivered == list(range(1, 13))
-    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert run(state.dead_letter_counts()) == {}
     holds = [
         got[n + 1].received_at - got[n].received_at for n, s in enumerate(statuses[:-1]) if s == 429
     ]
@@ -181,18 +186,19 @@ def test_429_with_retry_after_holds_the_webhook_and_never_dead_letters(
     )
     assert len(holds) >= 5
     assert min(holds) >= 2.0, holds
-    log = asyncio.run(state.attempt_log("a"))
+    log = run(state.attempt_log("a"))
     assert [r.status for r in log] == statuses
     assert sum(1 for r in log if r.status == 429) == len(holds) + (statuses[-1] == 429)
 
 
-def test_429_holds_every_lane_of_an_unordered_webhook(tmp_path: Path, receiver: Receiver) -> None:
+def test_429_holds_every_lane_of_an_unordered_webhook(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """Unordered (4 lanes): after a 429 with Retry-After: 2 no lane sends for 2 s."""
     receiver.respond("/a", statuses=[200] * 5 + [429], retry_after=2)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "max_in_flight = 4"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 21))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    _fill(run, state, ["a"], range(1, 21))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     got = receiver.requests("/a")
     assert sorted(_ids(got)) == sorted([*range(1, 21), _ids(got)[5]])
     # Lanes already out when the 429 came back may still arrive; after that, silence.
@@ -200,11 +206,11 @@ def test_429_holds_every_lane_of_an_unordered_webhook(tmp_path: Path, receiver: 
     late = [t for t in after if t < 2.0]
     assert len(late) <= 3, after
     assert any(t >= 2.0 for t in after)
-    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert run(state.dead_letter_counts()) == {}
 
 
 def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_order(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A receiver down (500) while 200 events arrive: 5 dead letters, then paused with
     probes of the head event only; once it is back, events 6-200 arrive in order, once each.
@@ -222,7 +228,6 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
             "retry_schedule_s = [0.05]\npause_after_failures = 5\nprobe_interval_s = 0.5",
         ),
     )
-    state = SqliteState.open(config.state.path)
     added = [0]
     paused_seen: list[float] = []
 
@@ -242,60 +247,59 @@ def test_receiver_down_pauses_after_five_dead_letters_then_delivers_the_rest_in_
         )
 
     started = time.monotonic()
-    asyncio.run(_run(config, state, probed_twice, timeout_s=60, meanwhile=feed))
+    run(_run(config, state, probed_twice, timeout_s=60, meanwhile=feed))
     outage_s = time.monotonic() - started
-    pause = asyncio.run(state.pause("a"))
+    pause = run(state.pause("a"))
     assert pause is not None
     assert not pause.awaits_resume
     assert "5 events in a row" in pause.reason
-    assert [d.event_id for d in asyncio.run(state.dead_letters("a"))] == [1, 2, 3, 4, 5]
-    assert asyncio.run(state.pending_counts()) == {"a": 195}
+    assert [d.event_id for d in run(state.dead_letters("a"))] == [1, 2, 3, 4, 5]
+    assert run(state.pending_counts()) == {"a": 195}
     during = [r for r in receiver.requests("/a") if r.received_at > paused_seen[0]]
     assert set(_ids(during)) == {6}  # only the head is probed
 
     receiver.respond("/a", status=200)
     back = time.monotonic()
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     after = [r for r in receiver.requests("/a") if r.received_at > back]
     print(
         f"FIGURES: receiver down {outage_s:.1f} s with 200 events: "
-        f"{len(asyncio.run(state.dead_letters('a')))} dead letters, paused, {len(during)} probes; "
+        f"{len(run(state.dead_letters('a')))} dead letters, paused, {len(during)} probes; "
         f"{len(after)} delivered in order {after[-1].received_at - back:.2f} s after it came back"
     )
     assert _ids(after) == list(range(6, 201))
-    assert asyncio.run(state.pause("a")) is None
-    assert len(asyncio.run(state.dead_letters("a"))) == 5
+    assert run(state.pause("a")) is None
+    assert len(run(state.dead_letters("a"))) == 5
 
 
 def test_410_pauses_at_once_and_a_resume_delivers_everything(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A 410 pauses the webhook at once: no dead letter, no probes; after a resume (as
     `webhooks resume` does it) and a restart, every event arrives in order."""
     receiver.respond("/a", statuses=[200, 200, 410], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "probe_interval_s = 0.1"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 11))
-    asyncio.run(_run(config, state, lambda: _paused(state, "a"), timeout_s=30))
+    _fill(run, state, ["a"], range(1, 11))
+    run(_run(config, state, lambda: _paused(state, "a"), timeout_s=30))
     time.sleep(0.5)  # long enough for several probes, were any made
     assert len(receiver.requests("/a")) == 3
-    pause = asyncio.run(state.pause("a"))
+    pause = run(state.pause("a"))
     assert pause is not None
     assert pause.awaits_resume
     assert "410" in pause.reason
-    assert asyncio.run(state.dead_letter_counts()) == {}
-    assert asyncio.run(state.pending_counts()) == {"a": 8}
+    assert run(state.dead_letter_counts()) == {}
+    assert run(state.pending_counts()) == {"a": 8}
 
     # Restarted while still paused: the pause survives, nothing is sent.
-    asyncio.run(_run(config, state, lambda: True, timeout_s=5))
+    run(_run(config, state, lambda: True, timeout_s=5))
     assert len(receiver.requests("/a")) == 3
-    assert asyncio.run(state.resume("a", retry_now=True))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    assert run(state.resume("a", retry_now=True))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     assert _ids(receiver.requests("/a")) == [1, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 def test_attempt_log_records_every_attempt_and_keeps_the_last_n(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, state_config: StateConfig, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """Every attempt is logged (event, attempt number, status or error, latency, outcome);
     only the last attempt_log_size per webhook are kept; no body or secret is stored."""
@@ -310,63 +314,66 @@ def test_attempt_log_records_every_attempt_and_keeps_the_last_n(
         )
         + _hook("down", "http://127.0.0.1:1/", "retries = 0"),
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 9))
-    _fill(state, ["down"], range(9, 10))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
-    log = asyncio.run(state.attempt_log("a"))
+    _fill(run, state, ["a"], range(1, 9))
+    _fill(run, state, ["down"], range(9, 10))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    log = run(state.attempt_log("a"))
     assert [(r.event_id, r.attempt) for r in log] == [(4, 1), (5, 1), (6, 1), (7, 1), (8, 1)]
     assert all(r.status == 200 and r.latency_ms is not None for r in log)
-    first = asyncio.run(state.attempt_log("a", event_id=1))
+    first = run(state.attempt_log("a", event_id=1))
     assert first == []  # trimmed
-    (down,) = asyncio.run(state.attempt_log("down"))
+    (down,) = run(state.attempt_log("down"))
     assert (down.status, down.outcome, down.attempt) == (None, "dead_letter", 1)
     assert down.error is not None
     assert "connection failed" in down.error
-    raw = config.state.path.read_bytes() + Path(f"{config.state.path}-wal").read_bytes()
+    raw = stored_text(state, state_config)
+    assert b"connection failed" in raw  # the attempt log is in what was read
     assert b"s3cr3t" not in raw
     assert b"MfKQ9r8G" not in raw
 
 
-def test_attempt_log_counts_a_retry_as_attempt_two(tmp_path: Path, receiver: Receiver) -> None:
+def test_attempt_log_counts_a_retry_as_attempt_two(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """A 500 then a 200: attempt 1 (500, retry) and attempt 2 (200, delivered)."""
     receiver.respond("/a", statuses=[500], status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retry_schedule_s = [0.05]"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
-    log = asyncio.run(state.attempt_log("a", event_id=1))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    log = run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 500, "retry"),
         (2, 200, "delivered"),
     ]
 
 
-def test_dead_letter_replay_is_in_the_attempt_log(tmp_path: Path, receiver: Receiver) -> None:
+def test_dead_letter_replay_is_in_the_attempt_log(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """`dead-letters replay` (daemon stopped) logs its attempts too, numbered afresh."""
     config = _config(tmp_path, _hook("a", receiver.url("/a")))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 3))
-    asyncio.run(state.dead_letter("a", 1, 2, "HTTP 500 after 2 attempts"))
+    _fill(run, state, ["a"], range(1, 3))
+    run(state.dead_letter("a", 1, 2, "HTTP 500 after 2 attempts"))
     receiver.respond("/a", statuses=[503], status=200)
-    assert asyncio.run(replay_dead_letters(config, state, "a")) == (1, 0)
-    log = asyncio.run(state.attempt_log("a", event_id=1))
+    assert run(replay_dead_letters(config, state, "a")) == (1, 0)
+    log = run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 503, "retry"),
         (2, 200, "delivered"),
     ]
 
 
-def test_429s_do_not_use_up_the_retries(tmp_path: Path, receiver: Receiver) -> None:
+def test_429s_do_not_use_up_the_retries(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """Two 429s, then a 500, then a 200, with one retry allowed: the 429s did not count,
     so the 500 is retried and the event delivered (attempts numbered 1-4 in the log)."""
     receiver.respond("/a", statuses=[429, 429, 500], retry_after="0", status=200)
     config = _config(tmp_path, _hook("a", receiver.url("/a"), "retry_schedule_s = [0.05]"))
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 2))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
-    assert asyncio.run(state.dead_letter_counts()) == {}
-    log = asyncio.run(state.attempt_log("a", event_id=1))
+    _fill(run, state, ["a"], range(1, 2))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    assert run(state.dead_letter_counts()) == {}
+    log = run(state.attempt_log("a", event_id=1))
     assert [(r.attempt, r.status, r.outcome) for r in log] == [
         (1, 429, "retry"),
         (2, 429, "retry"),
@@ -376,7 +383,7 @@ def test_429s_do_not_use_up_the_retries(tmp_path: Path, receiver: Receiver) -> N
 
 
 def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """Unordered (4 lanes) against a dead receiver: 5 dead letters, then paused with one
     probe at a time (of the lowest pending id); once back, every other event arrives."""
@@ -385,8 +392,7 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
         tmp_path,
         _hook("a", receiver.url("/a"), "max_in_flight = 4\nretries = 0\nprobe_interval_s = 0.3"),
     )
-    state = SqliteState.open(config.state.path)
-    _fill(state, ["a"], range(1, 41))
+    _fill(run, state, ["a"], range(1, 41))
     paused_at: list[float] = []
 
     async def probed_three_times() -> bool:
@@ -397,8 +403,8 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
             and sum(1 for r in receiver.requests("/a") if r.received_at > paused_at[0] + 0.1) >= 3
         )
 
-    asyncio.run(_run(config, state, probed_three_times, timeout_s=30))
-    dead = [d.event_id for d in asyncio.run(state.dead_letters("a"))]
+    run(_run(config, state, probed_three_times, timeout_s=30))
+    dead = [d.event_id for d in run(state.dead_letters("a"))]
     assert len(dead) == 5
     probes = [r for r in receiver.requests("/a") if r.received_at > paused_at[0] + 0.1]
     head = min(set(range(1, 41)) - set(dead))
@@ -408,10 +414,10 @@ def test_unordered_webhook_pauses_probes_with_one_lane_and_resumes(
 
     receiver.respond("/a", status=200)
     back = time.monotonic()
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     after = _ids([r for r in receiver.requests("/a") if r.received_at > back])
     assert sorted(after) == sorted(set(range(1, 41)) - set(dead))
-    assert asyncio.run(state.pause("a")) is None
+    assert run(state.pause("a")) is None
 
 
 # -- providers: their requests go through poller.dispatch and must mean what a plain
@@ -434,7 +440,7 @@ def _slack_hook(url: str, extra: str = "") -> str:
 
 
 def test_slack_429s_hold_the_whole_webhook_and_lose_nothing(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A Slack App endpoint answering 429 with Retry-After: 1 to one request in three:
     every message arrives, per channel in event order, nothing is dead-lettered, the 429s
@@ -444,14 +450,11 @@ def test_slack_429s_hold_the_whole_webhook_and_lose_nothing(
     )
     # One retry only: were the 429s counted, the event with two of them would be given up.
     config = _config(tmp_path, _slack_hook(receiver.url("/slack"), "retry_schedule_s = [0.05]"))
-    state = SqliteState.open(config.state.path)
     ids = range(1, 5)
-    asyncio.run(
-        state.ingest([(i, _slack_event(i)) for i in ids], [("app", i) for i in ids], ids[-1])
-    )
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
+    run(state.ingest([(i, _slack_event(i)) for i in ids], [("app", i) for i in ids], ids[-1]))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=60))
     got = receiver.requests("/slack")
-    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert run(state.dead_letter_counts()) == {}
     assert len(got) == 12 + 5  # every message once, plus the five answered 429
     answered_429 = [r for i, r in enumerate(got) if i % 3 == 2]
     for before, after in itertools.pairwise(got):
@@ -467,7 +470,7 @@ def test_slack_429s_hold_the_whole_webhook_and_lose_nothing(
 
 
 def test_410_from_a_provider_pauses_and_a_resume_delivers_the_rest(
-    tmp_path: Path, receiver: Receiver
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
 ) -> None:
     """A provider endpoint (Teams) answering 410 pauses the webhook at once, without a
     dead letter; `webhooks resume` then delivers the rest, in order."""
@@ -476,26 +479,27 @@ def test_410_from_a_provider_pauses_and_a_resume_delivers_the_rest(
         tmp_path,
         f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/teams")}"\n',
     )
-    state = SqliteState.open(config.state.path)
     ids = range(1, 6)
-    asyncio.run(state.ingest([(i, _slack_event(i)) for i in ids], [("t", i) for i in ids], ids[-1]))
-    asyncio.run(_run(config, state, lambda: _paused(state, "t"), timeout_s=30))
-    pause = asyncio.run(state.pause("t"))
+    run(state.ingest([(i, _slack_event(i)) for i in ids], [("t", i) for i in ids], ids[-1]))
+    run(_run(config, state, lambda: _paused(state, "t"), timeout_s=30))
+    pause = run(state.pause("t"))
     assert pause is not None
     assert pause.awaits_resume
     assert "410" in pause.reason
-    assert asyncio.run(state.dead_letter_counts()) == {}
-    assert asyncio.run(state.pending_counts()) == {"t": 4}
-    assert asyncio.run(state.resume("t", retry_now=True))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    assert run(state.dead_letter_counts()) == {}
+    assert run(state.pending_counts()) == {"t": 4}
+    assert run(state.resume("t", retry_now=True))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     flags = [
         int(r.body.decode().split("flag")[1].split("x")[0]) for r in receiver.requests("/teams")
     ]
     assert flags == [1, 2, 2, 3, 4, 5]
-    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert run(state.dead_letter_counts()) == {}
 
 
-def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> None:
+def test_provider_429s_back_off_doubling(
+    state: StateStore, run: Run[Any], tmp_path: Path, receiver: Receiver
+) -> None:
     """A provider (Teams) answered 429 without Retry-After backs off as a webhook does:
     1 s, then 2 s (the 429s in a row are counted), and the 429s do not use up `retries`."""
     receiver.respond("/t", statuses=[429, 429], status=200)
@@ -504,10 +508,9 @@ def test_provider_429s_back_off_doubling(tmp_path: Path, receiver: Receiver) -> 
         f'[[webhooks]]\nname = "t"\nprovider = "teams"\nurl = "{receiver.url("/t")}"\n'
         "retry_schedule_s = [0.05]\n",
     )
-    state = SqliteState.open(config.state.path)
-    asyncio.run(state.ingest([(1, _slack_event(1))], [("t", 1)], 1))
-    asyncio.run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
+    run(state.ingest([(1, _slack_event(1))], [("t", 1)], 1))
+    run(_run(config, state, lambda: _nothing_owed(state), timeout_s=30))
     first, second, third = (r.received_at for r in receiver.requests("/t"))
     assert second - first >= 0.95
     assert third - second >= 1.95
-    assert asyncio.run(state.dead_letter_counts()) == {}
+    assert run(state.dead_letter_counts()) == {}

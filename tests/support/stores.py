@@ -11,9 +11,10 @@ Fixtures (tests/conftest.py loads this module as a plugin):
   when the backend has a lease): SQLite at tmp_path/s.sqlite3 (the `path = "s.sqlite3"`
   of the tests' configs), PostgreSQL in a fresh schema of the session's database.
 
-`outbox_rows(state, state_config, webhook)` counts a webhook's outbox rows on a connection of
-its own (a thread may call it while the store is in use), as a daemon started after a kill -9
-would see them.
+`stored_text(state, state_config)` is everything the state holds, as bytes, to look for what
+must never be stored (a secret). `outbox_rows(state, state_config, webhook)` counts a
+webhook's outbox rows on a connection of its own (a thread may call it while the store is in
+use), as a daemon started after a kill -9 would see them.
 """
 
 from __future__ import annotations
@@ -102,3 +103,27 @@ def outbox_rows(store: StateStore, config: StateConfig, webhook: str) -> int:
     assert row is not None
     pg_count: int = row[0]
     return pg_count
+
+
+def stored_text(store: StateStore, config: StateConfig) -> bytes:
+    """All the state holds: SQLite's file and its WAL, or every row of every table of the
+    PostgreSQL schema as text."""
+    if isinstance(store, SqliteState):
+        return config.path.read_bytes() + Path(f"{config.path}-wal").read_bytes()
+    import psycopg  # the `postgres` extra
+    from psycopg import sql
+
+    assert config.url is not None
+    chunks: list[str] = []
+    with psycopg.connect(config.url.reveal()) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+            (config.schema,),
+        ).fetchall()
+        for (table,) in tables:
+            query = sql.SQL("SELECT t::text FROM {}.{} AS t").format(
+                sql.Identifier(config.schema), sql.Identifier(table)
+            )
+            chunks += [row[0] for row in conn.execute(query)]
+    assert chunks, f"{config.schema}: no rows at all"
+    return "\n".join(chunks).encode()
