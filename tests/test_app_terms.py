@@ -19,22 +19,7 @@ from poller.app import EX_TEMPFAIL, App
 from poller.config import Config, WebhookConfig, load_config
 from poller.lease import LeaseLostError
 from poller.state import LeaseView, SqliteState, StateUnavailableError
-from tests.test_app import _fake_config, _FakeUnleash
-
-
-def _toml(max_in_flight: int = 1) -> str:
-    # Nothing listens on port 1: Unleash and the receiver are never reached.
-    return f"""
-[unleash]
-url = "http://127.0.0.1:1"
-token = "t"
-[state]
-path = "s.sqlite3"
-[[webhooks]]
-name = "a"
-url = "http://127.0.0.1:1/a"
-max_in_flight = {max_in_flight}
-"""
+from tests.test_app import _fake_config, _FakeUnleash, _toml
 
 
 class _FakeLeadership:

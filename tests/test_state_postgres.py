@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import itertools
 import json
 import os
-import shutil
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -23,13 +21,8 @@ import pytest
 
 from poller.config import Secret, StateConfig
 from poller.state import AttemptRecord, FencedError, StateError, StateUnavailableError
-from tests.support.unleash import (
-    HarnessError,
-    PostgresDatabase,
-    _as_postgres,
-    drop_database,
-    ensure_postgres,
-)
+from tests.support.pgstate import state_config
+from tests.support.unleash import PostgresDatabase, _as_postgres
 
 ENABLE_HINT = "install PostgreSQL 15 (psql, pg_ctlcluster) and psycopg, or run `bash .ci/run`"
 
@@ -48,31 +41,12 @@ from poller.state.postgres import (  # noqa: E402
     where_of,
 )
 
-_schemas = itertools.count(1)
-
-
-def _unavailable(reason: str) -> None:
-    message = f"needs PostgreSQL: {reason}. To enable: {ENABLE_HINT}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"CI=true and {message}", pytrace=False)
-    pytest.skip(message)
-
 
 @pytest.fixture(scope="session")
-def database() -> Iterator[PostgresDatabase]:
-    """This session's database on the local cluster (skipped without one, failed under CI)."""
-    missing = [t for t in ("psql", "pg_lsclusters", "pg_ctlcluster") if shutil.which(t) is None]
-    if missing:
-        _unavailable(f"missing {', '.join(missing)}")
-    try:
-        db = ensure_postgres(f"poller_state_{os.getpid()}")
-    except HarnessError as exc:
-        _unavailable(str(exc))
-        raise
-    try:
-        yield db
-    finally:
-        drop_database(db)
+def database(pg_database: PostgresDatabase) -> PostgresDatabase:
+    """This session's database on the local cluster (tests/support/pgstate.py: skipped
+    without one, failed under CI)."""
+    return pg_database
 
 
 def _url(db: PostgresDatabase, user: str | None = None, password: str | None = None) -> str:
@@ -84,8 +58,7 @@ def _url(db: PostgresDatabase, user: str | None = None, password: str | None = N
 @pytest.fixture
 def place(database: PostgresDatabase, tmp_path: Path) -> StateConfig:
     """A `[state]` in a schema of its own on the session's database."""
-    schema = f"s_{os.getpid()}_{next(_schemas)}"
-    return StateConfig(tmp_path / "unused.sqlite3", url=Secret(_url(database)), schema=schema)
+    return state_config(database, tmp_path / "unused.sqlite3")
 
 
 def _run(coroutine: Coroutine[Any, Any, None]) -> None:
