@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -462,7 +462,18 @@ class UnleashServer:
 
     def admin(self) -> AdminClient:
         """An admin API client authenticated with this server's admin token."""
-        return AdminClient(self.url, self.admin_token, self.version)
+        return AdminClient(self.url, self.admin_token, self.version, diagnose=self.describe)
+
+    def describe(self) -> str:
+        """Whether the process still runs (or how it ended), and the end of its log."""
+        process = self._process
+        if process is None:
+            state = "is stopped"
+        elif (code := process.poll()) is None:
+            state = f"is still running (pid {process.pid})"
+        else:
+            state = f"exited with {code}"
+        return f"Unleash {self.version} {state}; log {self.log_path}:\n{self.log_tail()}"
 
     def start(self) -> None:
         package_dir = ensure_node_modules(self.version)
@@ -598,11 +609,20 @@ class AdminClient:
     says how. Every call raises `AdminApiError` on a status it did not expect.
     """
 
-    def __init__(self, url: str, token: str, version: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        version: str,
+        *,
+        diagnose: Callable[[], str] | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self._token = token
         self.version = version
         self.major = int(version.split(".", 1)[0])
+        # Says what became of the server when it cannot be reached (UnleashServer.describe).
+        self._diagnose = diagnose
 
     def __repr__(self) -> str:
         return f"AdminClient({self.url!r}, version={self.version!r})"
@@ -631,6 +651,10 @@ class AdminClient:
                 status, raw = response.status, response.read()
         except urllib.error.HTTPError as error:
             status, raw = error.code, error.read()
+        except (urllib.error.URLError, OSError) as error:
+            if self._diagnose is None:
+                raise
+            raise HarnessError(f"{method} {path}: {error}; {self._diagnose()}") from error
         if status not in expect:
             raise AdminApiError(method, path, status, raw.decode(errors="replace"))
         if not raw:
