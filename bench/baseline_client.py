@@ -10,6 +10,14 @@ connection. The token comes from the environment (BENCH_UNLEASH_TOKEN), not argv
 
     python -m bench.baseline_client URL BODIES_FILE [N]   # one body per line; prints JSON
     python -m bench.baseline_client --fetch UNLEASH_URL COUNT URL    # prints JSON
+    python -m bench.baseline_client --idle UNLEASH_URL INTERVAL WARMUP SECONDS  # prints JSON
+
+`--idle` is the floor of an idle daemon (benchmarks 1 and 6): the same conditional
+one-event probe the daemon makes (`GET /api/admin/search/events?limit=1` with the last
+ETag), every INTERVAL seconds over one keep-alive connection, in a process that has
+imported what the daemon cannot run without (aiohttp, structlog, sqlite3, with one
+SQLite connection open) and nothing else. After WARMUP seconds it measures its own CPU
+(/proc/self/schedstat) over SECONDS, then prints that, its RSS and the probes it made.
 """
 
 from __future__ import annotations
@@ -86,7 +94,72 @@ async def fetch_and_post(unleash_url: str, token: str, count: int, url: str) -> 
     }
 
 
+def _own() -> tuple[int, int, int]:
+    """This process's CPU time (ns), VmRSS and RssAnon (kB)."""
+    cpu_ns = int(Path("/proc/self/schedstat").read_text().split()[0])
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return cpu_ns, int(fields["VmRSS"].split()[0]), int(fields["RssAnon"].split()[0])
+
+
+async def idle_probe(
+    unleash_url: str, token: str, interval_s: float, warmup_s: float, seconds: float
+) -> dict[str, float]:
+    """Probe like an idle daemon: a conditional GET every `interval_s`, nothing else."""
+    import sqlite3  # noqa: PLC0415 - imported here: only this mode is a floor for the daemon
+    import tempfile  # noqa: PLC0415
+
+    import structlog  # noqa: F401, PLC0415 - its import is part of the daemon's floor
+
+    with tempfile.TemporaryDirectory() as directory:
+        db = sqlite3.connect(Path(directory) / "floor.sqlite3")
+        db.execute("CREATE TABLE IF NOT EXISTS cursor (id INTEGER)")
+        headers = {"Authorization": token, "Accept": "application/json"}
+        url = f"{unleash_url}/api/admin/search/events"
+        etag: str | None = None
+        probes = not_modified = 0
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            measured_from: tuple[int, int, int] | None = None
+            while (now := loop.time()) < started + warmup_s + seconds:
+                if measured_from is None and now >= started + warmup_s:
+                    measured_from, probes, not_modified = _own(), 0, 0
+                sent = dict(headers, **({"If-None-Match": etag} if etag else {}))
+                async with session.get(
+                    url, params={"limit": "1"}, headers=sent, timeout=timeout
+                ) as resp:
+                    await resp.read()
+                    probes += 1
+                    if resp.status == 304:
+                        not_modified += 1
+                    else:
+                        etag = resp.headers.get("ETag")
+                await asyncio.sleep(interval_s)
+        end = _own()
+        db.close()
+    assert measured_from is not None
+    return {
+        "cpu_pct": (end[0] - measured_from[0]) / 1e9 / seconds * 100,
+        "rss_mb": end[1] / 1024,
+        "anon_mb": end[2] / 1024,
+        "probes": probes,
+        "not_modified": not_modified,
+    }
+
+
 def main() -> None:
+    if sys.argv[1] == "--idle":
+        unleash_url, interval_s, warmup_s, seconds = (
+            sys.argv[2],
+            float(sys.argv[3]),
+            float(sys.argv[4]),
+            float(sys.argv[5]),
+        )
+        token = os.environ["BENCH_UNLEASH_TOKEN"]
+        result = asyncio.run(idle_probe(unleash_url, token, interval_s, warmup_s, seconds))
+        print(json.dumps(result))
+        return
     if sys.argv[1] == "--fetch":
         unleash_url, count, url = sys.argv[2], int(sys.argv[3]), sys.argv[4]
         token = os.environ["BENCH_UNLEASH_TOKEN"]

@@ -50,6 +50,7 @@ from bench.lib import (
     Report,
     arguments,
     delivery,
+    idle_floor,
     last_event_id,
     proc_stat,
     say,
@@ -299,7 +300,10 @@ def idle_after_bursts(
 ) -> dict[str, float]:
     """One daemon at default settings idles for `idle_s` (RSS and CPU before any burst),
     delivers `bursts` bursts, then idles: RSS 30 s after the last delivery, CPU over the
-    `idle_s` after that."""
+    `idle_s` after that. The idle floor (a bare probe loop, `idle_floor`) runs alone
+    before the daemon starts and again after it stops; its figures are the mean of both."""
+    floors = [idle_floor(server, idle_s)]
+    say(f"idle floor: {floors[0]['cpu_pct']:.3f} % CPU, {floors[0]['rss_mb']:.1f} MB")
     path = "/idle"
     config = write_config(
         work / "idle.toml",
@@ -330,7 +334,12 @@ def idle_after_bursts(
     finally:
         daemon.stop()
     say(f"idle daemon: bursts {' '.join(f'{t:.2f}' for t in times)} s")
+    floors.append(idle_floor(server, idle_s))
+    say(f"idle floor: {floors[1]['cpu_pct']:.3f} % CPU, {floors[1]['rss_mb']:.1f} MB")
     return {
+        "floor_cpu_pct": statistics.mean(f["cpu_pct"] for f in floors),
+        "floor_rss_mb": statistics.mean(f["rss_mb"] for f in floors),
+        "floor_anon_mb": statistics.mean(f["anon_mb"] for f in floors),
         "rss_mb": at_30.rss_kb / 1024,
         "anon_mb": at_30.anon_kb / 1024,
         "file_mb": at_30.file_kb / 1024,
@@ -366,7 +375,10 @@ def run_alone(args: argparse.Namespace) -> None:
             own.runs.append(burst_figures(receiver, "/unleash", ids, committed_at))
             say(f"round {n + 1}: Unleash's own {own.runs[-1][0]:.2f} s")
             time.sleep(rng.uniform(3.0, 4.0))  # its announcer has nothing left to do
-            plan = [("ordered", ordered, {}), ("wide", wide, {"max_in_flight": 8})]
+            plan: list[tuple[str, Side, dict[str, object]]] = [
+                ("ordered", ordered, {}),
+                ("wide", wide, {"max_in_flight": 8}),
+            ]
             for name, side, hook in plan if n % 2 == 0 else plan[::-1]:
                 type_ = POLLER_TYPES[0]
                 figures, taken_in = poller_burst(
@@ -456,6 +468,11 @@ def report_idle(report: Report, idle: dict[str, float], idle_s: float) -> None:
     cpu = idle["cpu_pct"]
     report.add("idle CPU after the bursts", cpu, "% core", "<= 0.25 %", cpu <= 0.25)
     report.add("  before any burst", idle["fresh_cpu_pct"], "% core")
+    floor_cpu, floor_rss = idle["floor_cpu_pct"], idle["floor_rss_mb"]
+    report.add("idle floor (bare probe loop, alone): CPU", floor_cpu, "% core")
+    report.add("  RSS (RssAnon)", f"{floor_rss:.1f} ({idle['floor_anon_mb']:.1f})", "MB")
+    report.add("idle CPU after the bursts / floor", cpu / floor_cpu if floor_cpu else 0.0, "x")
+    report.add("idle RSS after the bursts - floor", rss - floor_rss, "MB")
     report.add("CPU for the three bursts", idle["burst_cpu_s"], "s")
     report.add("  median burst time of that daemon", idle["median_burst_s"], "s")
 

@@ -7,7 +7,8 @@ another). After a 5 s warm-up, for 60 s: its CPU time (/proc/PID/schedstat, also
 /proc/PID/stat ticks), its RSS and peak RSS (/proc/PID/status VmRSS/VmHWM), every
 request it made to Unleash, and Unleash's own CPU time in the same window beside a
 window of the same length with no poller.
-Targets: RSS <= 40 MB, CPU <= 0.3 % of a core.
+Then, alone, the idle floor (`bench.baseline_client --idle`: a bare aiohttp probe loop at the
+same interval) over a window of the same length. Targets: RSS <= 40 MB, CPU <= 0.3 % of a core.
 
     .venv/bin/python -m bench.idle [--seconds 60] [--json out.json]
 """
@@ -28,6 +29,7 @@ from bench.lib import (
     Report,
     add_poll_interval,
     arguments,
+    idle_floor,
     poll_interval_setting,
     proc_stat,
     say,
@@ -92,6 +94,9 @@ def main() -> None:
         finally:
             proxy.terminate()
             proxy.wait(timeout=10)
+        say(f"idle floor (a bare probe loop) alone for {window:.0f} s")
+        interval_s = 0.4 if args.poll_interval_s is None else args.poll_interval_s
+        floor = idle_floor(server, window, interval_s)
     cpu_s = (after.cpu_ns - before.cpu_ns) / 1e9
     cpu_pct = cpu_s / window * 100
     kinds = collections.Counter(
@@ -113,6 +118,14 @@ def main() -> None:
         "MB",
     )
     report.add("daemon peak RSS (VmHWM)", after.hwm_kb / 1024, "MB")
+    report.add("idle floor (bare probe loop, alone): CPU", floor["cpu_pct"], "% core")
+    report.add(
+        "  CPU per probe", floor["cpu_pct"] / 100 * window / max(1, floor["probes"]) * 1000, "ms"
+    )
+    report.add("  RSS (RssAnon)", f"{floor['rss_mb']:.1f} ({floor['anon_mb']:.1f})", "MB")
+    if floor["cpu_pct"]:
+        report.add("daemon CPU / floor", cpu_pct / floor["cpu_pct"], "x")
+    report.add("daemon RSS - floor", after.rss_kb / 1024 - floor["rss_mb"], "MB")
     report.add("requests to Unleash", len(requests))
     report.add("requests per second", len(requests) / window, "/s")
     for (method, path, query, status, conditional), count in sorted(kinds.items()):

@@ -440,6 +440,33 @@ class ProcStat:
     file_kb: int = 0  # RssFile: mapped files (shared libraries, extension modules)
 
 
+def idle_floor(
+    server: UnleashServer, seconds: float, interval_s: float = 0.4, warmup_s: float = 5.0
+) -> dict[str, float]:
+    """The floor of an idle daemon, measured alone (see bench/baseline_client.py --idle):
+    a bare aiohttp probe loop at the daemon's interval. Its CPU % over `seconds`, its RSS
+    and RssAnon (MB) and the probes it made."""
+    completed = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "bench.baseline_client",
+            "--idle",
+            server.url,
+            str(interval_s),
+            str(warmup_s),
+            str(seconds),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BENCH_UNLEASH_TOKEN": server.admin_token},
+    )
+    figures: dict[str, float] = json.loads(completed.stdout)
+    return figures
+
+
 def proc_stat(pid: int) -> ProcStat:
     with open(f"/proc/{pid}/stat") as stat:
         # The command name may hold spaces; fields after it are fixed.
