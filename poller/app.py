@@ -18,6 +18,7 @@ import aiohttp
 
 from poller import log as log_module
 from poller import systemd
+from poller.aio import wait_set
 from poller.backoff import backoff_s
 from poller.config import (
     Config,
@@ -486,9 +487,7 @@ class App:
                     if not retry:
                         return
                     self._profile_tried.set()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stop.wait(), delay)
-                    if self.stop.is_set():
+                    if await wait_set(self.stop, delay):
                         return
                     continue
                 if profile is None:
@@ -851,8 +850,7 @@ class App:
             next_gap = ingest.next_gap_check()
             if next_gap is not None and failures == 0:
                 delay = max(0.0, min(delay, next_gap - time.time()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), delay)
+            await wait_set(self.stop, delay)
 
 
 async def ask_server_profile(config: Config) -> ServerProfile | None:

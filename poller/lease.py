@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from poller.aio import wait_set
 from poller.log import get as get_logger
 from poller.state import Leadership, LeaseView, StateUnavailableError
 
@@ -113,8 +114,7 @@ class LeaseKeeper:
                         holder=self.holder,
                         detail="standing by; the state is asked again with back-off",
                     )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await wait_set(stop, delay)
         return False
 
     def _log_acquired(self, before: LeaseView | None) -> None:

@@ -8,12 +8,12 @@ unset) every call is a no-op, so the daemon runs the same from a terminal or a t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import time
 from collections.abc import Callable
 
+from poller.aio import wait_set
 from poller.log import get as get_logger
 
 log = get_logger()
@@ -108,6 +108,5 @@ async def watchdog_loop(stop: asyncio.Event, status: Callable[[], str]) -> None:
             shown = line
         if fields:
             notify(*fields)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), period)
+        await wait_set(stop, period)
     notify("STOPPING=1", f"STATUS={STOPPING_STATUS}")
