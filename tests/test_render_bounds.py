@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 import sys
 import threading
@@ -369,8 +370,14 @@ def test_thousands_of_interrupts_and_cancels_settle_every_render(
 ) -> None:
     """Stress of the hand-off: renders interrupted before, during and after they run, right
     after the previous one ended, cancelled, or raising; every future settles once, and
-    every render thread goes back to its pool once (none leaked, none twice)."""
+    every render thread goes back to its pool once (none leaked, none twice).
+
+    Without the test process's gc callbacks: Hypothesis installs one once a property test
+    has run, and CPython swallows an async exception that lands inside it ("Exception
+    ignored in gc_callback", which pytest turns into a failure). The daemon installs none."""
     old_interval = sys.getswitchinterval()
+    callbacks = gc.callbacks[:]
+    gc.callbacks.clear()
     sys.setswitchinterval(1e-6)  # switch threads as often as possible
     try:
         pool = _tagged_pool(monkeypatch)
@@ -406,6 +413,7 @@ def test_thousands_of_interrupts_and_cancels_settle_every_render(
             assert isinstance(future.result(), int)
     finally:
         sys.setswitchinterval(old_interval)
+        gc.callbacks[:] = callbacks
 
 
 def test_renders_cancelled_right_after_they_started_leak_no_thread(
