@@ -95,7 +95,8 @@ async def fetch_and_post(unleash_url: str, token: str, count: int, url: str) -> 
 
 
 def _own() -> tuple[int, int, int]:
-    """This process's CPU time (ns), VmRSS and RssAnon (kB)."""
+    """This process's CPU time (ns), VmRSS and RssAnon (kB). Not bench.lib.proc_stat:
+    importing bench.lib (and the test harness it loads) would add to the floor's RSS."""
     cpu_ns = int(Path("/proc/self/schedstat").read_text().split()[0])
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return cpu_ns, int(fields["VmRSS"].split()[0]), int(fields["RssAnon"].split()[0])

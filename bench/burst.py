@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import random
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,12 +41,11 @@ from pathlib import Path
 from tests.support.unleash import UnleashServer
 
 from bench.lib import (
-    PYTHON,
-    REPO_ROOT,
     Daemon,
     LeanReceiver,
     Report,
     arguments,
+    baseline_client,
     delivery,
     idle_floor,
     last_event_id,
@@ -264,23 +261,7 @@ def floor_burst(
     """The bare client over the newest `len(ids)` events (the burst just delivered):
     (seconds from its start to the last receipt, of which reading the pages)."""
     path = f"/{name}"
-    completed = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "bench.baseline_client",
-            "--fetch",
-            server.url,
-            str(len(ids)),
-            receiver.url(path),
-        ],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "BENCH_UNLEASH_TOKEN": server.admin_token},
-    )
-    summary = json.loads(completed.stdout)
+    summary = baseline_client(server, "--fetch", server.url, str(len(ids)), receiver.url(path))
     received, times = receiver.stats(path)
     got = delivery(received, ids)
     if got.lost or got.out_of_order:

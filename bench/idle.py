@@ -22,6 +22,7 @@ import time
 import urllib.request
 
 from bench.lib import (
+    DEFAULT_POLL_INTERVAL_S,
     PYTHON,
     REPO_ROOT,
     Daemon,
@@ -95,7 +96,7 @@ def main() -> None:
             proxy.terminate()
             proxy.wait(timeout=10)
         say(f"idle floor (a bare probe loop) alone for {window:.0f} s")
-        interval_s = 0.4 if args.poll_interval_s is None else args.poll_interval_s
+        interval_s = args.poll_interval_s or DEFAULT_POLL_INTERVAL_S
         floor = idle_floor(server, window, interval_s)
     cpu_s = (after.cpu_ns - before.cpu_ns) / 1e9
     cpu_pct = cpu_s / window * 100

@@ -440,31 +440,38 @@ class ProcStat:
     file_kb: int = 0  # RssFile: mapped files (shared libraries, extension modules)
 
 
-def idle_floor(
-    server: UnleashServer, seconds: float, interval_s: float = 0.4, warmup_s: float = 5.0
-) -> dict[str, float]:
-    """The floor of an idle daemon, measured alone (see bench/baseline_client.py --idle):
-    a bare aiohttp probe loop at the daemon's interval. Its CPU % over `seconds`, its RSS
-    and RssAnon (MB) and the probes it made."""
+# The daemon's default `poll_interval_s` (poller/config.py). Stated here, not imported: a
+# benchmark may run another tree's daemon (BENCH_POLLER_DIR).
+DEFAULT_POLL_INTERVAL_S = 0.4
+
+
+def baseline_client(server: UnleashServer, *args: str) -> dict[str, Any]:
+    """Run `python -m bench.baseline_client ARGS` with the server's token in its
+    environment; its JSON summary."""
     completed = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "bench.baseline_client",
-            "--idle",
-            server.url,
-            str(interval_s),
-            str(warmup_s),
-            str(seconds),
-        ],
+        [PYTHON, "-m", "bench.baseline_client", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "BENCH_UNLEASH_TOKEN": server.admin_token},
     )
-    figures: dict[str, float] = json.loads(completed.stdout)
-    return figures
+    summary: dict[str, Any] = json.loads(completed.stdout)
+    return summary
+
+
+def idle_floor(
+    server: UnleashServer,
+    seconds: float,
+    interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    warmup_s: float = 5.0,
+) -> dict[str, float]:
+    """The floor of an idle daemon, measured alone (see bench/baseline_client.py --idle):
+    a bare aiohttp probe loop at the daemon's interval. Its CPU % over `seconds`, its RSS
+    and RssAnon (MB) and the probes it made."""
+    return baseline_client(
+        server, "--idle", server.url, str(interval_s), str(warmup_s), str(seconds)
+    )
 
 
 def proc_stat(pid: int) -> ProcStat:
