@@ -301,11 +301,13 @@ def idle_after_bursts(
         time.sleep(idle_s)  # the same daemon idle before any burst, for comparison
         before = proc_stat(daemon.pid)
         times: list[float] = []
+        after_each: list[float] = []  # RSS 3-4 s after each burst: growth or a warm-up?
         for n in range(bursts):
             ids, committed_at, _ = insert_burst(server, count, POLLER_TYPES[n % len(POLLER_TYPES)])
             wait_settled(receiver, path, ids, 300)
             times.append(burst_figures(receiver, path, ids, committed_at)[0])
             time.sleep(rng.uniform(3.0, 4.0))
+            after_each.append(proc_stat(daemon.pid).rss_kb / 1024)
         _, receipts = receiver.stats(path)
         last = max(receipts)
         time.sleep(max(0.0, last + 30.0 - time.monotonic()))
@@ -315,6 +317,7 @@ def idle_after_bursts(
     finally:
         daemon.stop()
     say(f"idle daemon: bursts {' '.join(f'{t:.2f}' for t in times)} s")
+    say(f"idle daemon: RSS after each burst {' '.join(f'{r:.1f}' for r in after_each)} MB")
     floors.append(idle_floor(server, idle_s))
     say(f"idle floor: {floors[1]['cpu_pct']:.3f} % CPU, {floors[1]['rss_mb']:.1f} MB")
     return {
@@ -328,6 +331,7 @@ def idle_after_bursts(
         "rss_end_mb": end.rss_kb / 1024,
         "cpu_pct": (end.cpu_ns - at_30.cpu_ns) / 1e9 / idle_s * 100,
         "fresh_rss_mb": before.rss_kb / 1024,
+        "first_burst_rss_mb": after_each[0],
         "fresh_anon_mb": before.anon_kb / 1024,
         "fresh_cpu_pct": (before.cpu_ns - fresh.cpu_ns) / 1e9 / idle_s * 100,
         "burst_cpu_s": (at_30.cpu_ns - before.cpu_ns) / 1e9,
@@ -444,6 +448,12 @@ def report_idle(report: Report, idle: dict[str, float], idle_s: float) -> None:
     report.add(
         "  before any burst: RSS (RssAnon)",
         f"{idle['fresh_rss_mb']:.1f} ({idle['fresh_anon_mb']:.1f})",
+        "MB",
+    )
+    report.add("  after the first burst (3-4 s after it)", idle["first_burst_rss_mb"], "MB")
+    report.add(
+        "  growth from the first burst to 30 s after the third",
+        rss - idle["first_burst_rss_mb"],
         "MB",
     )
     cpu = idle["cpu_pct"]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from poller import log as log_module
-from poller import systemd
+from poller import memory, systemd
 from poller.aio import wait_set
 from poller.backoff import backoff_s
 from poller.config import (
@@ -29,7 +29,7 @@ from poller.config import (
     load_config,
 )
 from poller.deliver import Outcome
-from poller.ingest import Ingest
+from poller.ingest import GIVE_BACK_AT, Ingest
 from poller.lease import LeaseKeeper, LeaseLostError, holder_name
 from poller.log import get as get_logger
 from poller.reload import Action, Reconfigure, Retire, Start, WhenRetired, plan_reload
@@ -49,6 +49,7 @@ EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74  # the state file cannot be written
 EX_TEMPFAIL = 75  # --once on a shared state another daemon leads
 COUNTS_EVERY_S = 2.0  # outbox sizes for the status line and the progress log
+SETTLE_S = 1.0  # quiet this long after a burst's deliveries: give the memory back
 # What ends a leader's term without stopping the daemon: it stands by (and reconnects)
 # and leads again from what the state says.
 _TERM_ENDERS = (FencedError, StateUnavailableError, LeaseLostError)
@@ -106,6 +107,9 @@ class App:
         self._start_after_retire: dict[str, WebhookConfig] = {}
         self.delivered = 0
         self.dead_lettered = 0
+        # A burst's deliveries leave the heap grown after the take-in gave back what it
+        # held: once they are done and the daemon is quiet, give that back too.
+        self._settle = memory.AfterWork(at=GIVE_BACK_AT, quiet_s=SETTLE_S)
         self._crash: BaseException | None = None
         self._once = False
         self._unleash_error: UnleashErrorKind | None = None
@@ -156,6 +160,7 @@ class App:
         # A 410's pause keeps the event to try again later: a retry, as the metrics count.
         kind = "retry" if outcome.kind == "pause" else outcome.kind
         self.metrics.on_delivery(hook, kind, duration_s, lag_s)
+        self._settle.note()
         if outcome.kind == "delivered":
             self.delivered += 1
         elif outcome.kind == "give_up":
@@ -827,6 +832,9 @@ class App:
                 failures = 0
                 self._unleash_error = None
                 delay = interval
+                if self._settle.due():
+                    self._settle.reset()
+                    ingest.give_back()
             except UnleashError as exc:
                 failures += 1
                 self.metrics.on_poll_error(exc.kind)

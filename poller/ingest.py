@@ -99,7 +99,7 @@ class Ingest:
             page = await self.source.read(0, self.config.unleash.page_size)
             high = max((int(e["id"]) for e in page.events), default=0)  # type: ignore[call-overload]
             if len(page.events) >= GIVE_BACK_AT:
-                asyncio.get_running_loop().call_soon(self._give_back)
+                asyncio.get_running_loop().call_soon(self.give_back)
         await self.state.ingest([], [], high)
         self.high_water = high
         log.info("cursor.initialised", start_from=start, high_water=high)
@@ -261,7 +261,7 @@ class Ingest:
     ) -> None:
         if tracker.count >= GIVE_BACK_AT:
             # Once the workers' first requests are out (they were just woken), not before.
-            asyncio.get_running_loop().call_soon(self._give_back)
+            asyncio.get_running_loop().call_soon(self.give_back)
         self.high_water = tracker.high
         self.gaps = {g.id: g for g in await self.state.gaps()}
         if settled:
@@ -281,7 +281,7 @@ class Ingest:
                 deliveries=owed,
             )
 
-    def _give_back(self) -> None:
+    def give_back(self) -> None:
         """What a catch-up held is free now: hand it back to the OS."""
         self.state.release_memory()
         if memory.give_back():

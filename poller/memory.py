@@ -10,6 +10,7 @@ such call and this does nothing.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable
 
 _Trim = Callable[[int], int]
@@ -42,3 +43,33 @@ def give_back() -> bool:
         return False
     trim(0)
     return True
+
+
+class AfterWork:
+    """When to give memory back again: once the daemon has gone quiet after a stretch of work.
+
+    The take-in gives back what reading a burst held, but the burst's deliveries come after
+    it: requests, bodies and attempt records leave the heap grown once more. Asked on each
+    poll, `due` is true once `at` deliveries or more have been noted and none for `quiet_s`.
+    It starts armed, because starting (imports, the first reads) leaves freed heap too.
+    """
+
+    def __init__(self, *, at: int, quiet_s: float, clock: Callable[[], float] = time.monotonic):
+        self._at = at
+        self._quiet_s = quiet_s
+        self._clock = clock
+        self._work = at
+        self._last = clock()
+
+    def note(self) -> None:
+        """One more piece of work (a delivery's outcome), just now."""
+        self._work += 1
+        self._last = self._clock()
+
+    def due(self) -> bool:
+        """True once (until `reset`): enough work, then quiet."""
+        return self._work >= self._at and self._clock() - self._last >= self._quiet_s
+
+    def reset(self) -> None:
+        """The memory was given back: wait for the next stretch of work."""
+        self._work = 0

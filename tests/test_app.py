@@ -21,6 +21,8 @@ from aioresponses import CallbackResult, aioresponses
 from structlog.testing import capture_logs
 from yarl import URL
 
+from poller import app as app_module
+from poller import memory
 from poller.app import COUNTS_EVERY_S, App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
@@ -500,3 +502,41 @@ def test_the_stop_summary_counts_the_outbox_as_the_run_leaves_it(tmp_path: Path)
     [stopped] = [e for e in logs if e.get("event") == "app.stopped"]
     assert (stopped["cursor"], stopped["pending"], stopped["delivered"]) == (3, 3, 0)
     assert fake.bodies == {}
+
+
+def test_memory_is_given_back_once_quiet_after_a_burst_of_deliveries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once after starting, then once the daemon has gone quiet after GIVE_BACK_AT
+    deliveries or more (never while they are going out); a few deliveries give nothing."""
+    monkeypatch.setattr(app_module, "GIVE_BACK_AT", 5)
+    monkeypatch.setattr(app_module, "SETTLE_S", 0.3)
+    fake = _FakeUnleash()
+    path = _fake_config(tmp_path)
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+    given: list[int] = []  # how many bodies had arrived at each give-back
+    monkeypatch.setattr(memory, "give_back", lambda: given.append(len(fake.bodies)) or True)
+
+    async def main() -> None:
+        app = App(load_config(path), state)
+        task = asyncio.create_task(app.run())
+        try:
+            await _until(lambda: given == [0], "the give-back after starting")
+            for i in range(1, 11):
+                fake.add(i)
+            await _until(lambda: len(fake.bodies) == 10, "events 1-10 delivered")
+            await _until(lambda: len(given) == 2, "the give-back after the burst")
+            assert given == [0, 10]
+            fake.add(11)
+            fake.add(12)
+            await _until(lambda: len(fake.bodies) == 12, "events 11-12 delivered")
+            await asyncio.sleep(1.0)  # quiet for more than SETTLE_S, on 2 deliveries only
+            assert given == [0, 10]
+        finally:
+            app._request_stop()
+            await task
+
+    with aioresponses() as mocked:
+        fake.mock(mocked)
+        asyncio.run(main())
+    asyncio.run(state.close())
