@@ -39,6 +39,11 @@ def holder_name(node_name: str | None) -> str:
     return f"{node_name or socket.gethostname()}:{os.getpid()}"
 
 
+def _retrieve(task: asyncio.Future[bool]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class LeaseKeeper:
     def __init__(
         self,
@@ -47,8 +52,12 @@ class LeaseKeeper:
         ttl_s: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_look: Callable[[bool, int], None] | None = None,
     ) -> None:
         self.leadership = leadership
+        # After every look at the lease (standing by, taking it, renewing it): whether this
+        # daemon leads and the epoch it saw, for the metrics.
+        self._on_look = on_look
         self.holder = holder
         self.ttl_s = ttl_s
         self.clock = clock
@@ -67,6 +76,8 @@ class LeaseKeeper:
         started = self.clock()
         leading, view = await self.leadership.try_lead(self.holder, self.ttl_s)
         self.seen = view
+        if self._on_look is not None:
+            self._on_look(leading, view.epoch)
         if leading:
             # The database set the expiry at its `now` + TTL, no earlier than `started`.
             self.valid_until = started + self.ttl_s - self.margin_s
@@ -88,7 +99,10 @@ class LeaseKeeper:
         while not stop.is_set():
             try:
                 before = self.seen
-                if await self._try():
+                leading = await self._try_until(stop)
+                if leading is None:
+                    return False
+                if leading:
                     self.leading = True
                     self._log_acquired(before)
                     return True
@@ -116,6 +130,26 @@ class LeaseKeeper:
                     )
             await wait_set(stop, delay)
         return False
+
+    async def _try_until(self, stop: asyncio.Event) -> bool | None:
+        """`_try`, given up (None) once `stop` is set: a look at a state that does not
+        answer (a connect or a statement waiting out its timeout, 10 and 30 s) must not
+        hold up a standby's stop. A lease it may have taken meanwhile runs out as a killed
+        daemon's would."""
+        attempt = asyncio.ensure_future(self._try())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((attempt, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not attempt.done():
+                # Not awaited (that could swallow a cancel of this task); whatever it ends
+                # with is taken, so that nothing is reported as never retrieved.
+                attempt.add_done_callback(_retrieve)
+                attempt.cancel()
+        if not attempt.done():
+            return None
+        return attempt.result()
 
     def _log_acquired(self, before: LeaseView | None) -> None:
         old = before.holder if before is not None else None
