@@ -87,7 +87,10 @@ class App:
         self.lease: LeaseKeeper | None = None
         if state.leadership is not None:
             self.lease = LeaseKeeper(
-                state.leadership, holder_name(config.state.node_name), config.state.lease_ttl_s
+                state.leadership,
+                holder_name(config.state.node_name),
+                config.state.lease_ttl_s,
+                on_look=self._on_lease_look,
             )
         self.leading = False
         self._term_over = asyncio.Event()  # set to end the current term (see _lead)
@@ -661,6 +664,10 @@ class App:
             self._request_stop()
             await watchdog  # sends STOPPING=1 as soon as it sees stop
         return EX_OK
+
+    def _on_lease_look(self, leading: bool, epoch: int) -> None:
+        # A standby's gauges follow the lease as it looks (another takeover meanwhile).
+        self.metrics.on_role(leading, epoch)
 
     def _ready(self) -> None:
         if not self._ready_sent:
