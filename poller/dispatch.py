@@ -15,6 +15,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -24,7 +25,7 @@ from poller.faults import crash_point
 from poller.log import get as get_logger
 from poller.providers.base import BuildError, Request
 from poller.render import UNREADABLE
-from poller.state import StateStore
+from poller.state import FencedError, StateStore
 
 log = get_logger()
 
@@ -76,12 +77,16 @@ async def deliver_event(
     body_json: str,
     attempts_before: int,
     rate_limited_before: int = 0,
+    may_send: Callable[[], bool] | None = None,
 ) -> tuple[Outcome, int, float | None]:
     """Send the event's requests still owed, once each; return what it means for the
     event, the attempt count and the HTTP time (None when nothing was sent).
     `rate_limited_before`: this webhook's 429s in a row (see deliver.decide). A request
     answered 429 (which holds the whole webhook) or 410 (which pauses it) stops the
-    event there: the requests after it are still owed and wait with the webhook."""
+    event there: the requests after it are still owed and wait with the webhook.
+    `may_send` (under a lease) is asked before each request after the first (the caller
+    asks before the first): once it says no, FencedError, and the new leader sends the
+    requests still owed."""
     assert hook.provider is not None
     attempts = attempts_before + 1
     built = requests_for(hook, body_json)
@@ -96,6 +101,8 @@ async def deliver_event(
     for request in built:
         if request.part in done:
             continue
+        if outcomes and may_send is not None and not may_send():
+            raise FencedError("the lease was not renewed in time; no new request starts")
         crash_point("delivery.before_post")
         attempt = await send(session, hook, request, judge)
         crash_point("delivery.after_post")

@@ -442,6 +442,7 @@ class Worker(ABC):
                     row.body,
                     row.attempts,
                     rate_limited_before=self.schedule.rate_limited,
+                    may_send=self._may_send,
                 )
             )
         return await self._post(row, following)

@@ -20,7 +20,7 @@ from poller.dispatch import combine
 from poller.providers import slack_app
 from poller.providers.base import Answer, Failure
 from poller.replay import replay_dead_letters
-from poller.state import SqliteState
+from poller.state import FencedError, SqliteState
 from poller.worker import make_worker
 from tests.support.receiver import Receiver
 
@@ -282,3 +282,34 @@ def test_slack_ratelimited_answers_do_not_dead_letter(tmp_path: Path, slack: Fak
     assert asyncio.run(state.dead_letters()) == []
     assert asyncio.run(state.pending_counts()) == {}
     assert slack.posts == ["a", "b", "b", "b", "b", "c"]
+
+
+def test_a_lease_running_out_mid_event_stops_before_the_next_request(
+    tmp_path: Path, slack: FakeSlack
+) -> None:
+    """Under a lease, each of an event's requests is a delivery that starts: once the
+    lease may have run out (after the first channel's post here), no further request
+    goes out; the worker stops fenced, the part sent is recorded, and the rest is owed to
+    whoever leads next."""
+    config = _config(tmp_path, slack)
+    state = SqliteState.open(config.state.path)
+    asyncio.run(state.ingest([(1, _event(1))], [("app", 1)], 1))
+    asked: list[int] = []
+
+    def may_send() -> bool:
+        asked.append(len(slack.posts))
+        return not slack.posts  # the lease runs out once the first request is out
+
+    async def run() -> None:
+        async with make_session(config) as session:
+            worker = make_worker(
+                config.webhooks[0], state, session, asyncio.Event(), once=True, may_send=may_send
+            )
+            await asyncio.wait_for(worker.run(), 20)
+
+    with pytest.raises(FencedError):
+        asyncio.run(run())
+    assert slack.posts == ["a"]
+    assert asked == [0, 1]  # before the event, and before the second request
+    assert asyncio.run(state.parts_sent("app", 1)) == {"channel:a"}
+    assert asyncio.run(state.pending_counts()) == {"app": 1}
