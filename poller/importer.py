@@ -24,6 +24,7 @@ from poller.config import Secret, UnleashConfig
 from poller.render import ServerProfile
 from poller.source import UnleashError, UnleashSource, read_server_profile
 from poller.state import SqliteState, StateError, StateLockedError
+from poller.urls import scrub_urls
 
 # What Unleash's admin API answers in place of a sensitive parameter's value.
 MASKED = "*****"
@@ -383,7 +384,9 @@ async def _api(
             f"{method} {config.url}{path}: no answer in {config.timeout_s:g}s", EX_UNAVAILABLE
         ) from None
     except aiohttp.ClientError as exc:
-        raise ImporterError(f"{method} {config.url}{path}: {exc}", EX_UNAVAILABLE) from None
+        # aiohttp's text names URLs in full (a proxy's 407: with its user info).
+        where = f"{method} {config.url}{path}"
+        raise ImporterError(f"{where}: {scrub_urls(str(exc))}", EX_UNAVAILABLE) from None
     if status in (401, 403):
         raise ImporterError(
             f"{method} {config.url}{path}: {status} — the token is missing, wrong or not an "

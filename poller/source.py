@@ -20,6 +20,7 @@ from poller import __version__
 from poller.config import UnleashConfig
 from poller.log import get as get_logger
 from poller.render import UNREADABLE, Event, ServerProfile
+from poller.urls import scrub_urls
 
 log = get_logger()
 Api = Literal["search", "post-search", "legacy"]
@@ -302,9 +303,9 @@ class UnleashSource:
                 "timeout", f"{method} {path}: no answer within {self._config.timeout_s:g}s"
             ) from None
         except aiohttp.ClientConnectionError as exc:
-            raise UnleashError("connection", f"{method} {path}: {exc}") from None
+            raise UnleashError("connection", f"{method} {path}: {self._scrub(exc)}") from None
         except aiohttp.ClientError as exc:
-            raise UnleashError("bad_response", f"{method} {path}: {exc}") from None
+            raise UnleashError("bad_response", f"{method} {path}: {self._scrub(exc)}") from None
         if status in (401, 403):
             raise UnleashError(
                 "auth",
@@ -314,6 +315,11 @@ class UnleashSource:
         if status >= 500:
             raise UnleashError("server", f"{method} {path}: server error {status}")
         return status, body, new_etag
+
+    def _scrub(self, exc: Exception) -> str:
+        """aiohttp's text of `exc` with every URL cut to scheme and host: it names the
+        proxy with its user info (a 407), or the request URL with its query."""
+        return scrub_urls(str(exc), self._config.proxy)
 
     async def detect(self) -> Capabilities:
         """Find the best events API this server offers."""

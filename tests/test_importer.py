@@ -12,12 +12,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aioresponses import aioresponses
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
-from poller.config import ConfigError, Secret, parse_config
+from poller import importer
+from poller.config import ConfigError, Secret, UnleashConfig, parse_config
 from poller.importer import (
     MASKED,
     ConfigPlan,
@@ -417,3 +421,29 @@ def test_a_cut_over_that_fails_partway_says_what_is_done_and_how_to_finish(
         state = SqliteState.open(options.state_path)
         assert asyncio.run(state.high_water()) is None
         asyncio.run(state.close())
+
+
+def test_an_api_failure_never_names_a_proxys_password() -> None:
+    """A proxy's 407 (aiohttp names the proxy with its user info) is one line with the
+    proxy's scheme and host only."""
+    proxy = "http://ops:s3cret@proxy.test:3128"
+    info = aiohttp.RequestInfo(URL(proxy), "CONNECT", CIMultiDictProxy(CIMultiDict()), URL(proxy))
+    config = UnleashConfig(
+        url="http://unleash.test", token=Secret("*:*.t"), public_url=None, timeout_s=2
+    )
+
+    async def main() -> ImporterError:
+        with aioresponses() as mocked:
+            mocked.get(
+                "http://unleash.test/api/admin/addons",
+                exception=aiohttp.ClientHttpProxyError(info, (), status=407, message="no"),
+            )
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(ImporterError) as raised:
+                    await importer._api(session, config, "GET", "/api/admin/addons", None)
+        return raised.value
+
+    error = asyncio.run(main())
+    assert str(error).startswith("GET http://unleash.test/api/admin/addons: 407")
+    assert "http://proxy.test:3128" in str(error)
+    assert "s3cret" not in str(error)

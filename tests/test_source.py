@@ -17,6 +17,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from poller.config import Secret, UnleashConfig
@@ -442,3 +443,35 @@ def test_server_profile_is_read_from_ui_config() -> None:
     with aioresponses() as mocked:
         mocked.get(f"{BASE}/api/admin/ui-config", status=401, body="{}")
         assert _error(read_server_profile).kind == "auth"
+
+
+def test_errors_never_carry_the_proxys_password_or_a_urls_path() -> None:
+    """aiohttp's texts name the full URL: a proxy's refusal names the proxy with its user
+    info, another error the request URL with its query. An UnleashError keeps scheme and
+    host only, so neither a log line nor the status shows them."""
+    proxy = "http://ops:s3cret@proxy.test:3128"
+    config = UnleashConfig(
+        url=BASE, token=Secret("*:*.tok"), public_url=BASE, timeout_s=2, proxy=proxy
+    )
+    info = aiohttp.RequestInfo(URL(proxy), "CONNECT", CIMultiDictProxy(CIMultiDict()), URL(proxy))
+    refused = aiohttp.ClientHttpProxyError(info, (), status=407, message="auth required")
+    assert "s3cret" in str(refused)  # what aiohttp says, as the test's premise
+    leaky = aiohttp.ClientPayloadError(f"broken at {BASE}/api/admin/search/events?type=secret-q")
+
+    async def main(exc: Exception) -> UnleashError:
+        with aioresponses() as mocked:
+            mocked.get(SEARCH, exception=exc)
+            async with aiohttp.ClientSession() as session:
+                with pytest.raises(UnleashError) as raised:
+                    await UnleashSource(session, config).page(0, 10)
+        return raised.value
+
+    error = asyncio.run(main(refused))
+    assert error.kind == "bad_response"
+    assert "407" in str(error)
+    assert "s3cret" not in str(error)
+    assert "ops" not in str(error)
+    assert "http://proxy.test:3128" in str(error)
+    error = asyncio.run(main(leaky))
+    assert "secret-q" not in str(error)
+    assert "broken at http://unleash.test" in str(error)
