@@ -251,3 +251,39 @@ def test_js_substring_counts_utf16_units(text: str, length: int) -> None:
     units = text.encode("utf-16-le", "surrogatepass")
     cut = js_substring(text, length).encode("utf-16-le", "surrogatepass")
     assert cut == units[: 2 * length]
+
+
+def test_each_name_looks_up_the_provider_of_that_name() -> None:
+    """The registry maps each Unleash integration name to the provider that says it is
+    that name, and knows its names without importing the modules."""
+    assert {name: PROVIDERS[name].name for name in PROVIDERS} == {n: n for n in DEFINITION_FILES}
+    assert "webhook" not in PROVIDERS
+    assert "nope" not in PROVIDERS
+
+
+def test_a_daemon_of_webhooks_only_does_not_load_the_providers(tmp_path: Path) -> None:
+    """A config with only webhooks loads no provider module (nor the Markdown formatter
+    they share): their code stays out of the daemon's memory until a config asks for one."""
+    config = tmp_path / "c.toml"
+    config.write_text(HEAD + 'url = "http://127.0.0.1:1/n"\n')
+    config.chmod(0o600)  # it holds the token
+    probe = (
+        "import sys; from pathlib import Path; import poller.cli, poller.app;"
+        "from poller.config import load_config;"
+        f"load_config(Path({str(config)!r}));"
+        "loaded = [m for m in sys.modules if m.startswith(('poller.providers.', 'poller.markd'))];"
+        "print(sorted(loaded))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['poller.providers.base']"
+    slack = HEAD.replace(
+        'name = "n"', 'name = "n"\nprovider = "slack"\nurl = "https://h/x"\ndefault_channel = "c"'
+    )
+    config.write_text(slack)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "'poller.providers.slack'" in out
+    assert "'poller.providers.teams'" not in out
