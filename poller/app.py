@@ -49,6 +49,9 @@ EX_UNAVAILABLE = 69  # --once: Unleash could not be read
 EX_IOERR = 74  # the state file cannot be written
 EX_TEMPFAIL = 75  # --once on a shared state another daemon leads
 COUNTS_EVERY_S = 2.0  # outbox sizes for the status line and the progress log
+# Whether the state file is still in place, and whether another connection (a `replay`
+# handing dead letters back) wrote to it: asked at most this often, not on every poll.
+STATE_CHECK_EVERY_S = 1.0
 SETTLE_S = 1.0  # quiet this long after a burst's deliveries: give the memory back
 # What ends a leader's term without stopping the daemon: it stands by (and reconnects)
 # and leads again from what the state says.
@@ -100,6 +103,7 @@ class App:
         self._pending: dict[str, int] = {}  # outbox sizes, refreshed every COUNTS_EVERY_S
         self._paused: list[str] = []
         self._counts_at = -math.inf
+        self._state_checked_at = -math.inf
         self.stop = asyncio.Event()
         self.workers: dict[str, Worker] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -153,6 +157,17 @@ class App:
         self._counts_at = now
         self._pending = await self.state.pending_counts()
         self._paused = sorted(await self.state.pauses())
+
+    async def _check_state(self, *, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if now - self._state_checked_at < STATE_CHECK_EVERY_S:
+            return
+        self._state_checked_at = now
+        # A state file deleted or replaced under us: stop (exit 74) rather than keep
+        # writing to a file the next start will not find.
+        await self.state.check_in_place()
+        if await self.state.written_elsewhere():
+            self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
 
     def _wake(self, hooks: set[str]) -> None:
         for name in hooks:
@@ -856,12 +871,8 @@ class App:
                     failures=failures,
                     retry_in_s=round(delay, 2),
                 )
-            # A state file deleted or replaced under us: stop (exit 74) rather than keep
-            # writing to a file the next start will not find.
-            await self.state.check_in_place()
+            await self._check_state()
             await self._refresh_counts()
-            if await self.state.written_elsewhere():
-                self._wake(set(self.workers))  # e.g. dead letters handed back by `replay`
             next_gap = ingest.next_gap_check()
             if next_gap is not None and failures == 0:
                 delay = max(0.0, min(delay, next_gap - time.time()))

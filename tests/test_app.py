@@ -23,11 +23,11 @@ from yarl import URL
 
 from poller import app as app_module
 from poller import memory
-from poller.app import COUNTS_EVERY_S, App
+from poller.app import COUNTS_EVERY_S, STATE_CHECK_EVERY_S, App
 from poller.config import Config, UnleashConfig, WebhookConfig, load_config, parse_config
 from poller.render import ServerProfile, parse_saved_profile, saved_profile_text
 from poller.schedule import Pause
-from poller.state import SqliteState
+from poller.state import SqliteState, StateError
 from tests.support.unleash import free_port
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -184,6 +184,42 @@ def test_on_sqlite_the_daemon_leads_alone_and_its_metrics_say_so(
     assert 'unleash_poller_webhook_paused{webhook="a"} 1.0' in page
     assert health["role"] == "single"
     assert health["cursor"] == 1
+
+
+def test_the_state_file_is_checked_once_a_second_not_on_every_poll(tmp_path: Path) -> None:
+    """Whether the state file is still in place, and whether another connection (a
+    `dead-letters replay`) wrote to it, is asked at most every STATE_CHECK_EVERY_S, not
+    on every 0.4 s poll; but it is asked: a hand-back wakes the workers, and a deleted
+    file stops the daemon, within that time."""
+    config = _config(tmp_path)
+    path = config.state.path
+    state = SqliteState.open(path)
+    event = '{"id": 1, "type": "feature-created", "createdBy": "me", "data": {}}'
+
+    async def main() -> list[bool]:
+        app = App(config, state)
+        woken = asyncio.Event()
+        app.workers = {"a": SimpleNamespace(wake=woken)}  # type: ignore[dict-item]
+        await app._check_state(now=100.0)  # takes the baseline
+        tool = SqliteState.open(path, lock=False)
+        await tool.ingest([(1, event)], [("a", 1)], 1)
+        await tool.close()
+        seen = []
+        await app._check_state(now=100.0 + STATE_CHECK_EVERY_S - 0.1)  # too soon
+        seen.append(woken.is_set())
+        await app._check_state(now=100.0 + STATE_CHECK_EVERY_S)
+        seen.append(woken.is_set())
+        path.unlink()
+        await app._check_state(now=100.0 + 2 * STATE_CHECK_EVERY_S - 0.1)  # too soon
+        with pytest.raises(StateError, match="deleted while the daemon ran"):
+            await app._check_state(now=100.0 + 2 * STATE_CHECK_EVERY_S)
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        asyncio.run(state.close())
+    assert seen == [False, True]
 
 
 def test_the_status_line_reads_outbox_counts_kept_for_two_seconds(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import structlog
 from aioresponses import CallbackResult, aioresponses
 
 from poller import __version__
+from poller.app import STATE_CHECK_EVERY_S
 from poller.cli import main
 from poller.state import SqliteState
 
@@ -210,8 +212,9 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_a_state_file_deleted_while_running_stops_the_daemon_with_74(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Deleting the state file under a running daemon stops it with exit 74 and one line
-    that says what happened and that a fresh start on `latest` does not flood."""
+    """Deleting the state file under a running daemon stops it with exit 74, within
+    STATE_CHECK_EVERY_S (the check is not made on every poll), and one line that says
+    what happened and that a fresh start on `latest` does not flood."""
     config = tmp_path / "c.toml"
     state_path = tmp_path / "s.sqlite3"
     config.write_text(f"""
@@ -227,13 +230,15 @@ url = "http://127.0.0.1:1/a"
 """)
     config.chmod(0o600)
     probes = []
+    deleted_at: list[float] = []
 
     def answer(url: object, **kwargs: Any) -> CallbackResult:
         if kwargs["params"] == {"limit": "1"}:
             probes.append(url)
             if len(probes) == 3:
                 state_path.unlink()
-            if len(probes) == 50:  # not noticed: stop it, so the test fails instead of hanging
+                deleted_at.append(time.monotonic())
+            if len(probes) == 200:  # not noticed: stop it, so the test fails instead of hanging
                 os.kill(os.getpid(), signal.SIGTERM)
         return CallbackResult(payload={"events": [{"id": 1, "type": "a"}], "total": 1})
 
@@ -242,10 +247,11 @@ url = "http://127.0.0.1:1/a"
         with aioresponses() as mocked:
             mocked.get(re.compile(r"^http://unleash\.test/.*"), callback=answer, repeat=True)
             code = main(["run", "-c", str(config)])
+        stopped_at = time.monotonic()
     finally:
         structlog.configure(**logging)  # run pointed it at this test's captured stderr
     assert code == 74
-    assert len(probes) == 3
+    assert stopped_at - deleted_at[0] < STATE_CHECK_EVERY_S + 0.5
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"unleash-poller: {state_path}: the state file was deleted")
     assert 'start_from = "latest" that does not re-send old events' in last
