@@ -6,10 +6,11 @@ with max_in_flight = N).
 `--fetch` is the floor of a burst (benchmark 1): read the newest COUNT events from
 Unleash's search endpoint in pages of 1000, newest first (each checked by id: the pages
 must hold COUNT distinct ids), then POST them as webhook bodies in id order over one
-connection. The token comes from the environment (BENCH_UNLEASH_TOKEN), not argv.
+connection; with N > 1, over N connections, N bodies in flight (the floor of a burst at
+max_in_flight = N). The token comes from the environment (BENCH_UNLEASH_TOKEN), not argv.
 
     python -m bench.baseline_client URL BODIES_FILE [N]   # one body per line; prints JSON
-    python -m bench.baseline_client --fetch UNLEASH_URL COUNT URL    # prints JSON
+    python -m bench.baseline_client --fetch UNLEASH_URL COUNT URL [N]    # prints JSON
     python -m bench.baseline_client --idle UNLEASH_URL INTERVAL WARMUP SECONDS  # prints JSON
 
 `--idle` is the floor of an idle daemon (benchmarks 1 and 6): the same conditional
@@ -60,11 +61,15 @@ def webhook_body(event: dict[str, object]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-async def fetch_and_post(unleash_url: str, token: str, count: int, url: str) -> dict[str, float]:
-    """Fetch the newest `count` events page by page, then POST them in id order."""
+async def fetch_and_post(
+    unleash_url: str, token: str, count: int, url: str, concurrency: int = 1
+) -> dict[str, float]:
+    """Fetch the newest `count` events page by page, then POST them in id order (with
+    `concurrency` > 1: that many at a time, each connection taking the next in id order)."""
     headers = {"Authorization": token, "Accept": "application/json"}
     post_headers = {"Content-Type": "application/json"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
+    connector = aiohttp.TCPConnector(limit=max(2, concurrency))
+    async with aiohttp.ClientSession(connector=connector) as session:
         started = time.monotonic()
         found: dict[int, dict[str, object]] = {}
         offset = 0
@@ -79,12 +84,17 @@ async def fetch_and_post(unleash_url: str, token: str, count: int, url: str) -> 
             found.update((int(e["id"]), e) for e in page)
             offset += len(page)
         fetched = time.monotonic()
-        for event_id in sorted(found):
-            body = webhook_body(found[event_id])
-            async with session.post(url, data=body, headers=post_headers) as resp:
-                await resp.read()
-                if resp.status != 200:
-                    raise RuntimeError(f"receiver answered {resp.status}")
+        queue = iter(sorted(found))
+
+        async def post_loop() -> None:
+            for event_id in queue:
+                body = webhook_body(found[event_id])
+                async with session.post(url, data=body, headers=post_headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise RuntimeError(f"receiver answered {resp.status}")
+
+        await asyncio.gather(*(post_loop() for _ in range(concurrency)))
         done = time.monotonic()
     return {
         "posted": len(found),
@@ -163,8 +173,10 @@ def main() -> None:
         return
     if sys.argv[1] == "--fetch":
         unleash_url, count, url = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        concurrency = int(sys.argv[5]) if len(sys.argv) > 5 else 1
         token = os.environ["BENCH_UNLEASH_TOKEN"]
-        print(json.dumps(asyncio.run(fetch_and_post(unleash_url, token, count, url))))
+        summary = asyncio.run(fetch_and_post(unleash_url, token, count, url, concurrency))
+        print(json.dumps(summary))
         return
     url, path = sys.argv[1], Path(sys.argv[2])
     concurrency = int(sys.argv[3]) if len(sys.argv) > 3 else 1
