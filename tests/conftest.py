@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
+from tests.support.cli import run_poller
 from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.receiver import Receiver
 from tests.support.unleash import (
     DEFAULT_VERSION,
     ENABLE_HINT,
-    REPO_ROOT,
     AdminClient,
     UnleashServer,
     missing_tools,
@@ -195,15 +195,7 @@ def poller_cli() -> PollerCli:
     def run(
         *args: str | Path, expect_exit: int | None = 0, timeout_s: float = 180.0
     ) -> subprocess.CompletedProcess[str]:
-        completed = subprocess.run(
-            [sys.executable, "-m", "poller", *map(str, args)],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
+        completed = run_poller(*args, timeout_s=timeout_s)
         if expect_exit is not None and completed.returncode != expect_exit:
             pytest.fail(
                 f"python -m poller {' '.join(map(str, args))} exited {completed.returncode} "

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_real_unleash_harness
+from tests.support.cli import run_poller
 from tests.support.receiver import Receiver, RecordedRequest
 from tests.support.unleash import REPO_ROOT, AdminClient, UnleashServer
 from tests.test_e2e_providers import (
@@ -56,18 +57,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UnleashServer]:
     log_dir = tmp_path_factory.mktemp("import-unleash-logs", numbered=True)
     with UnleashServer(VERSION, log_dir=log_dir) as unleash:
         yield unleash
-
-
-def _cli(*args: str | Path, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "poller", *map(str, args)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def _addon(
@@ -219,7 +208,7 @@ def test_import_from_the_api_maps_every_provider(
     others = setup.others
     # -- 1. from the API: every provider, masked secrets as files to fill
     api_dir = tmp_path / "api"
-    result = _cli(
+    result = run_poller(
         "import", "--unleash", server.url, "--token-file", token_file,
         "-o", api_dir / "config.toml", "--state", api_dir / "state.sqlite3",
     )  # fmt: skip
@@ -262,7 +251,7 @@ def test_import_from_the_api_maps_every_provider(
     assert len(listed) == 8, (
         result.stdout
     )  # 2 webhook urls, 1 authorization, tw, dd, nr, slack, teams
-    check = _cli("check", "-c", api_dir / "config.toml")
+    check = run_poller("check", "-c", api_dir / "config.toml")
     assert check.returncode == 78
     problems = check.stderr.strip().splitlines()
     names = [h["name"] for h in config["webhooks"]]
@@ -308,12 +297,12 @@ def test_cut_over_during_a_stream_loses_nothing(
     poller: subprocess.Popen[str] | None = None
     with _stream(admin) as names:
         time.sleep(2)
-        cut = _cli(
+        cut = run_poller(
             "import", "--unleash", server.url, "--token-file", token_file, "--database", dsn,
             "-o", cut_dir / "config.toml", "--state", cut_dir / "state.sqlite3", "--cut-over",
         )  # fmt: skip
         assert cut.returncode == 0, cut.stderr
-        assert _cli("check", "-c", cut_dir / "config.toml").returncode == 0  # as written
+        assert run_poller("check", "-c", cut_dir / "config.toml").returncode == 0  # as written
         poller = subprocess.Popen(
             [sys.executable, "-m", "poller", "run", "-c", str(cut_dir / "config.toml")],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -391,7 +380,7 @@ def test_import_refuses_an_unknown_provider(server: UnleashServer, tmp_path: Pat
     token_file = tmp_path / "token"
     token_file.write_text(server.admin_token)
     try:
-        result = _cli(
+        result = run_poller(
             "import", "--unleash", server.url, "--token-file", token_file,
             "--database", _dsn(server),
             "-o", tmp_path / "c.toml",
@@ -474,7 +463,7 @@ def test_imported_providers_send_what_unleash_own_integrations_send(
         for integration in setups:
             create_integration(server, admin, integration, offered[provider_name(integration)])
         _probe_until_live(admin, receiver, [f"{base}/unleash/{i.provider}" for i in setups])
-        imported = _cli(
+        imported = run_poller(
             "import", "--unleash", server.url, "--token-file", token_file,
             "--database", _dsn(server),
             "-o", out / "config.toml", "--state", out / "state.sqlite3",
@@ -485,7 +474,7 @@ def test_imported_providers_send_what_unleash_own_integrations_send(
         rewritten = _move_urls(config_path, f"{base}/unleash/", f"{base}/poller/")
         hooks = tomllib.loads(config_path.read_text())["webhooks"]
         assert rewritten == len(setups) == len(hooks), (rewritten, hooks)
-        check = _cli("check", "-c", config_path)
+        check = run_poller("check", "-c", config_path)
         assert check.returncode == 0, check.stderr
         start = admin.latest_event_id()
         for index in range(3):
@@ -493,9 +482,9 @@ def test_imported_providers_send_what_unleash_own_integrations_send(
             admin.create_feature(flag, description=f'round "trip" <{index}> & 🚀')
             admin.update_feature(flag, description=f"updated {index}")
         drive_slack_mix(admin)
-        cursor = _cli("cursor", "set", "-c", config_path, str(start))
+        cursor = run_poller("cursor", "set", "-c", config_path, str(start))
         assert cursor.returncode == 0, cursor.stderr
-        run = _cli("run", "-c", config_path, "--once")
+        run = run_poller("run", "-c", config_path, "--once")
         assert run.returncode == 0, run.stderr[-3000:]
         # Unleash delivers asynchronously: wait until its side has gone quiet.
         last, quiet_since = -1, time.monotonic()

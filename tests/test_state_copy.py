@@ -6,8 +6,6 @@ import asyncio
 import dataclasses
 import math
 import sqlite3
-import subprocess
-import sys
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from poller.state.copy import (
     TargetNotEmptyError,
     copy_state,
 )
+from tests.support.cli import run_poller
 
 NOW = 1_790_000_000.0
 
@@ -249,23 +248,12 @@ def _export(path: Path) -> StateDump:
     return asyncio.run(run())
 
 
-def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "poller", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-
-
 def test_the_command_copies_into_a_new_file_and_says_what_it_moved(tmp_path: Path) -> None:
     """`state copy --to-file` exits 0 with one summary line, and the new file holds
     exactly what the configured one does."""
     config = _config(tmp_path)
     _filled(tmp_path / "a.sqlite3")
-    done = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+    done = run_poller("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"copied {tmp_path}/a.sqlite3 to {tmp_path}/b.sqlite3: cursor 8, 4 event(s), "
@@ -279,9 +267,12 @@ def test_the_command_refuses_a_target_that_holds_a_state(tmp_path: Path) -> None
     """Into a file that already holds a state: exit 2, one line, the file unchanged."""
     config = _config(tmp_path)
     _filled(tmp_path / "a.sqlite3")
-    assert _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config).returncode == 0
+    assert (
+        run_poller("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config).returncode
+        == 0
+    )
     before = _export(tmp_path / "b.sqlite3")
-    again = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+    again = run_poller("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
     assert again.returncode == 2
     assert again.stderr.splitlines() == [
         f"unleash-poller: state copy: {tmp_path}/b.sqlite3: already holds a state; "
@@ -297,7 +288,7 @@ def test_the_command_refuses_while_the_daemon_holds_the_state(tmp_path: Path) ->
     _filled(tmp_path / "a.sqlite3")
     daemon = sqlite(tmp_path / "a.sqlite3", create=False)
     try:
-        refused = _cli("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
+        refused = run_poller("state", "copy", "--to-file", tmp_path / "b.sqlite3", "-c", config)
     finally:
         asyncio.run(daemon.close())
     assert refused.returncode == 2
@@ -325,7 +316,7 @@ def test_bad_usage_exits_2_in_one_line_without_the_password(
     config = _config(tmp_path)
     _filled(tmp_path / "a.sqlite3")
     before = _export(tmp_path / "a.sqlite3")
-    done = _cli("state", "copy", "-c", config, *(a.format(tmp=tmp_path) for a in args))
+    done = run_poller("state", "copy", "-c", config, *(a.format(tmp=tmp_path) for a in args))
     assert done.returncode == 2
     assert message in done.stderr
     assert SECRET not in done.stdout + done.stderr
@@ -430,7 +421,7 @@ def test_the_command_copies_into_postgresql_without_printing_the_password(
     url = _target_url(target)
     password = urllib.parse.unquote(urllib.parse.urlsplit(url).password or "")
     assert password
-    done = _cli("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
+    done = run_poller("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
     [line] = done.stdout.splitlines()
@@ -449,7 +440,7 @@ def test_the_command_copies_into_postgresql_without_printing_the_password(
             await store.close()
 
     assert _in_one_order(asyncio.run(read())) == _in_one_order(_export(tmp_path / "a.sqlite3"))
-    again = _cli("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
+    again = run_poller("state", "copy", "-c", config, "--to", url, "--schema", target.schema)
     assert again.returncode == 2
     assert "already holds a state" in again.stderr
     assert password not in again.stdout + again.stderr
@@ -462,7 +453,7 @@ def test_an_unreachable_postgresql_target_is_74_in_one_line_without_the_password
     config = _config(tmp_path)
     _filled(tmp_path / "a.sqlite3")
     url = f"postgresql://poller:{SECRET}@127.0.0.1:1/state?connect_timeout=2"
-    done = _cli("state", "copy", "-c", config, "--to", url)
+    done = run_poller("state", "copy", "-c", config, "--to", url)
     assert done.returncode == 74, done.stderr
     assert SECRET not in done.stdout + done.stderr
     assert len(done.stderr.splitlines()) == 1
