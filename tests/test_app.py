@@ -11,7 +11,7 @@ import re
 import signal
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -427,6 +427,25 @@ async def _until(condition: Callable[[], bool], what: str, timeout_s: float = 15
         await asyncio.sleep(0.02)
 
 
+def _run_app(
+    fake: _FakeUnleash, path: Path, state: SqliteState, scenario: Callable[[App], Awaitable[None]]
+) -> None:
+    """Run the daemon on `path` against `fake` while `scenario(app)` runs; then stop it."""
+
+    async def main() -> None:
+        app = App(load_config(path), state)
+        task = asyncio.create_task(app.run())
+        try:
+            await scenario(app)
+        finally:
+            app._request_stop()
+            await task
+
+    with aioresponses() as mocked:
+        fake.mock(mocked)
+        asyncio.run(main())
+
+
 def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_later(
     tmp_path: Path,
 ) -> None:
@@ -440,42 +459,32 @@ def test_ui_config_failing_never_holds_up_polling_and_its_answer_is_applied_late
     path = _fake_config(tmp_path)
     state = SqliteState.open(tmp_path / "s.sqlite3")
 
-    async def main() -> None:
-        app = App(load_config(path), state)
-        task = asyncio.create_task(app.run())
-        try:
-            await _until(lambda: len(fake.bodies) == 3, "events 1-3 delivered")
-            assert fake.bodies[1] == "1|&lt;b&gt;1"
-            assert app.profile is None
-            fake.ui_config = {"version": "7.6.5", "unleashUrl": "http://ui.test"}
-            await _until(lambda: app.profile is not None, "the profile applied")
-            assert app.profile == ServerProfile("7.6.5", "http://ui.test")
-            fake.add(4)
-            await _until(lambda: 4 in fake.bodies, "event 4 delivered")
-            assert fake.bodies[4] == "4|<b>4"  # 7.6.5 does not escape
-            # A reload while ui-config is down again: polling and delivery go on, with the
-            # profile already read; ui-config is asked again in the background.
-            fake.ui_config = None
-            asked = fake.ui_config_asked
-            app.reload()
-            await _until(lambda: fake.ui_config_asked >= asked + 2, "ui-config retried")
-            fake.add(5)
-            await _until(lambda: 5 in fake.bodies, "event 5 delivered after the reload")
-            assert fake.bodies[5] == "5|<b>5"
-            fake.ui_config = {"version": "8.2.0", "unleashUrl": "http://ui.test"}
-            await _until(
-                lambda: app.profile is not None and app.profile.version == "8.2.0", "8.2.0"
-            )
-            fake.add(6)
-            await _until(lambda: 6 in fake.bodies, "event 6 delivered")
-            assert fake.bodies[6] == "6|&lt;b&gt;6"
-        finally:
-            app._request_stop()
-            await task
+    async def scenario(app: App) -> None:
+        await _until(lambda: len(fake.bodies) == 3, "events 1-3 delivered")
+        assert fake.bodies[1] == "1|&lt;b&gt;1"
+        assert app.profile is None
+        fake.ui_config = {"version": "7.6.5", "unleashUrl": "http://ui.test"}
+        await _until(lambda: app.profile is not None, "the profile applied")
+        assert app.profile == ServerProfile("7.6.5", "http://ui.test")
+        fake.add(4)
+        await _until(lambda: 4 in fake.bodies, "event 4 delivered")
+        assert fake.bodies[4] == "4|<b>4"  # 7.6.5 does not escape
+        # A reload while ui-config is down again: polling and delivery go on, with the
+        # profile already read; ui-config is asked again in the background.
+        fake.ui_config = None
+        asked = fake.ui_config_asked
+        app.reload()
+        await _until(lambda: fake.ui_config_asked >= asked + 2, "ui-config retried")
+        fake.add(5)
+        await _until(lambda: 5 in fake.bodies, "event 5 delivered after the reload")
+        assert fake.bodies[5] == "5|<b>5"
+        fake.ui_config = {"version": "8.2.0", "unleashUrl": "http://ui.test"}
+        await _until(lambda: app.profile is not None and app.profile.version == "8.2.0", "8.2.0")
+        fake.add(6)
+        await _until(lambda: 6 in fake.bodies, "event 6 delivered")
+        assert fake.bodies[6] == "6|&lt;b&gt;6"
 
-    with aioresponses() as mocked:
-        fake.mock(mocked)
-        asyncio.run(main())
+    _run_app(fake, path, state, scenario)
     saved = parse_saved_profile(asyncio.run(state.saved_text("server_profile")))
     asyncio.run(state.close())
     assert saved is not None
@@ -497,19 +506,12 @@ def test_a_start_while_ui_config_fails_renders_with_the_profile_saved_by_the_las
         )
     )
 
-    async def main() -> None:
-        app = App(load_config(path), state)
-        task = asyncio.create_task(app.run())
-        try:
-            await _until(lambda: 1 in fake.bodies, "event 1 delivered")
-            await _until(lambda: fake.ui_config_asked >= 3, "ui-config retried")
-        finally:
-            app._request_stop()
-            await task
+    async def scenario(app: App) -> None:
+        await _until(lambda: 1 in fake.bodies, "event 1 delivered")
+        await _until(lambda: fake.ui_config_asked >= 3, "ui-config retried")
 
-    with aioresponses() as mocked, capture_logs() as logs:
-        fake.mock(mocked)
-        asyncio.run(main())
+    with capture_logs() as logs:
+        _run_app(fake, path, state, scenario)
     asyncio.run(state.close())
     assert fake.bodies[1] == "1|<b>1"
     warnings = [e for e in logs if e.get("event") == "unleash.profile_unknown"]
@@ -553,26 +555,18 @@ def test_memory_is_given_back_once_quiet_after_a_burst_of_deliveries(
     given: list[int] = []  # how many bodies had arrived at each give-back
     monkeypatch.setattr(memory, "give_back", lambda: given.append(len(fake.bodies)) or True)
 
-    async def main() -> None:
-        app = App(load_config(path), state)
-        task = asyncio.create_task(app.run())
-        try:
-            await _until(lambda: given == [0], "the give-back after starting")
-            for i in range(1, 11):
-                fake.add(i)
-            await _until(lambda: len(fake.bodies) == 10, "events 1-10 delivered")
-            await _until(lambda: len(given) == 2, "the give-back after the burst")
-            assert given == [0, 10]
-            fake.add(11)
-            fake.add(12)
-            await _until(lambda: len(fake.bodies) == 12, "events 11-12 delivered")
-            await asyncio.sleep(1.0)  # quiet for more than SETTLE_S, on 2 deliveries only
-            assert given == [0, 10]
-        finally:
-            app._request_stop()
-            await task
+    async def scenario(app: App) -> None:
+        await _until(lambda: given == [0], "the give-back after starting")
+        for i in range(1, 11):
+            fake.add(i)
+        await _until(lambda: len(fake.bodies) == 10, "events 1-10 delivered")
+        await _until(lambda: len(given) == 2, "the give-back after the burst")
+        assert given == [0, 10]
+        fake.add(11)
+        fake.add(12)
+        await _until(lambda: len(fake.bodies) == 12, "events 11-12 delivered")
+        await asyncio.sleep(1.0)  # quiet for more than SETTLE_S, on 2 deliveries only
+        assert given == [0, 10]
 
-    with aioresponses() as mocked:
-        fake.mock(mocked)
-        asyncio.run(main())
+    _run_app(fake, path, state, scenario)
     asyncio.run(state.close())
