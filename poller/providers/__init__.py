@@ -3,7 +3,7 @@
 `webhook` (the default) is not here: it is the poller's own Mustache/Jinja2 webhook.
 A provider's module is imported the first time its name is looked up, so a daemon that
 delivers only webhooks does not carry the Slack, Teams, Datadog and New Relic code
-(about 0.5 MB of memory, with the Markdown formatter they share).
+(about 0.4 MB of memory, with the Markdown formatter they share).
 """
 
 from __future__ import annotations
