@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.unleash import REPO_ROOT
 
 
 def run_poller(*args: str | Path, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
