@@ -67,9 +67,7 @@ async def fetch_and_post(
     """Fetch the newest `count` events page by page, then POST them in id order (with
     `concurrency` > 1: that many at a time, each connection taking the next in id order)."""
     headers = {"Authorization": token, "Accept": "application/json"}
-    post_headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=max(2, concurrency))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2)) as session:
         started = time.monotonic()
         found: dict[int, dict[str, object]] = {}
         offset = 0
@@ -84,18 +82,8 @@ async def fetch_and_post(
             found.update((int(e["id"]), e) for e in page)
             offset += len(page)
         fetched = time.monotonic()
-        queue = iter(sorted(found))
-
-        async def post_loop() -> None:
-            for event_id in queue:
-                body = webhook_body(found[event_id])
-                async with session.post(url, data=body, headers=post_headers) as resp:
-                    await resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"receiver answered {resp.status}")
-
-        await asyncio.gather(*(post_loop() for _ in range(concurrency)))
-        done = time.monotonic()
+    await post_all(url, [webhook_body(found[i]) for i in sorted(found)], concurrency)
+    done = time.monotonic()
     return {
         "posted": len(found),
         "started": started,
