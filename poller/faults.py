@@ -3,6 +3,7 @@
 `UNLEASH_POLLER_CRASH_AT="delivery.after_post:25"` kills the process with SIGKILL the 25th
 time it reaches that point (as `kill -9` would: no clean-up, no flush). Unset, a crash
 point costs one comparison. Points: `poll.page_fetched` (between pages of a catch-up),
+`poll.run_taken` (a burst read oldest page first, after one page's events were taken in),
 `state.before_commit` (inside a state transaction, before COMMIT), `delivery.before_post`,
 `delivery.after_post` (the receiver has the event, the state does not know yet).
 """

@@ -24,7 +24,7 @@ from poller.filters import EventFilter
 from poller.log import get as get_logger
 from poller.render import UNREADABLE, Event
 from poller.sink import MetricsSink, NullMetrics
-from poller.source import UnleashSource
+from poller.source import UnleashError, UnleashSource
 from poller.state import Gap, StateStore
 
 FIRST_PAGE = 50  # most polls find a handful of events: ask for a small page first
@@ -36,6 +36,9 @@ STAGE_AT = 1000
 GIVE_BACK_AT = 1000  # after taking in this many events, give the memory back to the OS
 MAX_NEW_GAPS = 10000  # a jump this large in the id sequence is not a set of open transactions
 GAP_RECHECK_MAX_S = 30.0
+# The oldest page of a burst is read this share of a page deeper than the growth of the
+# log's size says, so that it still holds the oldest new event when a few more came in.
+OLDEST_PAGE_OVERLAP = 0.05
 PROGRESS_EVERY_PAGES = 10
 
 log = get_logger()
@@ -72,6 +75,8 @@ class Ingest:
         self._full_read_at = self.clock()
         self.high_water: int | None = None
         self.gaps: dict[int, Gap] = {}
+        # The log's size when the last complete read began: what a burst is measured from.
+        self._total_read: int | None = None
         self._loaded = False
         self._filters = [(h.name, _filter(h)) for h in self.config.webhooks]
 
@@ -80,10 +85,12 @@ class Ingest:
         reconnect the state, not memory, says where to go on)."""
         self.high_water = await self.state.high_water()
         self.gaps = {g.id: g for g in await self.state.gaps()}
+        self._total_read = None
         self._loaded = True
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self._total_read = None  # another token may see another log
         self._filters = [(h.name, _filter(h)) for h in config.webhooks]
 
     async def _initialise(self) -> int:
@@ -128,7 +135,8 @@ class Ingest:
         return new
 
     async def _read(self, high: int) -> int:
-        collected, staged, reached_known = await self._collect(high)
+        early, high, left = await self._take_oldest_first(high)
+        collected, staged, reached_known = await self._collect(high, left)
         if not reached_known and self.source.capabilities.api == "legacy" and high > 0:
             self._warn_overflow(high, collected)
         if staged:
@@ -137,17 +145,93 @@ class Ingest:
         else:
             new = await self._take(high, collected)
         self.last_poll_ok_at = time.time()
-        return new
+        self._give_back_after(early + new)
+        return early + new
 
-    async def _collect(self, high: int) -> tuple[dict[int, Event], int, bool]:
-        """Read pages, newest first, down to the first one that reaches ids already known.
-        Returns the new events still in memory, how many were staged to the state file,
-        and whether the known ids were reached (if not, older new events may be missed)."""
-        collected: dict[int, Event] = {}
+    def _give_back_after(self, taken: int) -> None:
+        if taken >= GIVE_BACK_AT:
+            # Once the workers' first requests are out (they were just woken), not before.
+            asyncio.get_running_loop().call_soon(self.give_back)
+
+    async def _take_oldest_first(self, high: int) -> tuple[int, int, dict[int, Event]]:
+        """A burst of more than a page: read it oldest page first, taking in each page's
+        run of ids just above the cursor before the next page is read, so that the workers
+        are delivering while the rest is read (and nothing need be staged). Where the
+        oldest page lies comes from the growth of the log's size since the last read. Only
+        a run with no id missing is taken, so no event found later can sort before it; at
+        the first page without one (a rolled-back id, a log that moved), the newest-first
+        read takes over from the cursor reached.
+
+        Returns how many events were taken, the cursor after them, and the new events of
+        those pages not taken (for the read that follows, which stops short of them)."""
+        total, self.source.probed_total = self.source.probed_total, None
+        known, limit = self._total_read, self.config.unleash.page_size
+        if known is None or total is None or high <= 0 or not self.source.capabilities.id_filter:
+            return 0, high, {}  # without an id filter, late ids are found only by reading down
+        taken, left = 0, dict[int, Event]()
+        newer = total - known  # how many events are newer than the cursor, by the log's size
+        overlap = max(1, int(limit * OLDEST_PAGE_OVERLAP))
+        moved = 0  # pages in a row that missed because more came in
+        # A page that missed (more came in) is kept in `left`, for the run that follows.
+        while newer > limit and len(left) < STAGE_AT + 2 * limit:
+            try:
+                page = await self.source.read(newer - limit + overlap, limit)
+            except UnleashError as exc:
+                # A size that sends the read past the log's end (a liar, a proxy) must not
+                # fail every poll: the newest-first read, which needs no size, goes on.
+                log.debug("poll.oldest_page_failed", error=str(exc))
+                break
+            grown = page.total is not None and page.total > total
+            if page.total is not None:
+                newer, total = newer + page.total - total, page.total  # more came in
+            for event in page.events:
+                event_id = int(event["id"])  # type: ignore[call-overload]
+                if event_id > high or event_id in self.gaps:
+                    left[event_id] = event
+            end = high
+            while end + 1 in left:
+                end += 1
+            if end == high:
+                if grown and moved < 2:
+                    moved += 1  # the page moved deeper under the new events: again, there
+                    continue
+                log.debug("poll.oldest_page_missed", high_water=high, newer=newer)
+                break
+            moved = 0
+            await self._take_run(high, [(i, left.pop(i)) for i in range(high + 1, end + 1)])
+            crash_point("poll.run_taken")
+            run, high = end - high, end
+            taken, newer = taken + run, newer - run
+            if run < limit // 2:
+                break  # not a burst's oldest page: read the rest newest first
+        return taken, high, left
+
+    async def _take_run(self, high: int, run: list[tuple[int, Event]]) -> None:
+        """Take in events whose ids follow the cursor `high` with none missing."""
+        rows, owed = self._owed(run)
+        await self.state.ingest(rows, owed, run[-1][0])
+        tracker = _GapTracker(high)
+        for i, _ in run:
+            tracker.see(i)
+        await self._after_take(high, tracker, [], len(owed))
+        if owed:
+            self.wake({name for name, _ in owed})
+
+    async def _collect(
+        self, high: int, collected: dict[int, Event]
+    ) -> tuple[dict[int, Event], int, bool]:
+        """Read pages, newest first, down to the first one that reaches ids already known,
+        adding to `collected`. Returns the new events still in memory, how many were
+        staged to the state file, and whether the known ids were reached (if not, older
+        new events may be missed)."""
         staged = 0
         pages = 0
+        total: int | None = None
+        reached_known = False
         async for page in self.source.pages(FIRST_PAGE, self.config.unleash.page_size):
             pages += 1
+            if pages == 1:
+                total = page.total
             # Without re-checks by id, late ids can only be found by reading down to them.
             floor = min(self.gaps, default=high) if not self.source.capabilities.id_filter else high
             new, reached_known = _new_in(page.events, high, self.gaps, floor)
@@ -172,8 +256,9 @@ class Ingest:
                 staged += len(collected)
                 collected.clear()
             if reached_known:
-                return collected, staged, True
-        return collected, staged, False
+                break
+        self._total_read = total
+        return collected, staged, reached_known
 
     def _warn_overflow(self, high: int, collected: dict[int, Event]) -> None:
         lowest = min(collected, default=high + 1)
@@ -259,9 +344,6 @@ class Ingest:
     async def _after_take(
         self, old: int, tracker: _GapTracker, settled: list[int], owed: int
     ) -> None:
-        if tracker.count >= GIVE_BACK_AT:
-            # Once the workers' first requests are out (they were just woken), not before.
-            asyncio.get_running_loop().call_soon(self.give_back)
         self.high_water = tracker.high
         self.gaps = {g.id: g for g in await self.state.gaps()}
         if settled:
@@ -316,6 +398,7 @@ class Ingest:
             await self._after_take(high, _GapTracker(high), ids, len(owed))
             if owed:
                 self.wake({name for name, _ in owed})
+            self._give_back_after(len(ids))
         grace = self.config.unleash.gap_grace_s
         expired = [g.id for g in due if g.id not in found_by_id and now - g.missing_since >= grace]
         if expired:

@@ -8,6 +8,7 @@ only what it asked for (6.x silently ignores `id=IS_ANY_OF:`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -253,6 +254,8 @@ class UnleashSource:
     def __init__(self, session: aiohttp.ClientSession, config: UnleashConfig) -> None:
         self._session = session
         self._etag: str | None = None
+        # The log's size as the last probe that found a change saw it (search API only).
+        self.probed_total: int | None = None
         self._reads = 0
         self.unreadable = 0
         self.refused = 0
@@ -367,8 +370,9 @@ class UnleashSource:
         path, params = (
             (_SEARCH, {"limit": "1"}) if self.capabilities.api == "search" else (_LEGACY, None)
         )
+        self.probed_total = None
         try:
-            status, _, etag = await self._request("GET", path, params=params, etag=self._etag)
+            status, body, etag = await self._request("GET", path, params=params, etag=self._etag)
         except UnleashError as exc:
             if exc.kind != "server":
                 raise
@@ -378,6 +382,9 @@ class UnleashSource:
         if status != 200:
             raise UnleashError("bad_response", f"GET {path}: unexpected status {status}")
         self._etag = etag
+        if self.capabilities.api == "search":
+            with contextlib.suppress(UnleashError):  # the read that follows reports it
+                self.probed_total = _parse_page(body, "total").total
         return True
 
     def forget_probe(self) -> None:

@@ -590,7 +590,9 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
     poller_cli: PollerCli,
     spawn: DaemonFactory,
 ) -> None:
-    """A 2500-event burst plus inserts while paging arrive exactly once, in order, with no gap."""
+    """A 2500-event burst plus inserts while paging arrive exactly once, in order, with no
+    gap: read newest first (the daemon's first read, which has no size of the log to go
+    by) and oldest page first (a running daemon's)."""
     path = "/" + unique("burst")
     db = unleash.db
     with FaultProxy(unleash.url) as proxy:
@@ -612,7 +614,7 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
                 inserted_while_paging.extend(db.insert_events(shifts.pop(offset)))
 
         proxy.hold()
-        proxy.wait_held(1)  # the daemon's next poll is parked: the burst lands between two
+        proxy.wait_held(1)  # the daemon's first poll is parked: the burst lands before it
         burst = db.insert_events(2500)
         proxy.on_forward = insert_while_paging
         proxy.release()
@@ -621,14 +623,137 @@ def test_burst_larger_than_a_page_and_inserts_while_paging_leave_no_gap_or_dupli
         assert not shifts, f"the daemon never asked for offsets {sorted(shifts)}"
         got = wait_for_ids(receiver, path, inserted_while_paging, timeout_s=30)
         assert any(r["events"] >= 2500 for r in daemon.logs("cursor.advanced"))
+
+        # Now the daemon knows the log's size: a burst is read oldest page first. Insert
+        # 120 events as it asks for its first page, 300 as it asks for its third.
+        reads = itertools.count(1)
+        inserts = {1: 120, 3: 300}
+
+        def insert_while_reading(path_qs: str) -> None:
+            if "offset=" in path_qs and (count := inserts.pop(next(reads), 0)):
+                inserted_while_paging.extend(db.insert_events(count))
+
+        proxy.on_forward = None
+        advanced = len(daemon.logs("cursor.advanced"))
+        proxy.hold()
+        proxy.wait_held(1)
+        seen_before = len(proxy.seen)
+        second = db.insert_events(2500)
+        proxy.on_forward = insert_while_reading
+        proxy.release()
+        wait_for_ids(receiver, path, second, timeout_s=30)
+        assert not inserts, f"the daemon made fewer reads than {sorted(inserts)}"
+        got = wait_for_ids(receiver, path, inserted_while_paging, timeout_s=30)
+        steps = [r["to"] for r in daemon.logs("cursor.advanced")[advanced:]]
+        assert len(steps) >= 3, (steps, [q for _, q in proxy.seen[seen_before:]])
+        # The first page missed (120 came in), the next was put right by the size it
+        # reported: the first run spans both, well short of the burst's end.
+        assert steps[0] < second[1500], f"not oldest first: {steps}"
         assert daemon.stop() == 0
 
     expected = [e["id"] for e in admin.all_events(after_id=start)]
-    assert len(expected) == 2500 + 120 + 300
+    assert len(expected) == 2 * (2500 + 120 + 300)
     assert ids_of(receiver.requests(path)) == expected
     assert daemon.logs("gap.opened") == []
     assert status(poller_cli, config)["gaps"] == []
     assert_stable_webhook_ids(got)
+
+
+def _measured(proxy: FaultProxy, timeout_s: float = 10.0) -> None:
+    """Wait until the daemon has read the log once (a page at offset 0) and probed again
+    after it: it knows the log's size, so its next burst is read oldest page first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        queries = [q for _, q in proxy.seen]
+        first = next((n for n, q in enumerate(queries) if "offset=0" in q), None)
+        if first is not None and any(
+            "limit=1&" in q or q.endswith("limit=1") for q in queries[first:]
+        ):
+            return
+        assert time.monotonic() < deadline, f"the daemon never read the log: {queries}"
+        time.sleep(0.05)
+
+
+def test_a_running_daemon_delivers_a_burst_from_its_oldest_page_while_reading_the_rest(
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    initialised: Initialised,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+) -> None:
+    """A 3,000-event burst, to a daemon that has read the log: its oldest page is read
+    first and its events are on the wire before the newest page has been read; each
+    page moves the cursor durably. Every event arrives once, in id order, no gap."""
+    path = "/" + unique("oldest-first")
+    with FaultProxy(unleash.url) as proxy:
+        config, start = initialised(
+            url=proxy.url, webhooks=[{"name": "all", "url": receiver.url(path)}]
+        )
+        daemon = spawn(config, ready=True)
+        _measured(proxy)
+        proxy.hold()
+        proxy.wait_held(1)  # the burst lands between two polls
+        first_request = len(proxy.seen)
+        burst = unleash.db.insert_events(3000)
+        newest_read_at: list[float] = []
+
+        def note_newest_page(path_qs: str) -> None:
+            if "offset=0" in path_qs and "limit=50" in path_qs:
+                newest_read_at.append(time.monotonic())
+
+        proxy.on_forward = note_newest_page
+        proxy.release()
+        got = wait_for_ids(receiver, path, burst, timeout_s=30)
+        assert daemon.stop() == 0
+    reads = [q for _, q in proxy.seen[first_request:] if "offset=" in q]
+    assert "offset=0" not in reads[0], f"read newest first: {reads}"
+    assert newest_read_at, f"the newest page was never read: {reads}"
+    first_receipt = min(r.received_at for r in got)
+    assert first_receipt < newest_read_at[0], "nothing was delivered before the newest page"
+    steps = [r for r in daemon.logs("cursor.advanced") if r["to"] > start]
+    assert [r["to"] for r in steps] == sorted(r["to"] for r in steps)
+    assert len(steps) >= 3, steps
+    assert steps[0]["from"] == start
+    assert steps[-1]["to"] == burst[-1]
+    assert ids_of(got) == burst == [e["id"] for e in admin.all_events(after_id=start)]
+    assert daemon.logs("gap.opened") == []
+    assert status(poller_cli, config)["gaps"] == []
+
+
+def test_a_kill_between_the_pages_of_an_oldest_first_read_loses_nothing(
+    unleash: UnleashServer,
+    admin: AdminClient,
+    receiver: Receiver,
+    initialised: Initialised,
+    poller_cli: PollerCli,
+    spawn: DaemonFactory,
+) -> None:
+    """kill -9 after the second page of a burst read oldest first was taken in: what was
+    taken stays taken (the cursor is past it), and the next daemon delivers the rest in
+    order, re-sending only what was not yet marked delivered."""
+    path = "/" + unique("oldest-first-kill")
+    with FaultProxy(unleash.url) as proxy:
+        config, start = initialised(
+            url=proxy.url, webhooks=[{"name": "all", "url": receiver.url(path)}]
+        )
+        daemon = spawn(config, ready=True, crash_at="poll.run_taken:2")
+        _measured(proxy)
+        proxy.hold()
+        proxy.wait_held(1)
+        burst = unleash.db.insert_events(3000)
+        proxy.release()
+        assert daemon.wait(60) == -signal.SIGKILL, daemon.tail()
+        cursor = status(poller_cli, config)["cursor"]
+        assert burst[0] + 1000 < cursor < burst[-1]  # two pages of about 950 taken
+        again = spawn(config)
+        got = wait_for_ids(receiver, path, burst, timeout_s=30)
+        assert again.stop() == 0
+    received = ids_of(got)
+    firsts = list(dict.fromkeys(received))
+    assert firsts == burst == [e["id"] for e in admin.all_events(after_id=start)]
+    assert len(received) - len(firsts) <= MARKS_PER_COMMIT + 1
+    assert status(poller_cli, config)["gaps"] == []
 
 
 def test_pages_capped_by_a_proxy_are_read_whole_and_in_order(

@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import tempfile
 import tomllib
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from poller import ingest as ingest_module
 from poller.config import Config, parse_config
 from poller.ingest import Ingest
 from poller.sink import NullMetrics
-from poller.source import Capabilities, Event, Page
+from poller.source import Capabilities, Event, Page, UnleashError
 from poller.state import EventRow, SqliteState
 
 
@@ -46,6 +49,13 @@ class FakeLog:
         self.on_page: list[Event] = []  # events that become visible after the first page
         self.order = "id"  # or "created": newest-first by position in `visible` (commit time)
         self.pages_read = 0
+        # The probe reports the log's size (as Unleash's search API does), so a burst of more
+        # than a page is read oldest page first; False keeps every read newest first.
+        self.report_total = True
+        self.probed_total: int | None = None
+        self.total_skew = 0  # added to the size the probe reports (a log that moved, a liar)
+        self.on_read: list[Event] = []  # become visible after the first oldest-first read
+        self.reads = 0  # oldest-first reads (pages_read counts the newest-first ones)
 
     def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
         for i in ids:
@@ -64,13 +74,20 @@ class FakeLog:
         return sorted(self.visible, key=lambda e: e["id"], reverse=True)  # type: ignore[arg-type,return-value]
 
     async def changed(self) -> bool:
+        if self.report_total:
+            self.probed_total = len(self.visible) + self.total_skew
         return True
 
     async def page(self, offset: int, limit: int) -> Page:
         events = self._sorted()
         return Page(events[offset : offset + limit], len(events))
 
-    read = page
+    async def read(self, offset: int, limit: int) -> Page:
+        page = await self.page(offset, limit)
+        self.reads += 1
+        self.visible.extend(self.on_read)
+        self.on_read = []
+        return page
 
     async def pages(self, first_limit: int, limit: int) -> AsyncIterator[Page]:
         offset, size = 0, first_limit
@@ -191,6 +208,7 @@ def test_burst_across_pages_and_staging(
 ) -> None:
     """A burst of many pages (spilled to disk) is taken in whole, once, in id order."""
     monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
+    log.report_total = False  # else it is read oldest page first, and nothing is staged
     log.add(1)
     ingest, state, _ = _ingest(tmp_path, log)
     asyncio.run(ingest.poll())
@@ -201,8 +219,143 @@ def test_burst_across_pages_and_staging(
     assert asyncio.run(_staged(state)) == []
 
 
+def _woken_at(tmp_path: Path, log: FakeLog) -> tuple[Ingest, SqliteState, list[tuple[int, int]]]:
+    """An Ingest whose every wake notes (newest-first pages read so far, cursor)."""
+    state = SqliteState.open(tmp_path / "s.sqlite3")
+    wakes: list[tuple[int, int]] = []
+    holder: list[Ingest] = []
+
+    def wake(hooks: set[str]) -> None:
+        wakes.append((log.pages_read, holder[0].high_water or 0))
+
+    holder.append(Ingest(_config(tmp_path), state, log, wake, RecordingSink()))  # type: ignore[arg-type]
+    return holder[0], state, wakes
+
+
+def test_a_burst_is_read_oldest_page_first_and_each_page_woken_as_taken(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """Once a read has measured the log, a burst of several pages is read from its oldest
+    page up: each page's events are taken in (durably, cursor moved) and the workers woken
+    before the next page is read, so delivery starts after one page, not the whole burst."""
+    log.add(1, 2, 3)
+    ingest, state, wakes = _woken_at(tmp_path, log)
+    asyncio.run(ingest.poll())  # `latest`: cursor 3, the log's size measured
+    log.add(*range(4, 49))  # 45 new events, pages of 10
+    log.pages_read = log.reads = 0
+    assert asyncio.run(ingest.poll()) == 45
+    # Pages of 10 read one place deeper than the size says: 9 new events each, oldest first,
+    # until no more than a page is left; that is read newest first (one page).
+    assert wakes == [(0, 12), (0, 21), (0, 30), (0, 39), (1, 48)]
+    assert log.reads == 4
+    assert log.pages_read == 1
+    assert _pending(state, "all") == list(range(4, 49))
+    assert _pending(state, "web") == []
+    assert asyncio.run(state.gaps()) == []
+    assert asyncio.run(state.high_water()) == 48
+
+
+def test_oldest_first_stops_at_a_missing_id_and_the_rest_is_read_newest_first(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """A run is taken only while no id is missing: at a hole (a rolled-back or still open
+    transaction) the newest-first read takes over, and the hole becomes a gap."""
+    log.add(1)
+    ingest, state, wakes = _woken_at(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 16), *range(17, 50))  # 16 missing
+    log.pages_read = 0
+    assert asyncio.run(ingest.poll()) == 47
+    assert wakes[:2] == [(0, 10), (0, 15)]  # a run of 9, then 5 up to the hole
+    assert [g.id for g in asyncio.run(state.gaps())] == [16]
+    assert _pending(state, "all") == [*range(2, 16), *range(17, 50)]
+    log.add(16)
+    asyncio.run(ingest.recheck_gaps(now=10**10))
+    assert _pending(state, "all") == list(range(2, 50))
+
+
+@pytest.mark.parametrize("skew", [-40, -9, -1, 1, 5, 40, 10**6])
+def test_a_log_size_that_is_wrong_costs_a_read_never_an_event(
+    tmp_path: Path, log: FakeLog, skew: int
+) -> None:
+    """The size the probe reported is only a hint where the oldest page lies: whatever it
+    says (events deleted, more arrived, a proxy's stale answer), every event is taken in
+    once, in id order."""
+    log.add(*range(1, 6))
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(6, 66))
+    log.total_skew = skew
+    assert asyncio.run(ingest.poll()) == 60
+    assert _pending(state, "all") == list(range(6, 66))
+    assert asyncio.run(state.gaps()) == []
+    assert log.reads <= 60 // 5 + 1  # each oldest-first read took half a page or ended it
+
+
+def test_an_oldest_first_read_that_fails_falls_back_to_reading_newest_first(
+    tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that fails the read the size pointed to (an offset past its end, say) does
+    not fail the poll, or every poll after it while the size stays wrong: the newest-first
+    read takes the burst in."""
+    log.add(*range(1, 6))
+    ingest, state, _ = _ingest(tmp_path, log)
+    asyncio.run(ingest.poll())
+
+    async def refuse(offset: int, limit: int) -> Page:
+        raise UnleashError("bad_response", f"offset {offset} is past the end")
+
+    monkeypatch.setattr(log, "read", refuse)
+    log.add(*range(6, 66))
+    log.total_skew = 10**6
+    with capture_logs() as logs:
+        assert asyncio.run(ingest.poll()) == 60
+    assert _pending(state, "all") == list(range(6, 66))
+    assert [e["event"] for e in logs if "oldest" in e["event"]] == ["poll.oldest_page_failed"]
+
+
+def test_events_arriving_during_an_oldest_first_read_are_not_lost(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """Events that arrive after the probe shift every page deeper: the next page's place
+    is corrected from the size each page reports, and nothing is lost or taken twice."""
+    log.add(1)
+    ingest, state, wakes = _woken_at(tmp_path, log)
+    asyncio.run(ingest.poll())
+    log.add(*range(2, 60))
+    log.pages_read = 0
+    log.on_read = [{"id": i, "type": "feature-created", "createdAt": "x"} for i in range(60, 67)]
+    asyncio.run(ingest.poll())
+    # Oldest first went on past the arrival: the second page missed (it lay 7 places
+    # higher than thought), the size it reported put the third right, and the run taken
+    # then spans both (11..26); then 9 events a page, up to the last full page.
+    assert [cursor for pages, cursor in wakes if pages == 0] == [10, 26, 35, 44, 53, 62]
+    asyncio.run(ingest.poll())
+    assert _pending(state, "all") == list(range(2, 67))
+    assert asyncio.run(state.gaps()) == []
+
+
+def test_without_a_measured_log_or_an_id_filter_a_burst_is_read_newest_first(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """The first read of a run measures the log (it cannot be read oldest first), and a
+    server without the id filter, whose late ids are found only by reading down to
+    them, is always read newest first."""
+    log.add(*range(1, 40))
+    ingest, state, _ = _ingest(tmp_path, log, start_from="2")
+    asyncio.run(ingest.poll())
+    assert log.reads == 0
+    assert _pending(state, "all") == list(range(3, 40))
+    log.capabilities = Capabilities("search", id_filter=False)
+    log.add(*range(40, 80))
+    asyncio.run(ingest.poll())
+    assert log.reads == 0
+    assert _pending(state, "all") == list(range(3, 80))
+
+
 def test_events_arriving_while_paging_are_not_lost(tmp_path: Path, log: FakeLog) -> None:
     """New events shifting offsets mid-way through paging cause no gap and no duplicate."""
+    log.report_total = False  # newest first only
     log.add(1)
     ingest, state, _ = _ingest(tmp_path, log)
     asyncio.run(ingest.poll())
@@ -313,6 +466,7 @@ def test_legacy_gap_below_a_small_burst_is_not_an_overflow(tmp_path: Path, log: 
 
 def test_reading_stops_at_the_page_that_reaches_the_cursor(tmp_path: Path, log: FakeLog) -> None:
     """A poll reads no page past the first one holding an id at or below the cursor."""
+    log.report_total = False  # newest first only
     log.add(*range(1, 200))
     ingest, state, _ = _ingest(tmp_path, log)
     asyncio.run(ingest.poll())
@@ -326,7 +480,9 @@ def test_reading_stops_at_the_page_that_reaches_the_cursor(tmp_path: Path, log: 
 def test_a_long_catch_up_logs_its_progress(
     tmp_path: Path, log: FakeLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every tenth page a catch-up logs how far it has got, counting staged events too."""
+    """Every tenth page a catch-up read newest first logs how far it has got, counting
+    staged events too."""
+    log.report_total = False
     monkeypatch.setattr(ingest_module, "STAGE_AT", 25)
     log.add(1)
     ingest, state, _ = _ingest(tmp_path, log)
@@ -499,3 +655,61 @@ def test_starting_from_latest_over_a_full_page_gives_memory_back(
     asyncio.run(poll_then_turn(full))
     assert calls == ["trim"]
     assert full.high_water == 10
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    before=st.integers(1, 30),
+    burst=st.integers(0, 90),
+    picks=st.lists(st.integers(0, 89), max_size=12),
+    arriving=st.integers(0, 15),
+    skew=st.integers(-30, 30),
+    order=st.sampled_from(["id", "created"]),
+)
+def test_oldest_first_takes_every_event_once_and_never_behind_the_cursor(
+    before: int, burst: int, picks: list[int], arriving: int, skew: int, order: str
+) -> None:
+    """Whatever the burst (ids rolled back, ids committed late, events arriving while it is
+    read, a wrong size, pages in commit order): every event is taken in once, and an event
+    is only ever taken below the cursor as a gap that is settled, never behind in order."""
+    burst_ids = list(range(before + 1, before + 1 + burst))
+    holes = {burst_ids[i] for i in picks[: len(picks) // 2] if i < burst}
+    late = {burst_ids[i] for i in picks[len(picks) // 2 :] if i < burst} - holes
+    log = FakeLog()
+    log.order = order
+    log.add(*range(1, before + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        ingest, state, _ = _ingest(Path(tmp), log)
+        taken: list[tuple[list[int], list[int]]] = []
+        real_ingest = state.ingest
+
+        async def recording(events, owed, high_water, new_gaps=(), settled_gaps=(), **kw):  # type: ignore[no-untyped-def]
+            taken.append(([i for i, _ in events], list(settled_gaps)))
+            await real_ingest(events, owed, high_water, new_gaps, settled_gaps, **kw)
+
+        state.ingest = recording  # type: ignore[method-assign]
+
+        async def scenario() -> None:
+            await ingest.poll()
+            log.add(*(i for i in burst_ids if i not in holes and i not in late))
+            after = before + burst + 1
+            log.on_read = [
+                {"id": i, "type": "feature-created", "createdAt": "x"}
+                for i in range(after, after + arriving)
+            ]
+            log.total_skew = skew
+            await ingest.poll()
+            log.add(*sorted(late))
+            await ingest.poll()
+            await ingest.recheck_gaps(now=10**10)
+            await ingest.poll()
+
+        asyncio.run(scenario())
+        expected = sorted(int(e["id"]) for e in log.visible if int(e["id"]) > before)  # type: ignore[call-overload]
+        assert _pending(state, "all") == expected
+        seen: list[int] = []
+        for ids, settled in taken:
+            assert not set(ids) & set(seen), "taken twice"
+            behind = [i for i in ids if seen and i < max(seen)]
+            assert set(behind) <= set(settled), f"taken behind the cursor: {behind}"
+            seen.extend(ids)

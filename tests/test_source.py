@@ -174,6 +174,33 @@ def test_post_search_pages_are_at_most_100() -> None:
     assert sent == [{"limit": 99, "offset": 0}, {"limit": 99, "offset": 99}]
 
 
+@pytest.mark.parametrize(
+    ("body", "total"),
+    [
+        (b'{"events": [{"id": 9, "type": "a"}], "total": 4321}', 4321),
+        (b'{"events": [], "total": -1}', None),
+        (b'{"events": [], "total": "many"}', None),
+        (b'{"events": []}', None),
+        (b"<html>proxy</html>", None),
+        (b'{"events": [{"id": "x"}], "total": 7}', 7),
+    ],
+)
+def test_a_probe_that_finds_a_change_keeps_the_logs_size(body: bytes, total: int | None) -> None:
+    """The size a changed probe reports says where a burst's oldest page lies; a size that
+    is not one is no size (the read that follows reports what is wrong), and a 304 keeps
+    none."""
+
+    async def call(source: UnleashSource) -> tuple[bool, int | None, bool, int | None]:
+        first = await source.changed()
+        seen = source.probed_total
+        return first, seen, await source.changed(), source.probed_total
+
+    with aioresponses() as mocked:
+        mocked.get(SEARCH, status=200, body=body, headers={"ETag": 'W/"a"'})
+        mocked.get(SEARCH, status=304)
+        assert _run(call) == (True, total, False, None)
+
+
 def test_probe_uses_etag_and_304() -> None:
     """The idle probe sends If-None-Match with the last ETag; 304 means nothing changed."""
     seen: list[str | None] = []
