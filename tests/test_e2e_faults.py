@@ -681,6 +681,7 @@ def test_a_running_daemon_delivers_a_burst_from_its_oldest_page_while_reading_th
     initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
+    daemon_state: Mapping[str, object] | None,
 ) -> None:
     """A 3,000-event burst, to a daemon that has read the log: its oldest page is read
     first and its events are on the wire before the newest page has been read; each
@@ -688,7 +689,9 @@ def test_a_running_daemon_delivers_a_burst_from_its_oldest_page_while_reading_th
     path = "/" + unique("oldest-first")
     with FaultProxy(unleash.url) as proxy:
         config, start = initialised(
-            url=proxy.url, webhooks=[{"name": "all", "url": receiver.url(path)}]
+            url=proxy.url,
+            webhooks=[{"name": "all", "url": receiver.url(path)}],
+            state=daemon_state,
         )
         daemon = spawn(config, ready=True)
         _measured(proxy)
@@ -728,6 +731,7 @@ def test_a_kill_between_the_pages_of_an_oldest_first_read_loses_nothing(
     initialised: Initialised,
     poller_cli: PollerCli,
     spawn: DaemonFactory,
+    daemon_state: Mapping[str, object] | None,
 ) -> None:
     """kill -9 after the second page of a burst read oldest first was taken in: what was
     taken stays taken (the cursor is past it), and the next daemon delivers the rest in
@@ -735,7 +739,9 @@ def test_a_kill_between_the_pages_of_an_oldest_first_read_loses_nothing(
     path = "/" + unique("oldest-first-kill")
     with FaultProxy(unleash.url) as proxy:
         config, start = initialised(
-            url=proxy.url, webhooks=[{"name": "all", "url": receiver.url(path)}]
+            url=proxy.url,
+            webhooks=[{"name": "all", "url": receiver.url(path)}],
+            state=daemon_state,
         )
         daemon = spawn(config, ready=True, crash_at="poll.run_taken:2")
         _measured(proxy)
