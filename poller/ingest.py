@@ -184,10 +184,7 @@ class Ingest:
             grown = page.total is not None and page.total > total
             if page.total is not None:
                 newer, total = newer + page.total - total, page.total  # more came in
-            for event in page.events:
-                event_id = int(event["id"])  # type: ignore[call-overload]
-                if event_id > high or event_id in self.gaps:
-                    left[event_id] = event
+            left.update(_new_in(page.events, high, self.gaps, high)[0])
             end = high
             while end + 1 in left:
                 end += 1
@@ -198,24 +195,13 @@ class Ingest:
                 log.debug("poll.oldest_page_missed", high_water=high, newer=newer)
                 break
             moved = 0
-            await self._take_run(high, [(i, left.pop(i)) for i in range(high + 1, end + 1)])
+            await self._take(high, {i: left.pop(i) for i in range(high + 1, end + 1)})
             crash_point("poll.run_taken")
             run, high = end - high, end
             taken, newer = taken + run, newer - run
             if run < limit // 2:
                 break  # not a burst's oldest page: read the rest newest first
         return taken, high, left
-
-    async def _take_run(self, high: int, run: list[tuple[int, Event]]) -> None:
-        """Take in events whose ids follow the cursor `high` with none missing."""
-        rows, owed = self._owed(run)
-        await self.state.ingest(rows, owed, run[-1][0])
-        tracker = _GapTracker(high)
-        for i, _ in run:
-            tracker.see(i)
-        await self._after_take(high, tracker, [], len(owed))
-        if owed:
-            self.wake({name for name, _ in owed})
 
     async def _collect(
         self, high: int, collected: dict[int, Event]
