@@ -34,6 +34,7 @@ from bench.lib import (
     Daemon,
     LeanReceiver,
     arguments,
+    bytecode_written,
     last_event_id,
     postgres_states,
     say,
@@ -137,6 +138,7 @@ def cprofile_backlog(out: Path, events: int, backend: str) -> None:
         )
         stats_path = out / f"ordered-{backend}.prof"
         started = time.monotonic()
+        bytecode_written()
         argv = [PYTHON, "-m", "cProfile", "-o", str(stats_path), "-m", "poller"]
         subprocess.run(
             [*argv, "run", "-c", str(config), "--once"],
