@@ -25,6 +25,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str]]] = [
     ("5", "bench.latency", [], ["--events", "40"]),
     ("6", "bench.idle", [], ["--seconds", "20"]),
     ("7", "bench.history", [], ["--small", "2000", "--large", "10000"]),
+    ("8", "bench.heap", [], ["--events", "2000", "--bursts", "1"]),
 ]
 
 
