@@ -38,6 +38,7 @@ from aiohttp import web
 
 from poller.worker import MARKS_PER_COMMIT
 from tests.support.daemon import (
+    Daemon,
     DaemonFactory,
     assert_stable_webhook_ids,
     events_born_announced,
@@ -674,6 +675,29 @@ def _measured(proxy: FaultProxy, timeout_s: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def _held_before_a_burst(
+    proxy: FaultProxy,
+    receiver: Receiver,
+    initialised: Initialised,
+    spawn: DaemonFactory,
+    *,
+    path: str,
+    state: Mapping[str, object] | None,
+    **spawn_options: Any,
+) -> tuple[Path, int, Daemon]:
+    """A daemon through `proxy` that has read the log and probed after it (`_measured`),
+    so it reads its next burst oldest page first; its next poll is held by the proxy, so a
+    burst inserted now lands between two polls. Its config, its start cursor and itself."""
+    config, start = initialised(
+        url=proxy.url, webhooks=[{"name": "all", "url": receiver.url(path)}], state=state
+    )
+    daemon = spawn(config, ready=True, **spawn_options)
+    _measured(proxy)
+    proxy.hold()
+    proxy.wait_held(1)
+    return config, start, daemon
+
+
 def test_a_running_daemon_delivers_a_burst_from_its_oldest_page_while_reading_the_rest(
     unleash: UnleashServer,
     admin: AdminClient,
@@ -688,15 +712,9 @@ def test_a_running_daemon_delivers_a_burst_from_its_oldest_page_while_reading_th
     page moves the cursor durably. Every event arrives once, in id order, no gap."""
     path = "/" + unique("oldest-first")
     with FaultProxy(unleash.url) as proxy:
-        config, start = initialised(
-            url=proxy.url,
-            webhooks=[{"name": "all", "url": receiver.url(path)}],
-            state=daemon_state,
+        config, start, daemon = _held_before_a_burst(
+            proxy, receiver, initialised, spawn, path=path, state=daemon_state
         )
-        daemon = spawn(config, ready=True)
-        _measured(proxy)
-        proxy.hold()
-        proxy.wait_held(1)  # the burst lands between two polls
         first_request = len(proxy.seen)
         burst = unleash.db.insert_events(3000)
         newest_read_at: list[float] = []
@@ -738,15 +756,15 @@ def test_a_kill_between_the_pages_of_an_oldest_first_read_loses_nothing(
     order, re-sending only what was not yet marked delivered."""
     path = "/" + unique("oldest-first-kill")
     with FaultProxy(unleash.url) as proxy:
-        config, start = initialised(
-            url=proxy.url,
-            webhooks=[{"name": "all", "url": receiver.url(path)}],
+        config, start, daemon = _held_before_a_burst(
+            proxy,
+            receiver,
+            initialised,
+            spawn,
+            path=path,
             state=daemon_state,
+            crash_at="poll.run_taken:2",
         )
-        daemon = spawn(config, ready=True, crash_at="poll.run_taken:2")
-        _measured(proxy)
-        proxy.hold()
-        proxy.wait_held(1)
         burst = unleash.db.insert_events(3000)
         proxy.release()
         assert daemon.wait(60) == -signal.SIGKILL, daemon.tail()
@@ -766,8 +784,7 @@ def test_pages_capped_by_a_proxy_are_read_whole_and_in_order(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
 ) -> None:
     """Through a proxy that caps every page at 20 events, a 300-event burst is read by
@@ -776,13 +793,11 @@ def test_pages_capped_by_a_proxy_are_read_whole_and_in_order(
     path = "/" + unique("capped")
     with FaultProxy(unleash.url) as proxy:
         proxy.cap_limit = 20
-        config = make_config(
-            poller_config,
+        config, start = initialised(
             url=proxy.url,
             webhooks=[{"name": "all", "url": receiver.url(path)}],
             poll_interval_s=0.2,
         )
-        start = initialise(poller_cli, config)
         daemon = spawn(config)
         daemon.wait_log("unleash.api_detected")
         proxy.hold()
@@ -804,8 +819,7 @@ def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -815,14 +829,12 @@ def test_a_proxy_that_ignores_offset_is_an_error_with_back_off_not_a_loop(
     path = "/" + unique("no-offset")
     with FaultProxy(unleash.url) as proxy:
         proxy.cap_limit = 20
-        config = make_config(
-            poller_config,
+        config, start = initialised(
             url=proxy.url,
             webhooks=[{"name": "all", "url": receiver.url(path)}],
             poll_interval_s=0.1,
             extra_unleash={"backoff_max_s": 1},
         )
-        start = initialise(poller_cli, config)
         proxy.ignore_offset = True
         daemon = spawn(config)
         daemon.wait_log("unleash.api_detected")
@@ -849,22 +861,19 @@ def test_a_proxy_answering_304_to_every_probe_delays_events_by_at_most_the_full_
     unleash: UnleashServer,
     admin: AdminClient,
     receiver: Receiver,
-    poller_config: PollerConfigFactory,
-    poller_cli: PollerCli,
+    initialised: Initialised,
     spawn: DaemonFactory,
 ) -> None:
     """A proxy that answers 304 to every probe would hide new events forever: the read
     made every full_read_interval_s finds them, and a warning names the cause."""
     path = "/" + unique("stale-probe")
     with FaultProxy(unleash.url) as proxy:
-        config = make_config(
-            poller_config,
+        config, start = initialised(
             url=proxy.url,
             webhooks=[{"name": "all", "url": receiver.url(path)}],
             poll_interval_s=0.1,
             extra_unleash={"full_read_interval_s": 2},
         )
-        start = initialise(poller_cli, config)
         proxy.stale_probe = True
         daemon = spawn(config)
         daemon.wait_log("unleash.api_detected")
