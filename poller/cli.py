@@ -32,12 +32,9 @@ from poller.config import (
     check_private,
     load_config,
 )
-from poller.importer import ImporterError, ImportOptions, import_summary, run_import
 from poller.lease import holder_name
 from poller.providers.base import BuildError, Configured, shown
-from poller.redeliver import Range, RangeError, parse_time, redeliver_from
 from poller.render import RenderError, ServerProfile, parse_version
-from poller.replay import replay_dead_letters
 from poller.schedule import Pause
 from poller.source import UnleashError
 from poller.state import (
@@ -48,8 +45,10 @@ from poller.state import (
     StateUnavailableError,
     open_state,
 )
-from poller.state.copy import TargetNotEmptyError, copy_state
 from poller.urls import redact_database_url
+
+# The commands an operator runs by hand (import, redeliver, dead-letters replay, state copy)
+# import their modules when they run, so the daemon (`run`) does not hold them in memory.
 
 EX_USAGE = 64
 EX_REFUSED = 2  # as argparse's usage errors: the command was not run, nothing changed
@@ -503,6 +502,8 @@ async def _cmd_dead_letters(config: Config, action: str, webhook: str | None) ->
 
 
 async def _replay(config: Config, webhook: str | None) -> int:
+    from poller.replay import replay_dead_letters  # noqa: PLC0415 - see the imports
+
     try:
         state = await _open_exclusive(config, create=False)
     except StateLockedError:
@@ -601,6 +602,13 @@ async def _cmd_attempts(
 
 
 async def _cmd_redeliver(config: Config, args: argparse.Namespace) -> int:
+    from poller.redeliver import (  # noqa: PLC0415 - see the imports
+        Range,
+        RangeError,
+        parse_time,
+        redeliver_from,
+    )
+
     if not _known_webhook(config, args.webhook):
         return EX_USAGE
     try:
@@ -671,6 +679,8 @@ def _where(state: StateConfig) -> str:
 async def _cmd_state_copy(config: Config, args: argparse.Namespace) -> int:
     """Copy the configured state into an empty one; both are held exclusively meanwhile
     (SQLite's lock, PostgreSQL's lease), so no daemon changes either while it runs."""
+    from poller.state.copy import TargetNotEmptyError, copy_state  # noqa: PLC0415 - see the imports
+
     if args.to is not None:
         to_state = dataclasses.replace(
             config.state, url=args.to, schema=args.schema or config.state.schema
@@ -721,6 +731,13 @@ async def _cmd_state_copy(config: Config, args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
+    from poller.importer import (  # noqa: PLC0415 - see the imports
+        ImporterError,
+        ImportOptions,
+        import_summary,
+        run_import,
+    )
+
     token = None
     if args.token_file is not None:
         try:

@@ -70,6 +70,27 @@ def test_version_from_the_installed_command() -> None:
     assert result.stdout.strip() == f"unleash-poller {__version__}"
 
 
+def test_the_daemon_does_not_load_the_modules_of_the_commands_run_by_hand() -> None:
+    """`run` imports poller.cli and poller.app; the modules of import, redeliver, dead-letter
+    replay and state copy load only when their command runs, so the daemon does not hold
+    them in memory (~0.2 MB)."""
+    by_hand = ["poller.importer", "poller.redeliver", "poller.replay", "poller.state.copy"]
+    probe = (
+        f"import sys, poller.cli, poller.app;print([m for m in {by_hand!r} if m in sys.modules])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe.replace("poller.app;", "poller.app, poller.importer;")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert loaded.strip() == "['poller.importer']"  # the probe itself can see a module
+
+
 def test_render_prints_the_exact_body(config: Path, tmp_path: Path) -> None:
     """`render` prints the bytes the webhook would get, with nothing added."""
     event = tmp_path / "e.json"
