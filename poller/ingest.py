@@ -40,6 +40,13 @@ GAP_RECHECK_MAX_S = 30.0
 # log's size says, so that it still holds the oldest new event when a few more came in.
 OLDEST_PAGE_OVERLAP = 0.05
 PROGRESS_EVERY_PAGES = 10
+# A burst is read oldest first in pages of at most this many events (or page_size, if
+# smaller). A page is held as Python objects while it is taken in, and pymalloc keeps an
+# arena that a burst's peak filled if a single long-lived object lands in it: pages of
+# 1,000 left the idle daemon ~3 arenas (MiB) it never gave back, pages of 250 one; pages
+# of 100 none, but 50 reads of a 5,000-event burst then lagged 8 workers (bench/README,
+# session 11).
+BURST_PAGE = 250
 
 log = get_logger()
 
@@ -165,7 +172,7 @@ class Ingest:
         Returns how many events were taken, the cursor after them, and the new events of
         those pages not taken (for the read that follows, which stops short of them)."""
         total, self.source.probed_total = self.source.probed_total, None
-        known, limit = self._total_read, self.config.unleash.page_size
+        known, limit = self._total_read, min(self.config.unleash.page_size, BURST_PAGE)
         if known is None or total is None or high <= 0 or not self.source.capabilities.id_filter:
             return 0, high, {}  # without an id filter, late ids are found only by reading down
         taken, left = 0, dict[int, Event]()

@@ -56,6 +56,7 @@ class FakeLog:
         self.total_skew = 0  # added to the size the probe reports (a log that moved, a liar)
         self.on_read: list[Event] = []  # become visible after the first oldest-first read
         self.reads = 0  # oldest-first reads (pages_read counts the newest-first ones)
+        self.read_sizes: list[int] = []  # the size asked for by each oldest-first read
 
     def add(self, *ids: int, kind: str = "feature-created", project: str = "default") -> None:
         for i in ids:
@@ -85,6 +86,7 @@ class FakeLog:
     async def read(self, offset: int, limit: int) -> Page:
         page = await self.page(offset, limit)
         self.reads += 1
+        self.read_sizes.append(limit)
         self.visible.extend(self.on_read)
         self.on_read = []
         return page
@@ -107,14 +109,16 @@ class FakeLog:
         return [e for e in self.visible if e["id"] in set(ids)], []
 
 
-def _config(tmp_path: Path, start_from: str = '"latest"', extra: str = "") -> Config:
+def _config(
+    tmp_path: Path, start_from: str = '"latest"', extra: str = "", page_size: int = 10
+) -> Config:
     text = f"""
 [unleash]
 url = "http://u"
 token = "t"
 start_from = {start_from}
 gap_grace_s = 10
-page_size = 10
+page_size = {page_size}
 [state]
 path = "s.sqlite3"
 [[webhooks]]
@@ -219,7 +223,9 @@ def test_burst_across_pages_and_staging(
     assert asyncio.run(_staged(state)) == []
 
 
-def _woken_at(tmp_path: Path, log: FakeLog) -> tuple[Ingest, SqliteState, list[tuple[int, int]]]:
+def _woken_at(
+    tmp_path: Path, log: FakeLog, page_size: int = 10
+) -> tuple[Ingest, SqliteState, list[tuple[int, int]]]:
     """An Ingest whose every wake notes (newest-first pages read so far, cursor)."""
     state = SqliteState.open(tmp_path / "s.sqlite3")
     wakes: list[tuple[int, int]] = []
@@ -228,7 +234,8 @@ def _woken_at(tmp_path: Path, log: FakeLog) -> tuple[Ingest, SqliteState, list[t
     def wake(hooks: set[str]) -> None:
         wakes.append((log.pages_read, holder[0].high_water or 0))
 
-    holder.append(Ingest(_config(tmp_path), state, log, wake, RecordingSink()))  # type: ignore[arg-type]
+    config = _config(tmp_path, page_size=page_size)
+    holder.append(Ingest(config, state, log, wake, RecordingSink()))  # type: ignore[arg-type]
     return holder[0], state, wakes
 
 
@@ -253,6 +260,29 @@ def test_a_burst_is_read_oldest_page_first_and_each_page_woken_as_taken(
     assert _pending(state, "web") == []
     assert asyncio.run(state.gaps()) == []
     assert asyncio.run(state.high_water()) == 48
+
+
+def test_a_burst_is_read_oldest_first_in_pages_no_bigger_than_a_burst_page(
+    tmp_path: Path, log: FakeLog
+) -> None:
+    """At the default page_size (1,000) a burst is still read oldest first in pages of
+    BURST_PAGE (250): a page's objects are all a burst holds at once, so its peak stays
+    small. Every event is taken once, in id order, each page woken as it is taken."""
+    assert ingest_module.BURST_PAGE == 250
+    log.add(*range(1, 1001))
+    ingest, state, wakes = _woken_at(tmp_path, log, page_size=1000)
+    asyncio.run(ingest.poll())  # `latest`: cursor 1000, the log's size measured
+    log.add(*range(1001, 2001))  # 1,000 new events: one page_size, four burst pages
+    log.pages_read = log.reads = 0
+    log.read_sizes = []
+    assert asyncio.run(ingest.poll()) == 1000
+    # Read 12 deeper than the size says (5 % of a page): 238 new events a page, oldest
+    # first, until no more than a burst page is left (48), which the newest-first read takes.
+    assert log.read_sizes == [250, 250, 250, 250]
+    assert [cursor for _, cursor in wakes] == [1238, 1476, 1714, 1952, 2000]
+    assert log.pages_read == 1
+    assert _pending(state, "all") == list(range(1001, 2001))
+    assert asyncio.run(state.high_water()) == 2000
 
 
 def test_oldest_first_stops_at_a_missing_id_and_the_rest_is_read_newest_first(
