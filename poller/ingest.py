@@ -42,9 +42,9 @@ OLDEST_PAGE_OVERLAP = 0.05
 PROGRESS_EVERY_PAGES = 10
 # A burst is read oldest first in pages of at most this many events (or page_size, if
 # smaller). A page is held as Python objects while it is taken in, and pymalloc keeps an
-# arena that a burst's peak filled if a single long-lived object lands in it: pages of
-# 1,000 left the idle daemon ~3 arenas (MiB) it never gave back, pages of 250 one; pages
-# of 100 none, but 50 reads of a 5,000-event burst then lagged 8 workers (bench/README,
+# arena that a burst's peak filled while a single block in it is in use: pages of 1,000
+# left the idle daemon 2-3 arenas (MiB) it never gave back, pages of 250 1-2; pages of
+# 100 none, but 50 reads of a 5,000-event burst then lagged 8 workers (bench/README,
 # session 11).
 BURST_PAGE = 250
 
