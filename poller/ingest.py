@@ -161,13 +161,14 @@ class Ingest:
             asyncio.get_running_loop().call_soon(self.give_back)
 
     async def _take_oldest_first(self, high: int) -> tuple[int, int, dict[int, Event]]:
-        """A burst of more than a page: read it oldest page first, taking in each page's
-        run of ids just above the cursor before the next page is read, so that the workers
-        are delivering while the rest is read (and nothing need be staged). Where the
-        oldest page lies comes from the growth of the log's size since the last read. Only
-        a run with no id missing is taken, so no event found later can sort before it; at
-        the first page without one (a rolled-back id, a log that moved), the newest-first
-        read takes over from the cursor reached.
+        """A burst of more than a page (BURST_PAGE, or page_size if smaller): read it
+        oldest page first, taking in each page's run of ids just above the cursor before
+        the next page is read, so that the workers are delivering while the rest is read
+        (and nothing need be staged). Where the oldest page lies comes from the growth
+        of the log's size since the last read. Only a run with no id missing is taken, so
+        no event found later can sort before it; at the first page without one (a
+        rolled-back id, a log that moved), the newest-first read takes over from the
+        cursor reached.
 
         Returns how many events were taken, the cursor after them, and the new events of
         those pages not taken (for the read that follows, which stops short of them)."""
