@@ -70,7 +70,10 @@ def _state_place(config: Config) -> tuple[object, ...]:
 
 def make_session(config: Config) -> aiohttp.ClientSession:
     """The one HTTP session of the process. No total connection limit: each webhook's
-    worker bounds its own concurrency, so a hung receiver cannot starve the others."""
+    worker bounds its own concurrency, so a hung receiver cannot starve the others. No
+    cookies: Unleash's fetch keeps none, and a jar shared by every webhook would send
+    one receiver's cookies back to it and to others on its host, and grow with every
+    new one a receiver sets."""
     connector = aiohttp.TCPConnector(
         limit=0, limit_per_host=0, ttl_dns_cache=60, enable_cleanup_closed=True
     )
@@ -79,6 +82,7 @@ def make_session(config: Config) -> aiohttp.ClientSession:
         trust_env=False,
         timeout=aiohttp.ClientTimeout(total=config.unleash.timeout_s),
         auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
 
 

@@ -1,6 +1,7 @@
 """A receiver that answers garbage must not make the webhook URL's secret path or query
 show up anywhere (issue 11, defect 6): not in the attempt's error, the log, the state file
-or `dead-letters list`."""
+or `dead-letters list`. Nor may what one receiver sets (a cookie) come back to it or reach
+another webhook."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from poller.app import make_session
 from poller.config import parse_config
 from poller.deliver import post, request_headers
 from poller.state import SqliteState
+from tests.support.receiver import Receiver
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CANARY = "Xq7Canary"
@@ -146,3 +148,32 @@ def test_no_url_secret_in_the_log_the_state_file_or_dead_letters_list(tmp_path: 
         for where, text in (("log", log), ("dead-letters list", listed.stdout)):
             assert CANARY not in text, (where, text)
         assert CANARY.encode() not in stored
+
+
+def test_a_cookie_a_receiver_sets_is_never_sent_back_nor_to_another_webhook(
+    tmp_path: Path,
+) -> None:
+    """Unleash's fetch keeps no cookies. Neither does the session every delivery goes
+    through: a receiver (or its load balancer) that sets a cookie in every answer gets
+    none back, a second webhook on the same host gets none of the first one's, and
+    nothing is kept, so a new cookie per answer cannot grow the daemon. On a host name:
+    aiohttp's own jar ignores cookies from an IP address, which would hide the leak."""
+    with Receiver() as receiver:
+        receiver.respond("/a", set_cookie=True)
+        receiver.respond("/b", set_cookie=True)
+        base = f"http://localhost:{receiver.port}"
+        text = _toml(f"{base}/a") + f'[[webhooks]]\nname = "other"\nurl = "{base}/b"\n'
+        config = parse_config(tomllib.loads(text), tmp_path)
+
+        async def deliver() -> int:
+            async with make_session(config) as session:
+                for hook in (*[config.webhooks[0]] * 3, config.webhooks[1]):
+                    attempt = await post(session, hook, request_headers(hook), b"{}", "id-1")
+                    assert attempt.status == 200, attempt
+                return len(session.cookie_jar)
+
+        kept = asyncio.run(deliver())
+        requests = receiver.requests()
+    assert [r.path for r in requests] == ["/a", "/a", "/a", "/b"]
+    assert [r.header("Cookie") for r in requests] == [None] * 4
+    assert kept == 0

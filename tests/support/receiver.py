@@ -57,6 +57,8 @@ class Behaviour:
     as an HTTP date) adds a Retry-After header to every answer that is not 2xx. `delay_s`
     waits before answering; `hang` never answers (until the receiver stops). `body`
     replaces the text of the 2xx answers (to play a service that answers JSON).
+    `set_cookie` sets a new cookie in every answer (`c1=...`, `c2=...`), as a load
+    balancer's sticky session or a hostile receiver would.
     """
 
     statuses: list[int] = field(default_factory=list)
@@ -65,6 +67,8 @@ class Behaviour:
     delay_s: float = 0.0
     hang: bool = False
     body: str | None = None
+    set_cookie: bool = False
+    answered: int = 0
 
     def next_status(self) -> int:
         return self.statuses.pop(0) if self.statuses else self.then_status
@@ -187,6 +191,10 @@ class Receiver:
         headers = {}
         if behaviour is not None and behaviour.retry_after is not None and status >= 300:
             headers["Retry-After"] = _format_retry_after(behaviour.retry_after)
+        if behaviour is not None and behaviour.set_cookie:
+            with self._condition:
+                behaviour.answered += 1
+                headers["Set-Cookie"] = f"c{behaviour.answered}={'v' * 40}; Path=/"
         text = "no" if status >= 300 else "ok" if behaviour is None else behaviour.body or "ok"
         return web.Response(status=status, headers=headers, text=text)
 
@@ -208,12 +216,13 @@ class Receiver:
         delay_s: float = 0.0,
         hang: bool = False,
         body: str | None = None,
+        set_cookie: bool = False,
     ) -> None:
         """Set how `path` answers: `statuses` in turn, then `status` for every request after.
 
         `retry_after` (seconds, or a verbatim string) adds Retry-After to non-2xx
         answers; `delay_s` waits before answering; `hang` never answers; `body` is the
-        text of the 2xx answers (default "ok").
+        text of the 2xx answers (default "ok"); `set_cookie` sets a new cookie in each.
         """
         with self._condition:
             self._behaviours[path] = Behaviour(
@@ -223,6 +232,7 @@ class Receiver:
                 delay_s=delay_s,
                 hang=hang,
                 body=body,
+                set_cookie=set_cookie,
             )
 
     def reset(self, path: str | None = None) -> None:
