@@ -22,7 +22,7 @@ import aiohttp
 
 from poller.config import Secret, UnleashConfig
 from poller.render import ServerProfile
-from poller.source import UnleashError, UnleashSource, read_server_profile
+from poller.source import UnleashError, UnleashSource, read_capped, read_server_profile
 from poller.state import SqliteState, StateError, StateLockedError
 from poller.urls import scrub_urls
 
@@ -377,8 +377,10 @@ async def _api(
             headers={"Authorization": config.token.reveal(), "Accept": "application/json"},
             allow_redirects=False,
         ) as resp:
-            data = await resp.read()
+            data = await read_capped(resp, config.max_page_bytes)
             status = resp.status
+    except UnleashError as exc:  # an answer over the limit: not read further
+        raise ImporterError(f"{method} {config.url}{path}: {exc}", EX_UNAVAILABLE) from None
     except TimeoutError:
         raise ImporterError(
             f"{method} {config.url}{path}: no answer in {config.timeout_s:g}s", EX_UNAVAILABLE

@@ -299,7 +299,7 @@ class UnleashSource:
                 proxy=self._config.proxy,
                 ssl=self._config.ssl_context or True,
             ) as resp:
-                body = await _read_capped(resp, self._config.max_page_bytes)
+                body = await read_capped(resp, self._config.max_page_bytes)
                 status, new_etag = resp.status, resp.headers.get("ETag")
         except TimeoutError:
             raise UnleashError(
@@ -601,7 +601,8 @@ async def read_server_profile(source: UnleashSource) -> ServerProfile | None:
     return parse_ui_config(body) if status == 200 else None
 
 
-async def _read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole answer, or UnleashError once it is over `limit` bytes (never more held)."""
     if resp.content_length is not None and resp.content_length > limit:
         raise UnleashError(
             "bad_response", f"answer of {resp.content_length} bytes is over the {limit}-byte limit"

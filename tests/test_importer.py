@@ -5,10 +5,13 @@ tests/test_e2e_import.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
 import tomllib
 from pathlib import Path
 
@@ -447,3 +450,42 @@ def test_an_api_failure_never_names_a_proxys_password() -> None:
     assert str(error).startswith("GET http://unleash.test/api/admin/addons: 407")
     assert "http://proxy.test:3128" in str(error)
     assert "s3cret" not in str(error)
+
+
+def test_an_answer_over_the_page_limit_is_one_line_and_never_held_whole() -> None:
+    """A server (not Unleash, or a broken one) that answers the addons call with 40 MiB,
+    chunked so that no Content-Length warns of it: the read stops at the 32 MiB limit the
+    daemon's own reads keep, with one line that says so."""
+    chunk = b"x" * 2**20
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            with contextlib.suppress(OSError):  # the client stops reading at the limit
+                for _ in range(40):
+                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                conn.sendall(b"0\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    config = UnleashConfig(
+        url=f"http://127.0.0.1:{port}", token=Secret("*:*.t"), public_url=None, timeout_s=20
+    )
+
+    async def main() -> ImporterError:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(ImporterError) as raised:
+                await importer._api(session, config, "GET", "/api/admin/addons", None)
+        return raised.value
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        server.close()
+    assert str(error) == (
+        f"GET http://127.0.0.1:{port}/api/admin/addons: answer is over the {32 * 2**20}-byte limit"
+    )
+    assert error.exit_code == 69
