@@ -6,10 +6,8 @@ another webhook."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
-import threading
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +18,7 @@ from poller.app import make_session
 from poller.config import parse_config
 from poller.deliver import post, request_headers
 from poller.state import SqliteState
+from tests.support.raw_server import RawServer
 from tests.support.receiver import Receiver
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -34,39 +33,20 @@ GARBAGE = [
 ]
 
 
-class GarbageServer:
+def garbage_server(answer: bytes | None) -> RawServer:
     """A real TCP server that reads each request and answers `answer`, which is not HTTP,
     or echoes the request line back as its status line when `answer` is None (a
     receiver that repeats our path to us)."""
 
-    def __init__(self, answer: bytes | None) -> None:
-        self.answer = answer
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    def reply(request: bytes) -> list[bytes]:
+        return [answer if answer is not None else request.split(b"\r\n", 1)[0] + b"\r\n\r\n"]
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                request = conn.recv(65536)
-                line = request.split(b"\r\n", 1)[0]
-                conn.sendall(self.answer if self.answer is not None else line + b"\r\n\r\n")
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{SECRET_PATH}"
-
-    def close(self) -> None:
-        self.sock.close()
+    return RawServer(reply)
 
 
 @pytest.fixture(params=[*GARBAGE, None], ids=[*(g[:20].decode() for g in GARBAGE), "echo"])
-def garbage(request: pytest.FixtureRequest) -> Iterator[GarbageServer]:
-    server = GarbageServer(request.param)
+def garbage(request: pytest.FixtureRequest) -> Iterator[RawServer]:
+    server = garbage_server(request.param)
     yield server
     server.close()
 
@@ -87,11 +67,11 @@ retry_schedule_s = [0.05]
 
 
 def test_a_malformed_answer_gives_an_error_without_the_url_secret(
-    tmp_path: Path, garbage: GarbageServer
+    tmp_path: Path, garbage: RawServer
 ) -> None:
     """post() against a real socket that answers garbage: the error names the failure
     and the host, not the path or the query."""
-    config = parse_config(tomllib.loads(_toml(garbage.url())), tmp_path)
+    config = parse_config(tomllib.loads(_toml(garbage.url(SECRET_PATH))), tmp_path)
     hook = config.webhooks[0]
 
     async def attempt() -> str | None:
@@ -110,12 +90,12 @@ def test_no_url_secret_in_the_log_the_state_file_or_dead_letters_list(tmp_path: 
     echoes our request line: the canary in the URL's path and query appears in none of the
     log lines (retry and dead letter), the state file, or `dead-letters list`."""
     for name, answer in (("status", GARBAGE[0]), ("echo", None)):
-        server = GarbageServer(answer)
+        server = garbage_server(answer)
         try:
             work = tmp_path / name
             work.mkdir()
             config = work / "config.toml"
-            config.write_text(_toml(server.url()))
+            config.write_text(_toml(server.url(SECRET_PATH)))
             config.chmod(0o600)
             state = SqliteState.open(work / "state.sqlite3")
             asyncio.run(

@@ -5,13 +5,10 @@ tests/test_e2e_import.py."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
-import threading
 import tomllib
 from pathlib import Path
 
@@ -38,6 +35,7 @@ from poller.importer import (
     toml_value,
 )
 from poller.state import SqliteState
+from tests.support.raw_server import RawServer
 
 SECRETS = Path("/etc/unleash-poller/secrets")
 
@@ -457,20 +455,12 @@ def test_an_answer_over_the_page_limit_is_one_line_and_never_held_whole() -> Non
     chunked so that no Content-Length warns of it: the read stops at the 32 MiB limit the
     daemon's own reads keep, with one line that says so."""
     chunk = b"x" * 2**20
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-            with contextlib.suppress(OSError):  # the client stops reading at the limit
-                for _ in range(40):
-                    conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                conn.sendall(b"0\r\n\r\n")
-
-    threading.Thread(target=serve, daemon=True).start()
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    # The client stops reading at the limit: the server then stops sending.
+    server = RawServer(
+        lambda _: [head, *[b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 40, b"0\r\n\r\n"]
+    )
+    port = server.port
     config = UnleashConfig(
         url=f"http://127.0.0.1:{port}", token=Secret("*:*.t"), public_url=None, timeout_s=20
     )

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import socket
-import threading
 import tomllib
 import tracemalloc
 import zlib
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from poller.config import WebhookConfig, parse_config
 from poller.deliver import Attempt, post, request_headers, send
 from poller.providers import slack_app
 from poller.providers.base import Request
+from tests.support.raw_server import RawServer
 
 
 def _zeros_gzipped(mib: int) -> bytes:
@@ -34,43 +33,26 @@ def _zeros_gzipped(mib: int) -> bytes:
 BOMB = _zeros_gzipped(1024)  # 1 GiB once inflated; aiohttp stops at 32 MiB a chunk
 
 
-class FixedAnswer:
-    """A real TCP server that reads each request and answers `status` with `body` and
-    `Content-Encoding: encoding`, then closes the connection."""
-
-    def __init__(self, body: bytes, encoding: str, status: int = 200) -> None:
-        self.head = (
-            f"HTTP/1.1 {status} OK\r\nContent-Encoding: {encoding}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        self.body = body
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                try:
-                    conn.sendall(self.head + self.body)
-                except OSError:
-                    continue  # the client read what it wanted and hung up
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+Answering = Callable[[bytes, str], RawServer]
 
 
 @pytest.fixture
-def answering() -> Iterator[list[FixedAnswer]]:
-    servers: list[FixedAnswer] = []
-    yield servers
+def answering() -> Iterator[Answering]:
+    """Start a real TCP server that answers every request 200 with `body` and
+    `Content-Encoding: encoding`, then closes the connection."""
+    servers: list[RawServer] = []
+
+    def start(body: bytes, encoding: str) -> RawServer:
+        head = (
+            f"HTTP/1.1 200 OK\r\nContent-Encoding: {encoding}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        servers.append(RawServer(lambda _: [head + body]))
+        return servers[-1]
+
+    yield start
     for server in servers:
-        server.sock.close()
+        server.close()
 
 
 def _toml(url: str) -> str:
@@ -110,14 +92,13 @@ async def _post_once(hook: WebhookConfig, tmp_path: Path) -> Attempt:
     ids=["inflates-to-1-GiB", "not-gzip", "plain-gzip"],
 )
 def test_a_2xx_answer_is_a_delivery_however_its_body_is_compressed(
-    tmp_path: Path, answering: list[FixedAnswer], body: bytes
+    tmp_path: Path, answering: Answering, body: bytes
 ) -> None:
     """The status decides, as in Unleash's integration: a 200 whose gzip body inflates to a
     gigabyte, or is not gzip at all, is delivered (aiohttp's inflation failed both), and
     the most memory the attempt holds is a small part of what the answer would inflate to."""
-    server = FixedAnswer(body, "gzip")
-    answering.append(server)
-    attempt, peak = _peak_growth(_post_once(_hook(server.url(), tmp_path), tmp_path))
+    server = answering(body, "gzip")
+    attempt, peak = _peak_growth(_post_once(_hook(server.url("/hook"), tmp_path), tmp_path))
     assert (attempt.status, attempt.error) == (200, None), attempt
     assert peak < 4 * 2**20, f"held {peak / 2**20:.1f} MiB at once"
 
@@ -145,25 +126,23 @@ REFUSED = b'{"ok": false, "error": "channel_not_found"}'
     ids=["gzip", "x-gzip", "zlib-deflate", "raw-deflate"],
 )
 def test_a_providers_judge_reads_a_compressed_answer_inflated(
-    tmp_path: Path, answering: list[FixedAnswer], body: bytes, encoding: str
+    tmp_path: Path, answering: Answering, body: bytes, encoding: str
 ) -> None:
     """Slack's `ok: false`, compressed although we asked for no compression, still reads
     as Slack's error: the daemon inflates the start of the answer itself."""
-    server = FixedAnswer(body, encoding)
-    answering.append(server)
-    attempt = asyncio.run(_send_once(_hook(server.url(), tmp_path), tmp_path))
+    server = answering(body, encoding)
+    attempt = asyncio.run(_send_once(_hook(server.url("/hook"), tmp_path), tmp_path))
     assert attempt.status == 200
     assert attempt.failure == "Slack error: channel_not_found", attempt
 
 
 def test_a_providers_answer_inflates_only_as_far_as_is_read(
-    tmp_path: Path, answering: list[FixedAnswer]
+    tmp_path: Path, answering: Answering
 ) -> None:
     """A 200 whose gzip body inflates to a gigabyte, to a provider's request: judged on the
     start of it (not JSON: a failure worth retrying), holding a few MiB at most."""
-    server = FixedAnswer(BOMB, "gzip")
-    answering.append(server)
-    attempt, peak = _peak_growth(_send_once(_hook(server.url(), tmp_path), tmp_path))
+    server = answering(BOMB, "gzip")
+    attempt, peak = _peak_growth(_send_once(_hook(server.url("/hook"), tmp_path), tmp_path))
     assert attempt.status == 200
     assert attempt.failure == "Slack answered with a body that is not JSON"
     assert attempt.failure_retryable
@@ -171,12 +150,11 @@ def test_a_providers_answer_inflates_only_as_far_as_is_read(
 
 
 def test_an_encoding_not_inflated_reaches_the_judge_as_sent(
-    tmp_path: Path, answering: list[FixedAnswer]
+    tmp_path: Path, answering: Answering
 ) -> None:
     """`br` (or any encoding other than gzip and deflate) is passed on as it came, not
     guessed at: here the bytes are plain JSON, and the judge reads them."""
-    server = FixedAnswer(REFUSED, "br")
-    answering.append(server)
-    attempt = asyncio.run(_send_once(_hook(server.url(), tmp_path), tmp_path))
+    server = answering(REFUSED, "br")
+    attempt = asyncio.run(_send_once(_hook(server.url("/hook"), tmp_path), tmp_path))
     assert attempt.status == 200
     assert attempt.failure == "Slack error: channel_not_found"
